@@ -1,0 +1,41 @@
+"""`effqat` console script: one sub-command per module in ``effqat_plugin.commands``.
+
+Each command module owns its arguments (``add_parser``) and its work (``run``), so commands can grow
+independently without this file becoming a switchboard.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .env import prepare_runtime_env
+
+COMMANDS = ("quantize", "eval", "convert")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="effqat", description="EfficientQAT for GPTQModel")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in COMMANDS:
+        module = importlib.import_module(f"effqat_plugin.commands.{name}")
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    prepare_runtime_env()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("effqat: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError) as e:
+        print(f"effqat {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Sub-commands of the ``effqat`` console script; each module has ``add_parser(subparsers)``."""

@@ -1,0 +1,50 @@
+"""effqat: EfficientQAT as a GPTQModel quantizer plugin, with converters and dequant kernels.
+
+The repository keeps the user's requested top-level folders (converters/, kernels/), but they are
+installed under ``effqat_plugin.`` so that no generic import name (``kernels`` is a Hugging Face
+library that transformers imports) is shadowed.
+"""
+from setuptools import setup
+
+setup(
+    name="effqat",
+    version="0.1.0",
+    description="EfficientQAT (Block-AP + E2E-QP) as a GPTQModel quantizer plugin, with GPTQ/BitBLAS converters",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=[
+        "effqat_plugin",
+        "effqat_plugin.commands",
+        "effqat_plugin.converters",
+        "effqat_plugin.kernels",
+    ],
+    package_dir={
+        "effqat_plugin": "effqat_plugin",
+        "effqat_plugin.commands": "effqat_plugin/commands",
+        "effqat_plugin.converters": "converters",
+        "effqat_plugin.kernels": "kernels",
+    },
+    package_data={
+        "effqat_plugin": ["assets/stories260k/*"],
+        "effqat_plugin.kernels": ["csrc/*.cu", "csrc/*.cpp", "csrc/*.h"],
+    },
+    install_requires=[
+        "torch>=2.14.1,<2.15",
+        "gptqmodel==7.7.*",
+        "transformers>=5.20,<6",
+        "accelerate>=1.10,<2",
+        "safetensors>=0.6",
+        "huggingface_hub>=1.0,<3",
+        "datasets>=5.1,<6",
+        "tqdm>=4.66",
+        "numpy>=1.26",
+    ],
+    extras_require={
+        "test": ["pytest>=8"],
+        "plot": ["matplotlib>=3.8"],
+        "eval": ["lm-eval>=0.4.8"],
+    },
+    entry_points={"console_scripts": ["effqat=effqat_plugin.cli:main"]},
+)

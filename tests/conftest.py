@@ -1,0 +1,19 @@
+"""Shared test setup: CPU-only, small threads, GPTQModel's worker-pool env set before its import."""
+import os
+import pathlib
+
+os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, os.cpu_count() or 1)))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+STORIES260K = REPO / "effqat_plugin" / "assets" / "stories260k"
+
+
+@pytest.fixture(scope="session")
+def stories260k_dir() -> pathlib.Path:
+    """The bundled real 260K-parameter Llama (read-only; copy before writing next to it)."""
+    return STORIES260K
