@@ -1,0 +1,301 @@
+"""Block-AP: train every parameter of one decoder layer at a time against its full-precision output.
+
+Two activation streams travel through the network: the fp stream (outputs of the original layers,
+i.e. the targets) and the quant stream (outputs of the already-quantized layers, i.e. what the
+quantized model really feeds the next layer). Only one decoder layer is resident on the compute
+device at a time and the streams live in host memory, so peak device memory does not grow with depth.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .config import EQATConfig
+from .layout import ModelLayout, set_submodule
+from .qweight import QuantizedWeight
+from .quantizer import FakeQuantLinear
+from .runtime import Runtime
+
+log = logging.getLogger("effqat.block_ap")
+
+
+class _StopForward(Exception):
+    pass
+
+
+@dataclass
+class LayerReport:
+    index: int
+    train_loss: float
+    val_loss: Optional[float]
+    best_epoch: int
+    seconds: float
+    peak_memory_mb: float
+    steps: int
+
+
+@dataclass
+class BlockAPResult:
+    qweights: Dict[str, QuantizedWeight]
+    reports: List[LayerReport] = field(default_factory=list)
+    quant_lr: float = 0.0
+    weight_lr: float = 0.0
+
+
+def _to_device(obj, device, dtype=None):
+    """Move tensors nested in kwargs (tuples of rotary cos/sin, masks) to ``device``."""
+    if isinstance(obj, torch.Tensor):
+        if dtype is not None and obj.is_floating_point():
+            return obj.to(device=device, dtype=dtype)
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_to_device(o, device, dtype) for o in obj)
+    if isinstance(obj, list):
+        return [_to_device(o, device, dtype) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device, dtype) for k, v in obj.items()}
+    return obj
+
+
+def _layer_output(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def capture_layer_inputs(hf_model: nn.Module, layout: ModelLayout, ids: torch.Tensor, batch_size: int,
+                         runtime: Runtime) -> Tuple[torch.Tensor, dict]:
+    """Hidden states entering decoder layer 0 for every sample, and the kwargs the layer is called
+    with (attention mask, position ids, rotary embeddings, ...), captured once at batch size 1 so that
+    they broadcast over any batch."""
+    layer0 = layout.layers[0]
+    captured: Dict[str, object] = {}
+
+    def hook(_module, args, kwargs):
+        captured["hidden"] = args[0] if args else kwargs["hidden_states"]
+        captured["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        raise _StopForward
+
+    handle = layer0.register_forward_pre_hook(hook, with_kwargs=True)
+    device = runtime.device
+    moved = _move_non_layer_modules(hf_model, layout, device)
+    try:
+        def run(batch):
+            try:
+                hf_model(input_ids=batch.to(device), use_cache=False)
+            except _StopForward:
+                pass
+            return captured["hidden"]
+
+        run(ids[:1])
+        layer_kwargs = dict(captured["kwargs"])
+        hidden = torch.empty(ids.shape[0], ids.shape[1], hf_model.config.hidden_size, dtype=runtime.stream_dtype)
+        for i in range(0, ids.shape[0], batch_size):
+            hidden[i:i + batch_size] = run(ids[i:i + batch_size]).to("cpu", runtime.stream_dtype)
+    finally:
+        handle.remove()
+        for module, dev in moved:
+            module.to(dev)
+    for key in ("past_key_value", "past_key_values"):
+        layer_kwargs.pop(key, None)
+    layer_kwargs["use_cache"] = False
+    return hidden, _to_device(layer_kwargs, "cpu")
+
+
+def _move_non_layer_modules(hf_model, layout: ModelLayout, device) -> List[Tuple[nn.Module, torch.device]]:
+    """Put embeddings / rotary / norms on the compute device for the capture pass; layers stay put."""
+    moved = []
+    layer_ids = {id(m) for m in layout.layers}
+    for module in hf_model.modules():
+        if id(module) in layer_ids or module is layout.layers:
+            continue
+        direct = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
+        if direct and direct[0].device != device:
+            moved.append((module, direct[0].device))
+            for p in module.parameters(recurse=False):
+                p.data = p.data.to(device)
+            for name, b in module.named_buffers(recurse=False):
+                module._buffers[name] = b.to(device)
+    return [(m, d) for m, d in moved]
+
+
+def _cosine(step: int, total: int, min_ratio: float) -> float:
+    if total <= 1:
+        return 1.0
+    progress = min(1.0, step / (total - 1))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class BlockAP:
+    """Runs Block-AP over all decoder layers of ``hf_model`` in place."""
+
+    def __init__(self, hf_model: nn.Module, layout: ModelLayout, cfg: EQATConfig, runtime: Runtime,
+                 show_progress: bool = True):
+        self.model, self.layout, self.cfg, self.rt = hf_model, layout, cfg, runtime
+        self.show_progress = show_progress
+
+    def steps_per_layer(self, n_train: int) -> int:
+        return self.cfg.block_epochs * math.ceil(n_train / self.cfg.block_batch_size)
+
+    def run(self, train_ids: torch.Tensor, val_ids: Optional[torch.Tensor]) -> BlockAPResult:
+        cfg, rt = self.cfg, self.rt
+        n_train = train_ids.shape[0]
+        all_ids = train_ids if val_ids is None else torch.cat([train_ids, val_ids])
+        quant_lr, weight_lr = cfg.block_lrs(self.steps_per_layer(n_train))
+        log.info("Block-AP: %d layers, %d train / %d val samples x %d tokens, %d steps per layer, "
+                 "lr s/z %.3g, lr weights/norms %.3g", len(self.layout.layers), n_train,
+                 all_ids.shape[0] - n_train, train_ids.shape[1], self.steps_per_layer(n_train), quant_lr, weight_lr)
+        fp_stream, self.layer_kwargs = capture_layer_inputs(self.model, self.layout, all_ids,
+                                                            cfg.block_batch_size, rt)
+        quant_stream = fp_stream.clone()
+        result = BlockAPResult(qweights={}, quant_lr=quant_lr, weight_lr=weight_lr)
+        layers = tqdm(range(len(self.layout.layers)), desc="Block-AP layers", disable=not self.show_progress)
+        for index in layers:
+            fp_stream, quant_stream, qweights, report = self.quantize_layer(
+                index, fp_stream, quant_stream, n_train, quant_lr, weight_lr)
+            result.qweights.update(qweights)
+            result.reports.append(report)
+            val = "n/a" if report.val_loss is None else f"{report.val_loss:.3e}"
+            log.info("Block-AP layer %d/%d: train loss %.3e, val loss %s, %.1fs, peak memory %.0f MB",
+                     index + 1, len(self.layout.layers), report.train_loss, val, report.seconds,
+                     report.peak_memory_mb)
+        return result
+
+    # -- one layer -------------------------------------------------------------------------------
+
+    def _forward(self, layer, x):
+        kwargs = _to_device(self.layer_kwargs, self.rt.device)
+        with self.rt.autocast():
+            return _layer_output(layer(x, **kwargs))
+
+    @torch.no_grad()
+    def _propagate(self, layer, stream: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(stream)
+        bs = self.cfg.block_batch_size
+        for i in range(0, stream.shape[0], bs):
+            x = stream[i:i + bs].to(self.rt.device, torch.float32)
+            out[i:i + bs] = self._forward(layer, x).to("cpu", out.dtype)
+        return out
+
+    def _loss_on(self, layer, inputs, targets, start, stop) -> float:
+        total, count = 0.0, 0
+        bs = self.cfg.block_batch_size
+        with torch.no_grad():
+            for i in range(start, stop, bs):
+                j = min(i + bs, stop)
+                y = self._forward(layer, inputs[i:j].to(self.rt.device, torch.float32))
+                total += F.mse_loss(y.float(), targets[i:j].to(self.rt.device, torch.float32)).item() * (j - i)
+                count += j - i
+        return total / max(count, 1)
+
+    def quantize_layer(self, index: int, fp_in: torch.Tensor, q_in: torch.Tensor, n_train: int,
+                       quant_lr: float, weight_lr: float):
+        cfg, rt = self.cfg, self.rt
+        t0 = time.time()
+        rt.reset_peak()
+        original = self.layout.layers[index]
+        layer = copy.deepcopy(original).to(rt.device, torch.float32)
+        fp_out = self._propagate(layer, fp_in)  # targets = original layer on the fp stream
+
+        fq: Dict[str, FakeQuantLinear] = {}
+        for name in self.layout.linear_names:
+            fq[name] = FakeQuantLinear(layer.get_submodule(name), cfg.bits, cfg.group_size).to(rt.device)
+            set_submodule(layer, name, fq[name])
+        quant_params = [p for m in fq.values() for p in m.quant_parameters()]
+        quant_ids = {id(p) for p in quant_params}
+        other_params = [p for p in layer.parameters() if id(p) not in quant_ids and p.is_floating_point()]
+        for p in layer.parameters():
+            p.requires_grad_(True)
+        opt = torch.optim.AdamW([
+            {"params": quant_params, "lr": quant_lr},
+            {"params": other_params, "lr": weight_lr},
+        ], weight_decay=cfg.block_weight_decay)
+        base_lrs = [quant_lr, weight_lr]
+        scaler = torch.amp.GradScaler(rt.device.type) if rt.needs_grad_scaler() else None
+
+        bs = cfg.block_batch_size
+        steps = self.steps_per_layer(n_train)
+        n_total = fp_in.shape[0]
+        has_val = n_total > n_train
+        best = (float("inf"), None, -1)
+        bad_epochs, step, train_loss = 0, 0, float("nan")
+        bar = tqdm(total=steps, desc=f"layer {index}", leave=False, disable=not self.show_progress)
+        for epoch in range(cfg.block_epochs):
+            epoch_loss, seen = 0.0, 0
+            for i in range(0, n_train, bs):
+                j = min(i + bs, n_train)
+                factor = _cosine(step, steps, cfg.block_min_lr_ratio)
+                for group, lr in zip(opt.param_groups, base_lrs):
+                    group["lr"] = lr * factor
+                x = q_in[i:j].to(rt.device, torch.float32)
+                target = fp_out[i:j].to(rt.device, torch.float32)
+                loss = F.mse_loss(self._forward(layer, x).float(), target)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"Block-AP layer {index}: loss became {loss.item()} at step {step}; "
+                                             "lower the learning rates (--block-quant-lr/--block-weight-lr)")
+                opt.zero_grad(set_to_none=True)
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    scaler.step(opt)
+                    scaler.update()
+                else:
+                    loss.backward()
+                    opt.step()
+                epoch_loss += loss.item() * (j - i)
+                seen += j - i
+                step += 1
+                bar.update(1)
+            train_loss = epoch_loss / max(seen, 1)
+            monitor = self._loss_on(layer, q_in, fp_out, n_train, n_total) if has_val else train_loss
+            bar.set_postfix(train=f"{train_loss:.2e}", val=f"{monitor:.2e}" if has_val else "-")
+            if monitor < best[0]:
+                keep = copy.deepcopy(layer.state_dict()) if cfg.block_early_stop else None
+                best, bad_epochs = (monitor, keep, epoch), 0
+            else:
+                bad_epochs += 1
+                if cfg.block_early_stop and bad_epochs >= cfg.block_early_stop:
+                    log.info("Block-AP layer %d: early stop after epoch %d (best %d)", index, epoch, best[2])
+                    break
+        bar.close()
+        if cfg.block_early_stop and best[1] is not None:
+            layer.load_state_dict(best[1])
+
+        # freeze: integers + fp16 scales; the quant stream then sees exactly what the checkpoint computes
+        qweights = {}
+        prefix = self.layout.layer_name(index)
+        for name, m in fq.items():
+            qw = m.freeze(torch.float16)
+            qweights[f"{prefix}.{name}"] = qw
+            plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None).to(rt.device)
+            plain.weight.data = qw.dequantize(torch.float32).to(rt.device)
+            if m.bias is not None:
+                plain.bias.data = m.bias.detach().float()
+            set_submodule(layer, name, plain)
+        layer.requires_grad_(False)
+        val_loss = self._loss_on(layer, q_in, fp_out, n_train, n_total) if has_val else None
+        q_out = self._propagate(layer, q_in)
+        self._write_back(original, layer)
+        report = LayerReport(index=index, train_loss=train_loss, val_loss=val_loss, best_epoch=best[2],
+                             seconds=time.time() - t0, peak_memory_mb=rt.peak_memory_mb(), steps=step)
+        del layer, opt
+        return fp_out, q_out, qweights, report
+
+    def _write_back(self, original: nn.Module, trained: nn.Module) -> None:
+        """Copy the trained non-linear parameters (norms, biases of non-quantized parts) into the model.
+
+        Quantized linears are swapped for packed modules afterwards by the caller; here their fp
+        weights get the dequantized values so the model is consistent even before that swap.
+        """
+        trained_state = trained.state_dict()
+        with torch.no_grad():
+            for name, tensor in original.state_dict(keep_vars=True).items():
+                if name in trained_state and trained_state[name].shape == tensor.shape:
+                    tensor.data.copy_(trained_state[name].to(tensor.device, tensor.dtype))

@@ -1,0 +1,93 @@
+"""`effqat quantize MODEL_DIR OUT_DIR`: EfficientQAT through GPTQModel, GPTQ checkpoint out."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+
+DEFAULT_SAMPLES = 256
+DEFAULT_SEQ_LEN = 256
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("quantize", help="run Block-AP + E2E-QP and save a checkpoint GPTQModel loads",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("model_dir", help="fp16/fp32 HF model folder or hub id")
+    p.add_argument("out_dir", help="output folder (must not exist unless --overwrite)")
+    p.add_argument("--bits", type=int, default=2, choices=[2, 3, 4, 8])
+    p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--calib", help="calibration data: .txt, .jsonl ('text'), .parquet, or .safetensors "
+                                   "with int64 'input_ids' [N, T]; default: sampled from the model itself")
+    p.add_argument("--n-samples", type=int, default=DEFAULT_SAMPLES, help="calibration sequences")
+    p.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN, help="tokens per calibration sequence")
+    p.add_argument("--format", dest="save_format", default="gptq", choices=["gptq", "gptq_v2", "eqat", "bitblas"])
+    p.add_argument("--block-epochs", type=int, default=2)
+    p.add_argument("--block-batch-size", type=int, default=2)
+    p.add_argument("--block-quant-lr", type=float, default=None, help="Block-AP lr for s and z")
+    p.add_argument("--block-weight-lr", type=float, default=None, help="Block-AP lr for weights and norms")
+    p.add_argument("--block-early-stop", type=int, default=0, help="patience in epochs (0 = off)")
+    p.add_argument("--e2e-epochs", type=int, default=1, help="E2E-QP epochs over the calibration data (0 = off)")
+    p.add_argument("--e2e-lr", type=float, default=None)
+    p.add_argument("--e2e-batch-size", type=int, default=4)
+    p.add_argument("--train-zeros", action="store_true", help="E2E-QP also trains zero points")
+    p.add_argument("--lr-preset", choices=["auto", "paper"], default="auto",
+                   help="auto: paper rates scaled up when there are fewer steps than the paper's; paper: as published")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def config_from_args(args):
+    from effqat_plugin import EQATConfig
+
+    return EQATConfig(
+        bits=args.bits, group_size=args.group_size, save_format=args.save_format,
+        block_epochs=args.block_epochs, block_batch_size=args.block_batch_size,
+        block_quant_lr=args.block_quant_lr, block_weight_lr=args.block_weight_lr,
+        block_early_stop=args.block_early_stop, e2e_epochs=args.e2e_epochs, e2e_lr=args.e2e_lr,
+        e2e_batch_size=args.e2e_batch_size, e2e_train_zeros=args.train_zeros, lr_preset=args.lr_preset,
+        seed=args.seed, compute_device=args.device)
+
+
+def run(args) -> int:
+    import torch
+
+    from effqat_plugin.data import load_token_file, sample_from_model
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if os.path.exists(args.out_dir) and not args.overwrite:
+        raise FileExistsError(f"output folder {args.out_dir} exists; pass --overwrite to replace it")
+    if args.calib and not os.path.isfile(args.calib):
+        raise FileNotFoundError(f"calibration file not found: {args.calib}")
+    cfg = config_from_args(args)  # validates bits / group before the model is loaded
+    from gptqmodel import GPTQModel
+
+    from effqat_plugin.layout import definition_for
+    from transformers import AutoConfig
+
+    definition_for(AutoConfig.from_pretrained(args.model_dir).model_type)  # clear error for unknown archs
+    model = GPTQModel.load(args.model_dir, cfg, dtype=torch.float32)
+    if args.calib:
+        ids = load_token_file(args.calib, model.tokenizer, seq_len=args.seq_len, n_samples=args.n_samples)
+    else:
+        bos = model.model.config.bos_token_id
+        bos = 1 if bos is None else int(bos)
+        logging.getLogger("effqat").info("no --calib: sampling %d x %d tokens from the model itself (seed %d)",
+                                         args.n_samples, args.seq_len, args.seed)
+        ids = sample_from_model(model.model, args.n_samples, args.seq_len, seed=args.seed, bos_token_id=bos)
+    summary = model.quantize(ids, show_progress=not args.quiet)
+    report = model.save(args.out_dir, overwrite=args.overwrite)
+    e2e = summary["eqat"]["e2e_qp"]
+    line = {"out_dir": args.out_dir, "format": args.save_format, "bits": args.bits, "group_size": args.group_size,
+            "calibration": list(ids.shape)}
+    if e2e and e2e.get("val_loss_after") is not None:
+        line["val_ppl_before_e2e"] = round(math.exp(e2e["val_loss_before"]), 3)
+        line["val_ppl"] = round(math.exp(e2e["val_loss_after"]), 3)
+    if report:
+        line["save_report"] = report
+    print(json.dumps(line, default=str))
+    return 0

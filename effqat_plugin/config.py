@@ -1,0 +1,140 @@
+"""EQATConfig: the settings of one EfficientQAT run, as a GPTQModel quantize config.
+
+It subclasses GPTQModel's own config dataclass so `GPTQModel.load(path, EQATConfig(...))` accepts it
+unchanged. GPTQModel's METHOD enum is closed, so the method recorded for loaders is GPTQ (the output
+*is* a GPTQ checkpoint); the EQAT identity and every setting lives in `quantize_config.json` `meta`.
+
+Learning-rate defaults: the paper's rates (Block-AP 1e-4 for s/z, 2e-5 (w2) / 1e-5 (w3/w4) for
+weights and norms; E2E-QP 2e-5 / 1e-5) assume ~4096 optimizer steps per block on 7B+ models. With
+fewer steps they barely move the parameters, so by default (``lr_preset="auto"``) they are scaled
+by ``reference_steps / steps`` (never below 1x, capped by ``max_lr_scale``). ``lr_preset="paper"``
+uses the paper's values unchanged; explicit ``*_lr`` arguments always win.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Tuple
+
+from gptqmodel.quantization.config import FORMAT, METHOD, BaseQuantizeConfig
+
+from .qweight import SUPPORTED_BITS
+
+PAPER_STEPS_PER_BLOCK = 4096  # 4096 samples / batch 2 x 2 epochs
+PAPER_E2E_STEPS = 128  # 4096 samples / global batch 32 x 1 epoch
+SAVE_FORMATS = ("gptq", "gptq_v2", "eqat", "bitblas")
+
+
+def paper_block_lrs(bits: int) -> Tuple[float, float]:
+    """(quant-param lr for s/z, weight lr for linear weights and norms) from the paper."""
+    return 1e-4, (2e-5 if bits == 2 else 1e-5)
+
+
+def paper_e2e_lr(bits: int) -> float:
+    return 2e-5 if bits == 2 else 1e-5
+
+
+def lr_scale(steps: int, reference_steps: int, max_scale: float) -> float:
+    """How much to raise a paper learning rate when a run takes fewer steps than the paper's."""
+    if steps <= 0:
+        return 1.0
+    return float(min(max_scale, max(1.0, reference_steps / steps)))
+
+
+@dataclass
+class EQATConfig(BaseQuantizeConfig):
+    """Settings of Block-AP and E2E-QP; also a valid GPTQModel quantize config (asymmetric GPTQ)."""
+
+    bits: int = field(default=2, metadata={"choices": list(SUPPORTED_BITS)})
+    group_size: int = 64
+    sym: bool = False
+    desc_act: Optional[bool] = False
+    method: METHOD = field(default=METHOD.GPTQ)
+    format: FORMAT = field(default=FORMAT.GPTQ)
+    offload_to_disk: bool = False
+
+    # on-disk format written by save(): gptq (v1 zeros, GPTQModel convention) | gptq_v2 | eqat | bitblas
+    save_format: str = "gptq"
+
+    # Block-AP
+    block_epochs: int = 2
+    block_batch_size: int = 2
+    block_quant_lr: Optional[float] = None  # s and z
+    block_weight_lr: Optional[float] = None  # linear weights and norm weights
+    block_min_lr_ratio: float = 1 / 20
+    block_val_samples: int = 16
+    block_early_stop: int = 0  # patience in epochs; 0 = off. When on, the best state is restored.
+    block_weight_decay: float = 0.0
+
+    # E2E-QP
+    e2e_epochs: int = 1  # 0 disables E2E-QP
+    e2e_batch_size: int = 4
+    e2e_lr: Optional[float] = None
+    e2e_train_zeros: bool = False
+    e2e_warmup_ratio: float = 0.03
+    e2e_max_grad_norm: float = 0.3
+
+    # learning-rate defaults (see module docstring)
+    lr_preset: str = "auto"  # "auto" | "paper"
+    max_lr_scale: float = 50.0
+
+    # runtime
+    seed: int = 0
+    compute_device: Optional[str] = None  # None = cuda if available else cpu
+    amp_dtype: Optional[str] = None  # None = bf16 on CUDA when supported, fp32 on CPU
+
+    def allowed_quant_methods(self) -> Tuple[METHOD, ...]:
+        return (METHOD.GPTQ,)
+
+    def supported_export_formats(self) -> Tuple[FORMAT, ...]:
+        return (FORMAT.GPTQ, FORMAT.GPTQ_V2)
+
+    def default_desc_act(self) -> bool:
+        return False
+
+    def __post_init__(self):
+        if self.bits not in SUPPORTED_BITS:
+            raise ValueError(f"EQATConfig: bits={self.bits} is not supported; use one of {SUPPORTED_BITS}")
+        if not (self.group_size == -1 or (self.group_size >= 16 and self.group_size % 16 == 0)):
+            raise ValueError(
+                f"EQATConfig: group_size={self.group_size} must be -1 (per channel) or a positive "
+                "multiple of 16 such as 32, 64 or 128")
+        if self.save_format not in SAVE_FORMATS:
+            raise ValueError(f"EQATConfig: save_format={self.save_format!r}; use one of {SAVE_FORMATS}")
+        if self.lr_preset not in ("auto", "paper"):
+            raise ValueError(f"EQATConfig: lr_preset={self.lr_preset!r}; use 'auto' or 'paper'")
+        if self.block_epochs < 1 or self.block_batch_size < 1 or self.e2e_epochs < 0 or self.e2e_batch_size < 1:
+            raise ValueError("EQATConfig: epochs must be >= 1 (Block-AP) / >= 0 (E2E-QP), batch sizes >= 1")
+        if self.sym:
+            raise ValueError("EQATConfig: EfficientQAT is asymmetric (learned zero points); sym must be False")
+        if self.desc_act:
+            raise ValueError("EQATConfig: act-order (desc_act) does not apply to EfficientQAT")
+        super().__post_init__()
+
+    def block_lrs(self, steps_per_block: int) -> Tuple[float, float]:
+        quant_lr, weight_lr = paper_block_lrs(self.bits)
+        if self.lr_preset == "auto":
+            k = lr_scale(steps_per_block, PAPER_STEPS_PER_BLOCK, self.max_lr_scale)
+            quant_lr, weight_lr = quant_lr * k, weight_lr * k
+        return (self.block_quant_lr or quant_lr, self.block_weight_lr or weight_lr)
+
+    def e2e_learning_rate(self, steps: int) -> float:
+        lr = paper_e2e_lr(self.bits)
+        if self.lr_preset == "auto":
+            lr *= lr_scale(steps, PAPER_E2E_STEPS, self.max_lr_scale)
+        return self.e2e_lr or lr
+
+    def eqat_settings(self) -> Dict[str, Any]:
+        """The settings recorded in `quantize_config.json` meta.eqat."""
+        names = [f for f in EQATConfig.__dataclass_fields__ if f.startswith(("block_", "e2e_"))]
+        out = {n: getattr(self, n) for n in names}
+        out.update(bits=self.bits, group_size=self.group_size, lr_preset=self.lr_preset,
+                   max_lr_scale=self.max_lr_scale, seed=self.seed, save_format=self.save_format)
+        return out
+
+
+__all__ = ["EQATConfig", "paper_block_lrs", "paper_e2e_lr", "lr_scale"]
+
+# Defining the config registers the method: GPTQModel models loaded with it take the EQAT path.
+from .integration import register  # noqa: E402
+
+register()

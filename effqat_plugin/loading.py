@@ -1,0 +1,77 @@
+"""Load any model folder effqat deals with (fp, EQAT, GPTQ v1/v2, BitBLAS) as a runnable torch model.
+
+Quantized folders are read through our format registry and run on our own kernels
+(`PackedQuantLinear`), so evaluation works on CPU for every format, BitBLAS included. GPTQ folders can
+also be loaded through GPTQModel itself (``runtime="gptqmodel"``) to measure what its users get.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn as nn
+
+
+def is_quantized_folder(path: str) -> bool:
+    if os.path.isfile(os.path.join(path, "quantize_config.json")):
+        return True
+    from safetensors import safe_open
+
+    for name in sorted(os.listdir(path)):
+        if name.endswith(".safetensors"):
+            with safe_open(os.path.join(path, name), "pt") as f:
+                return any(k.endswith(".qweight") for k in f.keys())
+    return False
+
+
+def _empty_model(config, dtype):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older layout
+        from transformers.modeling_utils import no_init_weights
+    with no_init_weights():
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def load_quantized_model(path: str, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Build the HF model from config.json and install PackedQuantLinear modules from the folder."""
+    from transformers import AutoConfig
+
+    from .converters import load_quantized
+    from .pipeline import install_packed_linears
+
+    _fmt, qweights, tensors, _qcfg = load_quantized(path)
+    model = _empty_model(AutoConfig.from_pretrained(path), dtype)
+    install_packed_linears(model, qweights, train_zeros=False, device=torch.device("cpu"))
+    missing, unexpected = model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v
+                                                 for k, v in tensors.items()}, strict=False)
+    packed_keys = {n + "." + s for n in qweights for s in ("qweight", "zeros", "scales", "bias")}
+    missing = [k for k in missing if k not in packed_keys]
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+        missing = [k for k in missing if not k.startswith("lm_head.")]
+    if missing or unexpected:
+        raise ValueError(f"{path}: tensors do not match the model config (missing {missing[:4]}, "
+                         f"unexpected {unexpected[:4]})")
+    for m in model.modules():  # scales were loaded as stored (fp16); compute in fp32
+        if hasattr(m, "scales") and isinstance(m.scales, torch.Tensor):
+            m.scales.data = m.scales.data.float()
+    return model.eval()
+
+
+def load_for_eval(path: str, runtime: str = "effqat") -> nn.Module:
+    """fp folders via transformers; quantized folders via our kernels or (GPTQ only) GPTQModel."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"model folder not found: {path}")
+    if not is_quantized_folder(path):
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    if runtime == "gptqmodel":
+        from gptqmodel import BACKEND, GPTQModel
+
+        q = GPTQModel.from_quantized(path, device="cpu", backend=BACKEND.TORCH, dtype=torch.float16)
+        return q.model.eval()
+    return load_quantized_model(path)

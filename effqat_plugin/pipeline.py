@@ -1,0 +1,133 @@
+"""One EfficientQAT run on an in-memory HF model: calibration -> Block-AP -> packed model -> E2E-QP.
+
+Both the GPTQModel integration (`model.quantize()`) and the CLI go through `run_eqat`, so there is a
+single code path whatever the entry point.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Dict, Optional
+
+import torch
+import torch.nn as nn
+
+from .block_ap import BlockAP, BlockAPResult
+from .config import EQATConfig
+from .data import CalibrationError, normalize_calibration
+from .e2e_qp import E2EQP, E2EReport
+from .layout import ModelLayout, resolve_layout, set_submodule
+from .qweight import QuantizedWeight
+from .runtime import Runtime, resolve_runtime, seed_everything
+
+log = logging.getLogger("effqat")
+
+
+@dataclass
+class EQATResult:
+    qweights: Dict[str, QuantizedWeight]
+    block_ap: BlockAPResult
+    e2e: Optional[E2EReport]
+    n_train: int
+    n_val: int
+    seq_len: int
+    seconds: float
+    source_dtype: torch.dtype = torch.float16
+    extra: dict = field(default_factory=dict)
+
+    def meta(self, cfg: EQATConfig) -> dict:
+        """What goes into quantize_config.json meta.eqat: identity, settings, data size, losses."""
+        from . import __version__
+
+        return {
+            "quantizer": f"effqat:{__version__}",
+            "method": "EfficientQAT (Block-AP + E2E-QP), arXiv 2407.11062",
+            "settings": cfg.eqat_settings(),
+            "calibration": {"train_samples": self.n_train, "val_samples": self.n_val, "seq_len": self.seq_len},
+            "block_ap": {
+                "quant_lr": self.block_ap.quant_lr,
+                "weight_lr": self.block_ap.weight_lr,
+                "layers": [asdict(r) for r in self.block_ap.reports],
+            },
+            "e2e_qp": None if self.e2e is None else asdict(self.e2e),
+            "seconds": round(self.seconds, 2),
+        }
+
+
+def split_calibration(ids: torch.Tensor, val_samples: int):
+    """Hold out up to ``val_samples`` (at most 1/8 of the data) for per-layer validation."""
+    n = ids.shape[0]
+    n_val = min(val_samples, n // 8)
+    if n_val <= 0:
+        return ids, None
+    return ids[: n - n_val], ids[n - n_val:]
+
+
+def install_packed_linears(hf_model: nn.Module, qweights: Dict[str, QuantizedWeight], train_zeros: bool,
+                           device: torch.device) -> None:
+    """Swap each quantized nn.Linear for a PackedQuantLinear holding its learned integers."""
+    from .kernels import PackedQuantLinear
+
+    for name, qw in qweights.items():
+        module = PackedQuantLinear.from_quantized_weight(qw, train_zeros=train_zeros)
+        set_submodule(hf_model, name, module.to(device))
+
+
+def collect_qweights(hf_model: nn.Module, names, scales_dtype=torch.float16) -> Dict[str, QuantizedWeight]:
+    out = {}
+    for name in names:
+        qw = hf_model.get_submodule(name).to_quantized_weight()
+        qw.scales = qw.scales.to(scales_dtype)
+        out[name] = qw
+    return out
+
+
+def run_eqat(hf_model: nn.Module, cfg: EQATConfig, calibration, tokenizer=None, definition=None,
+             seq_len: Optional[int] = None, layout: Optional[ModelLayout] = None,
+             show_progress: bool = True) -> EQATResult:
+    """Quantize ``hf_model`` in place with EfficientQAT and return the learned integers."""
+    t0 = time.time()
+    seed_everything(cfg.seed)
+    rt: Runtime = resolve_runtime(cfg.compute_device, cfg.amp_dtype)
+    layout = layout or resolve_layout(hf_model, definition, cfg)
+    for name in layout.linear_names:
+        lin = layout.layers[0].get_submodule(name)
+        if cfg.group_size != -1 and cfg.group_size > lin.in_features:
+            raise ValueError(f"group_size={cfg.group_size} is larger than in_features={lin.in_features} "
+                             f"of {name}; use a smaller group or -1")
+    ids = normalize_calibration(calibration, tokenizer=tokenizer, seq_len=seq_len)
+    if ids.shape[0] < 1 or ids.shape[1] < 2:
+        raise CalibrationError(f"calibration must have at least 1 sample of >= 2 tokens, got {tuple(ids.shape)}")
+    vocab = hf_model.config.vocab_size
+    if int(ids.max()) >= vocab or int(ids.min()) < 0:
+        raise CalibrationError(f"calibration token ids must lie in [0, {vocab}); got [{int(ids.min())}, {int(ids.max())}]")
+    train_ids, val_ids = split_calibration(ids, cfg.block_val_samples)
+
+    source_dtype = next(hf_model.parameters()).dtype
+    if rt.device.type == "cpu" and source_dtype != torch.float32:
+        hf_model.float()  # CPU runs compute in fp32; the checkpoint is written back in 16-bit
+    was_training = hf_model.training
+    hf_model.eval()
+    block = BlockAP(hf_model, layout, cfg, rt, show_progress).run(train_ids, val_ids)
+    e2e = None
+    install_packed_linears(hf_model, block.qweights, cfg.e2e_train_zeros,
+                           next(hf_model.parameters()).device)
+    if cfg.e2e_epochs > 0:
+        on_device = rt.device.type != "cpu"
+        if on_device:
+            hf_model.to(rt.device)
+        e2e = E2EQP(hf_model, cfg, rt, show_progress).run(train_ids, val_ids)
+        if on_device:
+            hf_model.to("cpu")
+    hf_model.train(was_training)
+    qweights = collect_qweights(hf_model, block.qweights.keys())
+    result = EQATResult(qweights=qweights, block_ap=block, e2e=e2e, n_train=train_ids.shape[0],
+                        n_val=0 if val_ids is None else val_ids.shape[0], seq_len=ids.shape[1],
+                        seconds=time.time() - t0,
+                        source_dtype=source_dtype if source_dtype in (torch.float16, torch.bfloat16) else torch.float16)
+    log.info("EQAT done in %.1fs: %d quantized linears at w%dg%d%s", result.seconds, len(qweights), cfg.bits,
+             cfg.group_size, "" if e2e is None or e2e.val_loss_after is None
+             else f", val ppl {math.exp(e2e.val_loss_after):.2f}")
+    return result
