@@ -94,10 +94,11 @@ class EQATConfig(BaseQuantizeConfig):
     def __post_init__(self):
         if self.bits not in SUPPORTED_BITS:
             raise ValueError(f"EQATConfig: bits={self.bits} is not supported; use one of {SUPPORTED_BITS}")
-        if not (self.group_size == -1 or (self.group_size >= 16 and self.group_size % 16 == 0)):
+        g = self.group_size
+        if not (g == -1 or (g >= 16 and g & (g - 1) == 0)):
             raise ValueError(
-                f"EQATConfig: group_size={self.group_size} must be -1 (per channel) or a positive "
-                "multiple of 16 such as 32, 64 or 128")
+                f"EQATConfig: group_size={g} must be -1 (one group per output channel) or a power of "
+                "two >= 16 such as 32, 64 or 128")
         if self.save_format not in SAVE_FORMATS:
             raise ValueError(f"EQATConfig: save_format={self.save_format!r}; use one of {SAVE_FORMATS}")
         if self.lr_preset not in ("auto", "paper"):
