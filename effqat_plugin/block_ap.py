@@ -23,6 +23,7 @@ from .config import EQATConfig
 from .layout import ModelLayout, set_submodule
 from .qweight import QuantizedWeight
 from .quantizer import FakeQuantLinear
+from .resume import LayerStore, run_fingerprint
 from .runtime import Runtime
 
 log = logging.getLogger("effqat.block_ap")
@@ -145,28 +146,45 @@ class BlockAP:
     def steps_per_layer(self, n_train: int) -> int:
         return self.cfg.block_epochs * math.ceil(n_train / self.cfg.block_batch_size)
 
-    def run(self, train_ids: torch.Tensor, val_ids: Optional[torch.Tensor]) -> BlockAPResult:
+    def run(self, train_ids: torch.Tensor, val_ids: Optional[torch.Tensor],
+            work_dir: Optional[str] = None) -> BlockAPResult:
+        """Quantize every layer; with ``work_dir``, each finished layer is persisted and a restarted
+        run with the same settings and data continues from the next layer (same result)."""
         cfg, rt = self.cfg, self.rt
         n_train = train_ids.shape[0]
         all_ids = train_ids if val_ids is None else torch.cat([train_ids, val_ids])
-        quant_lr, weight_lr = cfg.block_lrs(self.steps_per_layer(n_train))
+        quant_lr, weight_lr = cfg.block_lrs(n_train * train_ids.shape[1] * cfg.block_epochs)
+        n_layers = len(self.layout.layers)
         log.info("Block-AP: %d layers, %d train / %d val samples x %d tokens, %d steps per layer, "
-                 "lr s/z %.3g, lr weights/norms %.3g", len(self.layout.layers), n_train,
+                 "lr s/z %.3g, lr weights/norms %.3g", n_layers, n_train,
                  all_ids.shape[0] - n_train, train_ids.shape[1], self.steps_per_layer(n_train), quant_lr, weight_lr)
+        store = None
+        if work_dir is not None:
+            store = LayerStore(work_dir, run_fingerprint(self.model, self.layout, cfg, all_ids, n_train))
         fp_stream, self.layer_kwargs = capture_layer_inputs(self.model, self.layout, all_ids,
                                                             cfg.block_batch_size, rt)
         quant_stream = fp_stream.clone()
         result = BlockAPResult(qweights={}, quant_lr=quant_lr, weight_lr=weight_lr)
-        layers = tqdm(range(len(self.layout.layers)), desc="Block-AP layers", disable=not self.show_progress)
+        done = store.completed() if store else 0
+        if done:
+            log.info("Block-AP: resuming from %s, layers 0..%d already done", work_dir, done - 1)
+        layers = tqdm(range(n_layers), desc="Block-AP layers", disable=not self.show_progress)
         for index in layers:
-            fp_stream, quant_stream, qweights, report = self.quantize_layer(
-                index, fp_stream, quant_stream, n_train, quant_lr, weight_lr)
+            if index < done:
+                saved = store.load(index)
+                fp_stream, quant_stream = self.replay_layer(index, fp_stream, quant_stream, saved)
+                qweights, report = saved.qweights, saved.report
+            else:
+                fp_stream, quant_stream, qweights, report, state = self.quantize_layer(
+                    index, fp_stream, quant_stream, n_train, quant_lr, weight_lr)
+                if store:
+                    store.save(index, qweights, state, report)
             result.qweights.update(qweights)
             result.reports.append(report)
             val = "n/a" if report.val_loss is None else f"{report.val_loss:.3e}"
-            log.info("Block-AP layer %d/%d: train loss %.3e, val loss %s, %.1fs, peak memory %.0f MB",
-                     index + 1, len(self.layout.layers), report.train_loss, val, report.seconds,
-                     report.peak_memory_mb)
+            log.info("Block-AP layer %d/%d: train loss %.3e, val loss %s, %.1fs, peak memory %.0f MB%s",
+                     index + 1, n_layers, report.train_loss, val, report.seconds,
+                     report.peak_memory_mb, " (restored)" if index < done else "")
         return result
 
     # -- one layer -------------------------------------------------------------------------------
@@ -269,24 +287,51 @@ class BlockAP:
             layer.load_state_dict(best[1])
 
         # freeze: integers + fp16 scales; the quant stream then sees exactly what the checkpoint computes
-        qweights = {}
         prefix = self.layout.layer_name(index)
-        for name, m in fq.items():
-            qw = m.freeze(torch.float16)
-            qweights[f"{prefix}.{name}"] = qw
-            plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None).to(rt.device)
-            plain.weight.data = qw.dequantize(torch.float32).to(rt.device)
-            if m.bias is not None:
-                plain.bias.data = m.bias.detach().float()
-            set_submodule(layer, name, plain)
-        layer.requires_grad_(False)
-        val_loss = self._loss_on(layer, q_in, fp_out, n_train, n_total) if has_val else None
-        q_out = self._propagate(layer, q_in)
-        self._write_back(original, layer)
+        qweights = {f"{prefix}.{name}": m.freeze(torch.float16) for name, m in fq.items()}
+        state = self._trained_state(layer)
+        del layer, opt
+        fp_out_done, q_out, val_loss = self._finish_layer(index, original, state, qweights, fp_out, q_in, n_train)
         report = LayerReport(index=index, train_loss=train_loss, val_loss=val_loss, best_epoch=best[2],
                              seconds=time.time() - t0, peak_memory_mb=rt.peak_memory_mb(), steps=step)
-        del layer, opt
-        return fp_out, q_out, qweights, report
+        return fp_out_done, q_out, qweights, report, state
+
+    def _trained_state(self, layer: nn.Module) -> Dict[str, torch.Tensor]:
+        """The trained parameters outside the quantized linears (norms, other biases), fp32 on CPU."""
+        linear_prefixes = tuple(n + "." for n in self.layout.linear_names)
+        return {k: v.detach().to("cpu", torch.float32).clone() for k, v in layer.state_dict().items()
+                if not k.startswith(linear_prefixes) and v.is_floating_point()}
+
+    def _quantized_layer(self, index: int, original: nn.Module, state, qweights) -> nn.Module:
+        """fp32 copy of the layer as the checkpoint computes it: trained norms, dequantized linears."""
+        layer = copy.deepcopy(original).to(self.rt.device, torch.float32)
+        layer.load_state_dict(state, strict=False)
+        prefix = self.layout.layer_name(index)
+        for name in self.layout.linear_names:
+            qw = qweights[f"{prefix}.{name}"]
+            plain = nn.Linear(qw.in_features, qw.out_features, bias=qw.bias is not None).to(self.rt.device)
+            plain.weight.data = qw.dequantize(torch.float32).to(self.rt.device)
+            if qw.bias is not None:
+                plain.bias.data = qw.bias.detach().float().to(self.rt.device)
+            set_submodule(layer, name, plain)
+        return layer.requires_grad_(False)
+
+    def _finish_layer(self, index, original, state, qweights, fp_out, q_in, n_train):
+        layer = self._quantized_layer(index, original, state, qweights)
+        n_total = q_in.shape[0]
+        val_loss = self._loss_on(layer, q_in, fp_out, n_train, n_total) if n_total > n_train else None
+        q_out = self._propagate(layer, q_in)
+        self._write_back(original, layer)
+        return fp_out, q_out, val_loss
+
+    def replay_layer(self, index: int, fp_in: torch.Tensor, q_in: torch.Tensor, saved):
+        """Recompute both streams through an already-finished layer (resume) exactly as the first run did."""
+        original = self.layout.layers[index]
+        fp_out = self._propagate(copy.deepcopy(original).to(self.rt.device, torch.float32), fp_in)
+        layer = self._quantized_layer(index, original, saved.state, saved.qweights)
+        q_out = self._propagate(layer, q_in)
+        self._write_back(original, layer)
+        return fp_out, q_out
 
     def _write_back(self, original: nn.Module, trained: nn.Module) -> None:
         """Copy the trained non-linear parameters (norms, biases of non-quantized parts) into the model.

@@ -5,10 +5,15 @@ unchanged. GPTQModel's METHOD enum is closed, so the method recorded for loaders
 *is* a GPTQ checkpoint); the EQAT identity and every setting lives in `quantize_config.json` `meta`.
 
 Learning-rate defaults: the paper's rates (Block-AP 1e-4 for s/z, 2e-5 (w2) / 1e-5 (w3/w4) for
-weights and norms; E2E-QP 2e-5 / 1e-5) assume ~4096 optimizer steps per block on 7B+ models. With
-fewer steps they barely move the parameters, so by default (``lr_preset="auto"``) they are scaled
-by ``reference_steps / steps`` (never below 1x, capped by ``max_lr_scale``). ``lr_preset="paper"``
-uses the paper's values unchanged; explicit ``*_lr`` arguments always win.
+weights and norms; E2E-QP 2e-5 / 1e-5) assume the paper's data budget: 4096 x 2048 tokens x 2 epochs
+per block and 4096 x 4096 tokens for E2E-QP. With a smaller budget they barely move the parameters
+(see the method note), so by default (``lr_preset="auto"``) each rate is multiplied by
+``paper_tokens / run_tokens`` (never below 1x, at most ``max_lr_scale``, 128 by default). On the
+bundled 260K model with 256 x 256 calibration tokens this is the 128x cap, which measured best.
+Step sizes shrink by ``2^b - 1`` per bit width while Adam moves a parameter by about ``lr`` per step,
+so the auto preset also scales the step-size rates (Block-AP s/z and E2E-QP) by ``3 / (2^b - 1)``
+(1x at 2 bits, where the paper tuned them). ``lr_preset="paper"`` uses the paper's values unchanged;
+explicit ``*_lr`` arguments always win.
 """
 from __future__ import annotations
 
@@ -19,8 +24,8 @@ from gptqmodel.quantization.config import FORMAT, METHOD, BaseQuantizeConfig
 
 from .qweight import SUPPORTED_BITS
 
-PAPER_STEPS_PER_BLOCK = 4096  # 4096 samples / batch 2 x 2 epochs
-PAPER_E2E_STEPS = 128  # 4096 samples / global batch 32 x 1 epoch
+PAPER_BLOCK_TOKENS = 4096 * 2048 * 2  # samples x tokens x epochs, per block
+PAPER_E2E_TOKENS = 4096 * 4096 * 1
 SAVE_FORMATS = ("gptq", "gptq_v2", "eqat", "bitblas")
 
 
@@ -33,11 +38,11 @@ def paper_e2e_lr(bits: int) -> float:
     return 2e-5 if bits == 2 else 1e-5
 
 
-def lr_scale(steps: int, reference_steps: int, max_scale: float) -> float:
-    """How much to raise a paper learning rate when a run takes fewer steps than the paper's."""
-    if steps <= 0:
+def lr_scale(tokens: int, reference_tokens: int, max_scale: float) -> float:
+    """How much to raise a paper learning rate when a run sees fewer tokens than the paper's."""
+    if tokens <= 0:
         return 1.0
-    return float(min(max_scale, max(1.0, reference_steps / steps)))
+    return float(min(max_scale, max(1.0, reference_tokens / tokens)))
 
 
 @dataclass
@@ -75,7 +80,7 @@ class EQATConfig(BaseQuantizeConfig):
 
     # learning-rate defaults (see module docstring)
     lr_preset: str = "auto"  # "auto" | "paper"
-    max_lr_scale: float = 50.0
+    max_lr_scale: float = 128.0
 
     # runtime
     seed: int = 0
@@ -111,18 +116,23 @@ class EQATConfig(BaseQuantizeConfig):
             raise ValueError("EQATConfig: act-order (desc_act) does not apply to EfficientQAT")
         super().__post_init__()
 
-    def block_lrs(self, steps_per_block: int) -> Tuple[float, float]:
+    def block_lrs(self, train_tokens: int) -> Tuple[float, float]:
+        """(s/z lr, weights/norms lr) for Block-AP; ``train_tokens`` = samples x seq_len x epochs."""
         quant_lr, weight_lr = paper_block_lrs(self.bits)
         if self.lr_preset == "auto":
-            k = lr_scale(steps_per_block, PAPER_STEPS_PER_BLOCK, self.max_lr_scale)
-            quant_lr, weight_lr = quant_lr * k, weight_lr * k
+            k = lr_scale(train_tokens, PAPER_BLOCK_TOKENS, self.max_lr_scale)
+            quant_lr, weight_lr = quant_lr * k * self._step_size_factor(), weight_lr * k
         return (self.block_quant_lr or quant_lr, self.block_weight_lr or weight_lr)
 
-    def e2e_learning_rate(self, steps: int) -> float:
+    def e2e_learning_rate(self, train_tokens: int) -> float:
+        """E2E-QP lr; ``train_tokens`` = samples x seq_len x epochs."""
         lr = paper_e2e_lr(self.bits)
         if self.lr_preset == "auto":
-            lr *= lr_scale(steps, PAPER_E2E_STEPS, self.max_lr_scale)
+            lr *= lr_scale(train_tokens, PAPER_E2E_TOKENS, self.max_lr_scale) * self._step_size_factor()
         return self.e2e_lr or lr
+
+    def _step_size_factor(self) -> float:
+        return 3.0 / ((1 << self.bits) - 1)
 
     def eqat_settings(self) -> Dict[str, Any]:
         """The settings recorded in `quantize_config.json` meta.eqat."""

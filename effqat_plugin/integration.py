@@ -26,8 +26,9 @@ _PATCHED = False
 
 
 def _eqat_quantize(self, calibration=None, tokenizer=None, seq_len: Optional[int] = None,
-                   show_progress: bool = True, **_ignored):
-    """Block-AP (+ E2E-QP when ``e2e_epochs > 0``) on ``self.model`` in place."""
+                   show_progress: bool = True, work_dir: Optional[str] = None, **_ignored):
+    """Block-AP (+ E2E-QP when ``e2e_epochs > 0``) on ``self.model`` in place; ``work_dir`` makes
+    Block-AP resumable (see ``resume.py``)."""
     from .pipeline import run_eqat
 
     if getattr(self, "_eqat_result", None) is not None or self.quantized:
@@ -38,7 +39,7 @@ def _eqat_quantize(self, calibration=None, tokenizer=None, seq_len: Optional[int
     definition = definition_for(getattr(self.model.config, "model_type", ""))
     result = run_eqat(self.model, self.quantize_config, calibration,
                       tokenizer=tokenizer or getattr(self, "tokenizer", None), definition=definition,
-                      seq_len=seq_len, show_progress=show_progress)
+                      seq_len=seq_len, show_progress=show_progress, work_dir=work_dir)
     self._eqat_result = result
     return {"eqat": result.meta(self.quantize_config)}
 

@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import shutil
 
 DEFAULT_SAMPLES = 256
 DEFAULT_SEQ_LEN = 256
@@ -36,6 +37,9 @@ def add_parser(sub) -> None:
                    help="auto: paper rates scaled up when there are fewer steps than the paper's; paper: as published")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--work-dir", default=None,
+                   help="Block-AP progress folder (default OUT_DIR.effqat-work); a re-run of the same "
+                        "command resumes after the last finished layer; removed after a successful save")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
@@ -79,8 +83,10 @@ def run(args) -> int:
         logging.getLogger("effqat").info("no --calib: sampling %d x %d tokens from the model itself (seed %d)",
                                          args.n_samples, args.seq_len, args.seed)
         ids = sample_from_model(model.model, args.n_samples, args.seq_len, seed=args.seed, bos_token_id=bos)
-    summary = model.quantize(ids, show_progress=not args.quiet)
+    work_dir = args.work_dir or os.path.normpath(args.out_dir) + ".effqat-work"
+    summary = model.quantize(ids, show_progress=not args.quiet, work_dir=work_dir)
     report = model.save(args.out_dir, overwrite=args.overwrite)
+    shutil.rmtree(work_dir, ignore_errors=True)
     e2e = summary["eqat"]["e2e_qp"]
     line = {"out_dir": args.out_dir, "format": args.save_format, "bits": args.bits, "group_size": args.group_size,
             "calibration": list(ids.shape)}

@@ -1,0 +1,304 @@
+"""Safetensors folders: lazy shard-by-shard reading, size-capped shard writing, atomic output.
+
+Nothing here ever unpickles: only ``.safetensors`` files are opened; folders whose weights are
+``.bin`` / ``.pt`` / ``.pth`` / ``.ckpt`` are refused.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import struct
+import shutil
+import tempfile
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+from safetensors import safe_open
+
+log = logging.getLogger("effqat.converters")
+
+ST_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+             "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32,
+             "I64": torch.int64, "BOOL": torch.bool}
+ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+PICKLE_WEIGHT_RE = re.compile(r"(pytorch_model.*\.bin|.*\.(pt|pth|ckpt)|model.*\.bin|adapter_model\.bin)$")
+# Files never copied verbatim into a converted folder (weights, index, our own config).
+NOT_CARRIED = {"quantize_config.json", INDEX_NAME}
+
+
+def parse_size(size) -> int:
+    """'4GB' / '500MB' / '2GiB' / int bytes -> bytes (decimal units as in HF, binary with 'i')."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)(I?)B?\s*", str(size).upper())
+    if not m:
+        raise ValueError(f"cannot parse size {size!r}; use e.g. 4GB, 500MB, 2GiB")
+    num, unit, binary = m.groups()
+    base = 1024 if binary else 1000
+    mult = {"": 1, "K": base, "M": base**2, "G": base**3, "T": base**4}[unit]
+    value = int(float(num) * mult)
+    if value <= 0:
+        raise ValueError(f"shard size must be positive, got {size!r}")
+    return value
+
+
+class SafetensorsFolder:
+    """Key -> shard map of a folder; tensors are read lazily, one shard kept open at a time."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise FileNotFoundError(f"{self.path} does not exist")
+        if not self.path.is_dir():
+            raise ValueError(f"{self.path} is not a folder")
+        files = sorted(p.name for p in self.path.iterdir() if p.is_file())
+        st = [f for f in files if f.endswith(".safetensors")]
+        pickles = [f for f in files if PICKLE_WEIGHT_RE.fullmatch(f)]
+        if not st:
+            if pickles:
+                raise ValueError(
+                    f"{self.path} holds only pickled weights ({', '.join(pickles[:3])}); effqat never "
+                    "unpickles files. Re-save the model with safetensors (save_pretrained(..., "
+                    "safe_serialization=True)) in an environment you trust.")
+            raise FileNotFoundError(f"no .safetensors weights in {self.path}")
+        if pickles:
+            log.warning("ignoring pickled files %s in %s (safetensors weights are used)", pickles, self.path)
+        self.key_to_file: dict[str, str] = {}
+        if INDEX_NAME in files:
+            with open(self.path / INDEX_NAME, encoding="utf-8") as f:
+                index = json.load(f)
+            wm = index.get("weight_map")
+            if not isinstance(wm, dict) or not wm:
+                raise ValueError(f"{self.path / INDEX_NAME} has no weight_map")
+            missing = sorted({v for v in wm.values() if v not in files})
+            if missing:
+                raise FileNotFoundError(f"index names missing shard file(s): {', '.join(missing)}")
+            self.key_to_file = dict(wm)
+            self.shards = list(dict.fromkeys(wm.values()))
+            extra = [f for f in st if f not in self.shards]
+            if extra:
+                raise ValueError(
+                    f"{self.path} mixes weight sets: {', '.join(extra)} are not in {INDEX_NAME}; "
+                    "keep one checkpoint per folder")
+        else:
+            self.shards = st
+        self.shapes: dict[str, tuple] = {}
+        self.dtypes: dict[str, str] = {}
+        seen: dict[str, str] = {}
+        for shard in self.shards:
+            with safe_open(self.path / shard, framework="pt") as f:
+                for k in f.keys():
+                    if k in seen and seen[k] != shard:
+                        raise ValueError(
+                            f"tensor {k} appears in both {seen[k]} and {shard}: mixed checkpoints in one folder")
+                    if self.key_to_file and self.key_to_file.get(k) != shard:
+                        raise ValueError(f"tensor {k} found in {shard} but the index maps it elsewhere")
+                    seen[k] = shard
+                    sl = f.get_slice(k)
+                    self.shapes[k] = tuple(sl.get_shape())
+                    self.dtypes[k] = sl.get_dtype()
+        if self.key_to_file:
+            absent = [k for k in self.key_to_file if k not in seen]
+            if absent:
+                raise ValueError(f"index lists tensors missing from the shards: {absent[:5]}")
+        self.key_to_file = seen
+        self.keys = list(seen)
+        self._open_name = None
+        self._open = None
+        self._header = None
+
+    def shard_keys(self, shard: str) -> list[str]:
+        return [k for k in self.keys if self.key_to_file[k] == shard]
+
+    def get(self, key: str) -> torch.Tensor | None:
+        """Read one tensor with plain file reads (no mmap: only tensors in flight count in RSS)."""
+        shard = self.key_to_file.get(key)
+        if shard is None:
+            return None
+        if self._open_name != shard:
+            self.close()
+            f = open(self.path / shard, "rb")
+            n = struct.unpack("<Q", f.read(8))[0]
+            header = json.loads(f.read(n))
+            self._open, self._open_name, self._header, self._base = f, shard, header, 8 + n
+        info = self._header[key]
+        dtype = ST_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise ValueError(f"{key}: unsupported safetensors dtype {info['dtype']}")
+        start, end = info["data_offsets"]
+        buf = torch.empty(end - start, dtype=torch.uint8)
+        self._open.seek(self._base + start)
+        got = self._open.readinto(memoryview(buf.numpy()))
+        if got != end - start:
+            raise ValueError(f"{key}: truncated shard {shard}")
+        return buf.view(dtype).reshape(info["shape"])
+
+    def close(self):
+        if self._open is not None:
+            self._open.close()
+        self._open = None
+        self._open_name = None
+
+    def total_bytes(self) -> int:
+        return sum((self.path / s).stat().st_size for s in self.shards)
+
+    def largest_shard_bytes(self) -> int:
+        return max((self.path / s).stat().st_size for s in self.shards)
+
+
+class ShardWriter:
+    """Collects tensors and flushes a shard whenever the next tensor would pass ``max_bytes``."""
+
+    def __init__(self, folder: Path, max_bytes: int, metadata: dict | None = None):
+        self.folder = Path(folder)
+        self.max_bytes = max_bytes
+        self.metadata = metadata or {"format": "pt"}
+        self.buf: dict[str, torch.Tensor] = {}
+        self.buf_bytes = 0
+        self.parts: list[tuple[str, list[str]]] = []
+        self.total = 0
+        self.names: set[str] = set()
+
+    def add(self, name: str, t: torch.Tensor):
+        if name in self.names:
+            raise ValueError(f"tensor {name} written twice")
+        self.names.add(name)
+        t = t.contiguous()
+        nb = t.numel() * t.element_size()
+        if self.buf and self.buf_bytes + nb > self.max_bytes:
+            self.flush()
+        self.buf[name] = t
+        self.buf_bytes += nb
+        self.total += nb
+
+    def flush(self):
+        if not self.buf:
+            return
+        tmp_name = f"part-{len(self.parts):05d}.safetensors"
+        write_safetensors(self.folder / tmp_name, self.buf, self.metadata)
+        self.parts.append((tmp_name, list(self.buf)))
+        self.buf = {}
+        self.buf_bytes = 0
+
+    def finish(self) -> list[str]:
+        self.flush()
+        if len(self.parts) == 1:
+            os.replace(self.folder / self.parts[0][0], self.folder / SINGLE_NAME)
+            return [SINGLE_NAME]
+        n = len(self.parts)
+        weight_map = {}
+        names = []
+        for i, (tmp, keys) in enumerate(self.parts):
+            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(self.folder / tmp, self.folder / final)
+            names.append(final)
+            for k in keys:
+                weight_map[k] = final
+        with open(self.folder / INDEX_NAME, "w", encoding="utf-8") as f:
+            json.dump({"metadata": {"total_size": self.total}, "weight_map": weight_map}, f, indent=2)
+        return names
+
+
+def write_safetensors(path: Path, tensors: dict, metadata: dict | None = None):
+    """Write a .safetensors file tensor by tensor (no whole-file bytes copy in memory)."""
+    header, off = {}, 0
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    for k, t in tensors.items():
+        if t.dtype not in ST_NAMES:
+            raise ValueError(f"{k}: dtype {t.dtype} cannot be stored")
+        nb = t.numel() * t.element_size()
+        header[k] = {"dtype": ST_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [off, off + nb]}
+        off += nb
+    hb = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    hb += b" " * (-len(hb) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(hb)))
+        f.write(hb)
+        for t in tensors.values():
+            if t.numel():
+                f.write(memoryview(t.contiguous().view(-1).view(torch.uint8).numpy()))
+
+
+def check_destination(src, dst, overwrite: bool) -> Path:
+    dst = Path(dst)
+    if src is not None and dst.resolve() == Path(src).resolve():
+        raise ValueError("destination must differ from the source folder")
+    if dst.exists() and not overwrite:
+        raise FileExistsError(f"{dst} already exists; pass --overwrite (overwrite=True) to replace it")
+    if dst.exists() and not dst.is_dir():
+        raise FileExistsError(f"{dst} exists and is not a folder")
+    return dst
+
+
+@contextmanager
+def atomic_folder(dst, overwrite: bool) -> Iterator[Path]:
+    """Yield a temporary sibling folder; on success it replaces ``dst``, on error it is removed."""
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    try:
+        yield tmp
+        if dst.exists():
+            if not overwrite:
+                raise FileExistsError(f"{dst} appeared while converting; not replacing it")
+            old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(dst, old)
+            os.replace(tmp, dst)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def carried_files(src_or_files) -> list[Path]:
+    """Non-weight files to copy unchanged: config, generation config, tokenizer, README, ..."""
+    if src_or_files is None:
+        return []
+    if isinstance(src_or_files, (str, os.PathLike)) and Path(src_or_files).is_dir():
+        out = []
+        for p in sorted(Path(src_or_files).iterdir()):
+            if not p.is_file() or p.name.startswith("."):
+                continue
+            if p.name in NOT_CARRIED or p.name.endswith(".safetensors") or PICKLE_WEIGHT_RE.fullmatch(p.name):
+                continue
+            out.append(p)
+        return out
+    if isinstance(src_or_files, (str, os.PathLike)):
+        src_or_files = [src_or_files]
+    out = []
+    for p in src_or_files:
+        p = Path(p)
+        if not p.is_file():
+            raise FileNotFoundError(f"config file {p} does not exist")
+        out.append(p)
+    return out
+
+
+def copy_files(files: Iterable[Path], dst: Path, quant_cfg: dict | None):
+    for p in files:
+        target = dst / p.name
+        if p.name == "config.json" and quant_cfg is not None:
+            with open(p, encoding="utf-8") as f:
+                cfg = json.load(f)
+            if "quantization_config" in cfg:
+                # A stale source quantization_config would contradict the new format.
+                cfg["quantization_config"] = quant_cfg
+                with open(target, "w", encoding="utf-8") as f:
+                    json.dump(cfg, f, indent=2)
+                continue
+        shutil.copy2(p, target)
+
+
+def write_json(path: Path, obj: dict):
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=False)

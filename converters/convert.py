@@ -1,0 +1,307 @@
+"""The Python API: ``convert`` (streaming, folder -> folder), ``save_quantized`` and ``load_quantized``.
+
+Every path goes reader -> :class:`QuantizedWeight` -> writer, one module at a time. ``convert`` reads
+one source shard at a time and flushes output shards at ``max_shard_size``, so memory stays around
+two shards whatever the model size. Output is built in a temporary sibling folder and renamed into
+place at the end; any error removes it and leaves ``dst`` untouched.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import torch
+
+import effqat_plugin
+from effqat_plugin.qweight import QuantFormatError, QuantizedWeight
+
+from .checkpoint import (ShardWriter, atomic_folder, carried_files, check_destination, copy_files,
+                         parse_size, write_json)
+from .detect import plan_folder
+from .registry import ModuleSpec, QuantFormat, WriteContext, get_format
+
+log = logging.getLogger("effqat.converters")
+
+CONVERTER_NAME = "effqat.converters"
+
+
+def _effqat_entry() -> str:
+    return f"effqat:{effqat_plugin.__version__}"
+
+
+def _packed_bytes(fmt: QuantFormat, bits: int, s: ModuleSpec) -> int:
+    try:
+        shp = fmt.shapes_for(bits, s.in_features, s.out_features, s.n_groups)
+    except Exception:  # pragma: no cover - formats without a shape rule
+        return 0
+    itemsize = 1 if fmt.qweight_dtype() == "I8" else 4
+    return itemsize * (shp["qweight"][0] * shp["qweight"][1] + shp["qzeros"][0] * shp["qzeros"][1])
+
+
+def decide(fmt: QuantFormat, specs: list[ModuleSpec], bits: int, group: int, source_format: str):
+    """Folder bits / group, per-module stored widths and ``dynamic`` overrides for writing ``fmt``."""
+    ctx = WriteContext(fmt=fmt.name, bits=bits, group_size=group, source_format=source_format)
+    specs = [dataclasses.replace(s, bits=s.true_bits, logical_bits=0) for s in specs]
+    fmt.check_folder(ctx, specs)
+    stored = {}
+    for s in specs:
+        sb = fmt.stored_bits(s)           # raises for what the runtime cannot hold
+        stored[s.name] = sb
+        override = {}
+        if sb != bits:
+            override["bits"] = sb
+        if not fmt.group_compatible(s, group):
+            if fmt.group_compatible(s, s.group_size):
+                mg = s.group_size
+            elif s.n_groups == 1 and fmt.group_compatible(s, -1):
+                mg = -1
+            else:
+                raise QuantFormatError(
+                    f"{s.name}: {fmt.name} cannot store group size {s.group_size} for in_features="
+                    f"{s.in_features}")
+            if mg != group:
+                override["group_size"] = mg
+        if override:
+            ctx.dynamic[f"+:^{re.escape(s.name)}$"] = override
+        if sb != s.bits:
+            extra = _packed_bytes(fmt, sb, s) - _packed_bytes(fmt, s.bits, s)
+            ctx.wider[s.name] = {"bits": s.bits, "stored_bits": sb, "extra_bytes": int(extra),
+                                 "in_features": s.in_features, "out_features": s.out_features}
+    return ctx, stored
+
+
+def read_module(plan, m: str) -> QuantizedWeight:
+    """Read one module of a planned folder; narrow it back to its quantized width if stored wider."""
+    spec = plan.specs[m]
+    qw = plan.fmt.read(lambda suf: plan.folder.get(f"{m}.{suf}"), spec, plan.params)
+    if spec.logical_bits and spec.logical_bits != qw.bits:
+        qw = QuantizedWeight(int_weight=qw.int_weight, zeros=qw.zeros, scales=qw.scales,
+                             bits=spec.logical_bits, group_size=qw.group_size, g_idx=qw.g_idx,
+                             bias=qw.bias)
+    return qw
+
+
+def _fast_module(plan, dst_fmt: QuantFormat, m: str, stored_bits: int, ctx: WriteContext):
+    spec = plan.specs[m]
+    if spec.true_bits not in (2, 4, 8) or stored_bits != spec.bits:
+        return None
+    words = plan.fmt.read_words(lambda suf: plan.folder.get(f"{m}.{suf}"), spec, plan.params)
+    if words is None:
+        return None
+    return dst_fmt.write_words(words, spec, stored_bits, ctx)
+
+
+def _meta(ctx: WriteContext, fmt: QuantFormat, user_meta: dict | None) -> dict:
+    meta = dict(user_meta or {})
+    quantizers = [q for q in (meta.get("quantizer") or []) if not str(q).startswith("effqat:")]
+    if isinstance(meta.get("quantizer"), str):
+        quantizers = [meta["quantizer"]]
+    quantizers.append(_effqat_entry())
+    meta["quantizer"] = quantizers
+    meta["converter"] = CONVERTER_NAME
+    meta.setdefault("source_format", ctx.source_format)
+    if ctx.wider:
+        meta["wider_modules"] = ctx.wider
+    if fmt.name == "gptq":
+        meta["v1_zero_points"] = "word-wide (GPTQModel convention)"
+    return meta
+
+
+def _report(ctx: WriteContext, fmt: QuantFormat, extra: dict) -> dict:
+    rep = {
+        "target_format": fmt.name,
+        "bits": ctx.bits,
+        "group_size": ctx.group_size,
+        "modules": ctx.modules,
+        "dynamic": ctx.dynamic,
+        "wider_modules": ctx.wider,
+        "wider_extra_bytes": sum(v["extra_bytes"] for v in ctx.wider.values()),
+        "v1_borrow_fields": ctx.v1_borrow_fields,
+        "v1_total_fields": ctx.v1_total_fields,
+        "desc_act": ctx.desc_act,
+    }
+    rep.update(extra)
+    return rep
+
+
+def _warn(ctx: WriteContext, fmt: QuantFormat):
+    if ctx.wider:
+        log.warning(
+            "%d module(s) stored at a wider width than asked (same integers, zeros and scales; lossless) "
+            "because the %s runtime cannot hold them at %d bits: %s; cost %d extra bytes",
+            len(ctx.wider), fmt.name, ctx.bits, ", ".join(sorted(ctx.wider)),
+            sum(v["extra_bytes"] for v in ctx.wider.values()))
+    if fmt.name == "gptq" and ctx.v1_borrow_fields:
+        log.warning(
+            "gptq (v1) output: %d of %d zero-point fields follow a zero point of 0 and borrow across "
+            "fields in GPTQModel's word-wide v1 convention. GPTQModel loads them exactly, but per-field "
+            "readers (vLLM's and exllama's GPTQ kernels, AutoGPTQ) would misread these %d zero points; "
+            "use --to gptq_v2 for those runtimes or to avoid the ambiguity",
+            ctx.v1_borrow_fields, ctx.v1_total_fields, ctx.v1_borrow_fields)
+
+
+def _write(dst: Path, fmt: QuantFormat, ctx: WriteContext, stored: dict, items: Iterable,
+           config_src, meta: dict | None, overwrite: bool, max_shard_size) -> dict:
+    """Drain ``items`` ((name, QuantizedWeight | Tensor)) into ``dst`` atomically."""
+    max_bytes = parse_size(max_shard_size)
+    with atomic_folder(dst, overwrite) as tmp:
+        sw = ShardWriter(tmp, max_bytes)
+        for name, obj in items:
+            if isinstance(obj, dict):          # already in the target layout (fast path)
+                ctx.modules += 1
+                for suf, t in obj.items():
+                    sw.add(f"{name}.{suf}", t)
+            elif isinstance(obj, QuantizedWeight):
+                try:
+                    tensors = fmt.write(obj, stored[name], ctx)
+                except QuantFormatError as e:
+                    raise QuantFormatError(f"{name}: {e}") from None
+                ctx.modules += 1
+                for suf, t in tensors.items():
+                    sw.add(f"{name}.{suf}", t)
+            else:
+                sw.add(name, obj)
+        files = sw.finish()
+        qcfg = fmt.quantize_config(ctx, _meta(ctx, fmt, meta))
+        if qcfg is not None:
+            write_json(tmp / "quantize_config.json", qcfg)
+        copy_files(carried_files(config_src), tmp, qcfg if fmt.name != "eqat" else None)
+        written = sum((tmp / f).stat().st_size for f in files)
+    _warn(ctx, fmt)
+    return {"files": files, "bytes_written": written}
+
+
+# ----------------------------------------------------------------------------------------------
+def convert(src, dst, *, to: str, bits=None, group_size=None, overwrite=False, dry_run=False,
+            max_shard_size="4GB", v1_zeros: str = "auto", fast: bool = True) -> dict:
+    """Convert a quantized folder (EQAT / GPTQ v1 / GPTQ v2 / BitBLAS) to format ``to``.
+
+    ``bits`` / ``group_size`` are needed only when neither the folder's config, its tensor shapes nor
+    its name tell them; when given they must agree with the tensors. ``v1_zeros`` ('auto', 'word',
+    'field') overrides how GPTQ v1 zero points are read (see fmt_gptq). ``fast`` lets 2/4/8-bit
+    modules move as whole packed words when both formats support it (identical output; tested).
+    Returns a report dict.
+    """
+    t0 = time.time()
+    dst_fmt = get_format(to)
+    src = Path(src)
+    plan = plan_folder(src, bits=bits, group_size=group_size, v1_zeros=v1_zeros)
+    specs = list(plan.specs.values())
+    ctx, stored = decide(dst_fmt, specs, plan.bits, plan.group_size, plan.fmt.name)
+    if not dry_run:
+        check_destination(src, dst, overwrite)
+    folder = plan.folder
+    extra = {"source": str(src), "source_format": plan.fmt.name, "inferred_from": plan.inferred_from,
+             "destination": str(dst), "dry_run": bool(dry_run), "source_bytes": folder.total_bytes(),
+             "largest_source_shard_bytes": folder.largest_shard_bytes()}
+    if plan.fmt.name == "gptq":
+        extra["v1_zeros_read_as"] = plan.params.get("v1_zeros")
+    if dry_run:
+        ctx.modules = len(specs)
+        return _report(ctx, dst_fmt, extra)
+
+    owner = {}
+    for m in plan.specs:
+        for suf in plan.fmt.suffixes:
+            owner[f"{m}.{suf}"] = m
+
+    def items():
+        done = set()
+        try:
+            for shard in folder.shards:
+                for key in folder.shard_keys(shard):
+                    m = owner.get(key)
+                    if m is None:
+                        yield key, folder.get(key)
+                        continue
+                    if m in done:
+                        continue
+                    done.add(m)
+                    if fast:
+                        tensors = _fast_module(plan, dst_fmt, m, stored[m], ctx)
+                        if tensors is not None:
+                            yield m, tensors
+                            continue
+                    yield m, read_module(plan, m)
+        finally:
+            folder.close()
+
+    meta = {"source_format": plan.fmt.name}
+    if plan.qcfg and isinstance(plan.qcfg.get("meta"), dict):
+        for k in ("eqat",):
+            if k in plan.qcfg["meta"]:
+                meta[k] = plan.qcfg["meta"][k]
+        meta["source_quantizer"] = plan.qcfg["meta"].get("quantizer")
+    out = _write(Path(dst), dst_fmt, ctx, stored, items(), src, meta, overwrite, max_shard_size)
+    extra.update(out)
+    extra["seconds"] = round(time.time() - t0, 3)
+    return _report(ctx, dst_fmt, extra)
+
+
+def _spec_of(name: str, qw: QuantizedWeight) -> ModuleSpec:
+    return ModuleSpec(name=name, in_features=qw.in_features, out_features=qw.out_features,
+                      n_groups=qw.n_groups, bits=qw.bits, group_size=qw.group_size,
+                      has_bias=qw.bias is not None)
+
+
+def folder_bits_group(qweights: Mapping[str, QuantizedWeight]) -> tuple[int, int]:
+    bits = Counter(q.bits for q in qweights.values()).most_common(1)[0][0]
+    groups = Counter(q.group_size for q in qweights.values() if q.group_size != -1 and q.n_groups > 1)
+    if groups:
+        return bits, groups.most_common(1)[0][0]
+    groups = Counter(q.group_size for q in qweights.values())
+    return bits, groups.most_common(1)[0][0]
+
+
+def save_quantized(dst, *, fmt: str, qweights: Mapping[str, QuantizedWeight],
+                   tensors: Mapping[str, torch.Tensor], config_dir_or_files, meta: dict | None = None,
+                   overwrite: bool = False, max_shard_size: str = "4GB") -> dict:
+    """Write in-memory quantized modules + other tensors as a ``fmt`` folder; returns a report."""
+    f = get_format(fmt)
+    if not qweights:
+        raise ValueError("save_quantized: no quantized modules given")
+    clash = [k for k in tensors if any(k == f"{m}.{s}" for m in qweights for s in ("qweight", "qzeros",
+                                                                                  "scales", "g_idx"))]
+    if clash:
+        raise ValueError(f"tensors clash with quantized module tensors: {clash[:3]}")
+    bits, group = folder_bits_group(qweights)
+    specs = [_spec_of(n, q) for n, q in qweights.items()]
+    ctx, stored = decide(f, specs, bits, group, source_format=(meta or {}).get("source_format", "effqat"))
+    check_destination(None, dst, overwrite)
+
+    def items():
+        yield from tensors.items()
+        yield from qweights.items()
+
+    m = dict(meta or {})
+    m.setdefault("source_format", "effqat")
+    out = _write(Path(dst), f, ctx, stored, items(), config_dir_or_files, m, overwrite, max_shard_size)
+    return _report(ctx, f, {"destination": str(dst), **out})
+
+
+def load_quantized(src, *, bits=None, group_size=None, v1_zeros: str = "auto"):
+    """Read a whole folder into memory: (format, {module: QuantizedWeight}, {name: tensor}, config).
+
+    For small models and tests; :func:`convert` streams instead. ``config`` is the folder's quantize
+    config, or (original EQAT folders) a dict with the inferred ``bits``/``group_size``/``format``.
+    """
+    plan = plan_folder(src, bits=bits, group_size=group_size, v1_zeros=v1_zeros)
+    folder = plan.folder
+    qweights, tensors = {}, {}
+    try:
+        for m in plan.specs:
+            qweights[m] = read_module(plan, m)
+        for k in plan.other_keys:
+            tensors[k] = folder.get(k)
+    finally:
+        folder.close()
+    cfg = dict(plan.qcfg or {})
+    cfg.setdefault("bits", plan.bits)
+    cfg.setdefault("group_size", plan.group_size)
+    cfg.setdefault("format", plan.fmt.name)
+    return plan.fmt.name, qweights, tensors, cfg

@@ -1,0 +1,199 @@
+"""BitBLAS format as GPTQModel 7.7 loads it with ``format="bitblas"`` (``BitblasLinear``).
+
+Per linear (asymmetric, ``zeros_mode="quantized"``: ``W = (q - qz) * s``):
+  qweight int8 ``[out, in*b/8]``: QuantCompress (byte j of row n holds ``code[n, j*e + k] << b*k``,
+  e = 8/b; the same bytes as GPTQ ``qweight.T``), then for 2/4-bit BitBLAS's fp16 fast-decoding LOP3
+  interleave inside each 32-bit word (field o -> bit ``(o%2)*16 + (o//2)*b``; at 2-bit bytes 1 and 2
+  are then swapped). 8-bit codes are stored as they are.
+  scales fp16 ``[out, n_groups]``; qzeros int8 ``[n_groups, out*b/8]`` compressed along out (no LOP3,
+  true zero points); optional bias; **no g_idx**.
+Runtime limits (GPTQModel ``BitblasLinear``): bits 2/4/8, group -1/32/64/128, in and out multiples of
+16, in a multiple of the group, no act-order. Everything else is refused before anything is written.
+Written in plain torch: bitblas itself cannot be imported without a GPU driver.
+"""
+from __future__ import annotations
+
+import torch
+
+from effqat_plugin.qweight import QuantFormatError
+
+from . import packing
+from .fmt_gptq import gptqmodel_quantizer_entry
+from .registry import (ModuleSpec, QuantFormat, WriteContext, check_codes, g_idx_is_default,
+                       make_qweight, register)
+
+BITBLAS_BITS = (2, 4, 8)
+BITBLAS_GROUPS = (-1, 32, 64, 128)
+
+
+class BitblasFormat(QuantFormat):
+    name = "bitblas"
+    description = "BitBLAS (int8 QuantCompress + LOP3 interleave, quantized zeros), GPTQModel format bitblas"
+    suffixes = ("qweight", "qzeros", "scales", "bias")
+
+    def qweight_dtype(self):
+        return "I8"
+
+    def _lop3(self, bits):
+        return packing.lop3_positions(bits) if bits in (2, 4) else None
+
+    def module_geometry(self, name, shapes, bits):
+        if "scales" not in shapes or len(shapes["scales"]) != 2:
+            raise QuantFormatError(f"{name}: scales missing or not 2-D")
+        out, g = shapes["scales"]
+        if bits is None:
+            return 0, int(out), int(g), False
+        return int(shapes["qweight"][1]) * 8 // bits, int(out), int(g), True
+
+    def in_candidates(self, bits, shapes):
+        n = shapes["qweight"][1] * 8
+        return [n // bits] if n % bits == 0 else []
+
+    def shapes_for(self, bits, in_features, out_features, groups):
+        return {"qweight": (out_features, in_features * bits // 8),
+                "qzeros": (groups, out_features * bits // 8),
+                "scales": (out_features, groups)}
+
+    def folder_params(self, qcfg):
+        out = super().folder_params(qcfg)
+        if (qcfg or {}).get("desc_act"):
+            raise QuantFormatError("BitBLAS folders cannot use act-order (desc_act)")
+        return out
+
+    def quantize_config(self, ctx, meta):
+        meta = dict(meta)
+        quantizers = list(meta.get("quantizer") or [])
+        if not any(str(q).startswith("gptqmodel:") for q in quantizers):
+            quantizers.insert(0, gptqmodel_quantizer_entry())
+        meta["quantizer"] = quantizers
+        return {
+            "bits": ctx.bits,
+            "group_size": ctx.group_size,
+            "desc_act": False,
+            "sym": False,
+            "lm_head": False,
+            "quant_method": "gptq",
+            "format": "bitblas",
+            "checkpoint_format": "bitblas",
+            "pack_dtype": "int32",
+            "dynamic": ctx.dynamic or None,
+            "meta": meta,
+        }
+
+    def stored_bits(self, spec: ModuleSpec) -> int:
+        if spec.bits not in BITBLAS_BITS:
+            raise QuantFormatError(
+                f"{spec.name}: BitBLAS cannot hold {spec.bits}-bit weights (supported: 2, 4, 8); "
+                "convert 3-bit models to gptq or gptq_v2 instead")
+        bad = [f"{d}={v}" for d, v in (("in_features", spec.in_features), ("out_features", spec.out_features))
+               if v % 16]
+        if bad:
+            raise QuantFormatError(
+                f"{spec.name}: BitBLAS needs in/out features divisible by 16 ({', '.join(bad)}); "
+                "use gptq or gptq_v2 for this model")
+        return spec.bits
+
+    def group_compatible(self, spec, group):
+        if group not in BITBLAS_GROUPS:
+            return False
+        if group != -1 and spec.in_features % group:
+            return group == spec.in_features and spec.n_groups == 1
+        return spec.group_ok(group)
+
+    def check_folder(self, ctx, specs):
+        for s in specs:
+            g = s.group_size
+            if g not in BITBLAS_GROUPS and not (s.n_groups == 1):
+                raise QuantFormatError(
+                    f"{s.name}: BitBLAS supports group sizes {BITBLAS_GROUPS[1:]} or per-channel, "
+                    f"not {g}")
+            if g != -1 and s.n_groups > 1 and s.in_features % g:
+                raise QuantFormatError(
+                    f"{s.name}: BitBLAS needs in_features ({s.in_features}) divisible by the group size ({g})")
+
+    def read(self, get, spec, params):
+        name, bits = spec.name, spec.bits
+        if bits not in BITBLAS_BITS:
+            raise QuantFormatError(f"{name}: BitBLAS folders hold 2/4/8-bit weights, not {bits}")
+        qweight, qzeros, scales = get("qweight"), get("qzeros"), get("scales")
+        for k, t in (("qweight", qweight), ("qzeros", qzeros), ("scales", scales)):
+            if t is None:
+                raise QuantFormatError(f"{name}: tensor {name}.{k} is missing")
+        exp = self.shapes_for(bits, spec.in_features, spec.out_features, spec.n_groups)
+        for k, t in (("qweight", qweight), ("qzeros", qzeros), ("scales", scales)):
+            if tuple(t.shape) != exp[k]:
+                raise QuantFormatError(f"{name}.{k} has shape {tuple(t.shape)}, expected {exp[k]} for "
+                                       f"BitBLAS at bits={bits}: wrong --bits or corrupt tensors")
+        if qweight.dtype != torch.int8 or qzeros.dtype != torch.int8:
+            raise QuantFormatError(f"{name}: BitBLAS qweight/qzeros must be int8")
+        if spec.in_features % 16 or spec.out_features % 16:
+            raise QuantFormatError(f"{name}: BitBLAS dims must be multiples of 16")
+        pw = 32 // bits
+        words = qweight.contiguous().view(torch.int32)          # [out, in/pw]
+        pos = self._lop3(bits)
+        if pos is not None:
+            words = packing.permute_fields(words, bits, pos, inverse=True)
+        w = packing.unpack_words(words, bits, pw, spec.in_features, dim=1)
+        zwords = qzeros.contiguous().view(torch.int32)           # [G, out/pw]
+        z = packing.unpack_words(zwords, bits, pw, spec.out_features, dim=1).t()
+        return make_qweight(w, z.contiguous(), scales.contiguous(), bits, spec.group_size, None,
+                            get("bias"), name)
+
+    # -- packed-word fast path: GPTQ-v2 words <-> BitBLAS bytes without unpacking codes --------
+    def read_words(self, get, spec, params):
+        bits = spec.bits
+        qweight, qzeros, scales = get("qweight"), get("qzeros"), get("scales")
+        if bits not in BITBLAS_BITS or qweight is None or qzeros is None or scales is None:
+            return None
+        exp = self.shapes_for(bits, spec.in_features, spec.out_features, spec.n_groups)
+        if any(tuple(t.shape) != exp[k] or (k != "scales" and t.dtype != torch.int8)
+               for k, t in (("qweight", qweight), ("qzeros", qzeros), ("scales", scales))):
+            return None  # the general path reports the precise error
+        words = qweight.contiguous().view(torch.int32)
+        pos = self._lop3(bits)
+        if pos is not None:
+            words = packing.permute_fields(words, bits, pos, inverse=True)
+        return {"qweight": words.t().contiguous(), "qzeros": qzeros.contiguous().view(torch.int32),
+                "scales": scales.t().contiguous(), "g_idx": None, "bias": get("bias")}
+
+    def write_words(self, words, spec, stored_bits, ctx):
+        b = spec.bits
+        if stored_bits != b or b not in BITBLAS_BITS:
+            return None
+        if words["g_idx"] is not None and not torch.equal(
+                words["g_idx"].to(torch.int32),
+                torch.arange(spec.in_features, dtype=torch.int32) // (spec.group_size if spec.group_size > 0
+                                                                      else spec.in_features)):
+            return None
+        w = words["qweight"].t().contiguous()          # [out, in/pf]
+        pos = self._lop3(b)
+        if pos is not None:
+            w = packing.permute_fields(w, b, pos)
+        out = {"qweight": w.view(torch.int8), "qzeros": words["qzeros"].contiguous().view(torch.int8),
+               "scales": words["scales"].t().to(torch.float16).contiguous()}
+        if words["bias"] is not None:
+            out["bias"] = words["bias"].to(torch.float16).contiguous()
+        return out
+
+    def write(self, qw, stored_bits, ctx: WriteContext):
+        check_codes(qw, "module")
+        b = stored_bits
+        if not g_idx_is_default(qw, qw.group_size):
+            raise QuantFormatError("BitBLAS has no act-order: g_idx must be i // group_size")
+        pw = 32 // b
+        words = packing.pack_words(qw.int_weight, b, pw, dim=1)   # [out, in/pw]
+        pos = self._lop3(b)
+        if pos is not None:
+            words = packing.permute_fields(words, b, pos)
+        zwords = packing.pack_words(qw.zeros.t(), b, pw, dim=1)   # [G, out/pw]
+        out = {
+            "qweight": words.contiguous().view(torch.int8),
+            "qzeros": zwords.contiguous().view(torch.int8),
+            "scales": qw.scales.to(torch.float16).contiguous(),
+        }
+        if qw.bias is not None:
+            out["bias"] = qw.bias.to(torch.float16).contiguous()
+        return out
+
+
+register(BitblasFormat())

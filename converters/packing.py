@@ -1,0 +1,195 @@
+"""Vectorized bit packing shared by every on-disk format.
+
+All functions work on torch tensors (CPU, multi-threaded element-wise ops) and loop only over the
+handful of fields inside one 32-bit word, never over values. Codes are ``uint8`` in
+``[0, 2**bits - 1]``; packed words are ``int32`` (the dtype every format stores), handled with
+wrap-around arithmetic so the sign bit is just bit 31.
+
+Layouts:
+* **per-word** (``pack_words``): ``per_word`` values per int32, value ``j`` of a word at bit
+  ``bits*j`` (LSB first), words never straddle. GPTQ 2/4/8-bit (``per_word = 32 // bits``) and the
+  original EQAT format for every width (3-bit: 10 values per word, top 2 bits unused).
+* **stream** (``pack_stream``): one continuous little-endian bit stream, value ``i`` at bit
+  ``bits*i``; used for GPTQ 3-bit (32 values in 3 words; values 10 and 21 straddle two words).
+  For 2/4/8-bit the stream and the per-word layout are the same bytes.
+Packing runs along a chosen axis (``dim=0``: along rows, as GPTQ ``qweight`` packs ``in``;
+``dim=1``: along columns, as ``qzeros`` packs ``out``). Ragged lengths are padded with zero codes.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+EQAT_PER_WORD = {2: 16, 3: 10, 4: 8, 8: 4}
+
+
+def _as_int32(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.int32)
+
+
+def _move(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Put the packing axis first (dim=0 unchanged, dim=1 transposed), contiguous."""
+    return (x if dim == 0 else x.t()).contiguous()
+
+
+def words_for(n: int, bits: int, per_word: int | None = None) -> int:
+    """Number of int32 words holding ``n`` values (per-word layout, or stream when per_word is None)."""
+    if per_word is None:
+        return -(-n * bits // 32)
+    return -(-n // per_word)
+
+
+def pack_words(codes: torch.Tensor, bits: int, per_word: int, dim: int = 0) -> torch.Tensor:
+    """Pack uint8 codes ``per_word`` to an int32 along ``dim`` (0 or 1); returns int32."""
+    if per_word * bits > 32:
+        raise ValueError(f"{per_word} values of {bits} bits do not fit in 32 bits")
+    # numpy, single-threaded: no OpenMP barriers (which stall badly on a busy 2-core machine)
+    c = _move(codes, dim).numpy()
+    n, m = c.shape
+    nw = words_for(n, bits, per_word)
+    pad = nw * per_word - n
+    if pad:
+        c = np.concatenate([c, np.zeros((pad, m), dtype=c.dtype)], 0)
+    c = c.reshape(nw, per_word, m)
+    out = c[:, 0, :].astype(np.uint32)
+    tmp = np.empty_like(out)
+    for j in range(1, per_word):
+        np.left_shift(c[:, j, :], np.uint32(bits * j), out=tmp, dtype=np.uint32)
+        np.bitwise_or(out, tmp, out=out)
+    return _move(torch.from_numpy(out.view(np.int32)), dim)
+
+
+def unpack_words(words: torch.Tensor, bits: int, per_word: int, n: int, dim: int = 0) -> torch.Tensor:
+    """Inverse of :func:`pack_words`: ``n`` uint8 codes along ``dim``."""
+    w = _move(_as_int32(words), dim).numpy().view(np.uint32)
+    nw, m = w.shape
+    if nw != words_for(n, bits, per_word):
+        raise ValueError(f"{nw} packed words cannot hold exactly {n} values at {per_word} per word")
+    mask = np.uint32((1 << bits) - 1)
+    out = np.empty((nw, per_word, m), dtype=np.uint8)
+    tmp = np.empty_like(w)
+    for j in range(per_word):
+        np.right_shift(w, np.uint32(bits * j), out=tmp)
+        np.bitwise_and(tmp, mask, out=tmp)
+        out[:, j, :] = tmp
+    out = out.reshape(nw * per_word, m)[:n]
+    return _move(torch.from_numpy(out), dim)
+
+
+def unused_bits_set(words: torch.Tensor, bits: int, per_word: int, n: int, dim: int = 0) -> int:
+    """Count words with non-zero bits outside the ``n`` valid fields (corruption / wrong width hint)."""
+    w = _move(_as_int32(words), dim)
+    used = per_word * bits
+    cnt = 0
+    if used < 32:
+        cnt += int(((w >> used) != 0).sum()) if used < 32 else 0
+    tail = w.shape[0] * per_word - n
+    if tail:
+        keep = per_word - tail
+        cnt += int(((w[-1] >> (keep * bits)) & ((1 << ((tail) * bits)) - 1) != 0).sum())
+    return cnt
+
+
+def pack_stream(codes: torch.Tensor, bits: int, dim: int = 0) -> torch.Tensor:
+    """Continuous bit stream along ``dim`` (GPTQ 3-bit); ``ceil(n*bits/32)`` int32 words."""
+    if 32 % bits == 0:
+        return pack_words(codes, bits, 32 // bits, dim)
+    c = _move(codes, dim)
+    n, m = c.shape
+    nblk = -(-n // 32)
+    pad = nblk * 32 - n
+    c = c.to(torch.int32)
+    if pad:
+        c = torch.cat([c, c.new_zeros(pad, m)], 0)
+    c = c.view(nblk, 32, m)
+    out = torch.zeros((nblk, bits, m), dtype=torch.int32)
+    for i in range(32):
+        bit = bits * i
+        w, s = divmod(bit, 32)
+        out[:, w, :] |= c[:, i, :] << s
+        if s + bits > 32:
+            out[:, w + 1, :] |= c[:, i, :] >> (32 - s)
+    out = out.view(nblk * bits, m)[: words_for(n, bits)]
+    return _move(out, dim).contiguous()
+
+
+def unpack_stream(words: torch.Tensor, bits: int, n: int, dim: int = 0) -> torch.Tensor:
+    """Inverse of :func:`pack_stream`."""
+    if 32 % bits == 0:
+        return unpack_words(words, bits, 32 // bits, n, dim)
+    w = _move(_as_int32(words), dim)
+    nw, m = w.shape
+    if nw != words_for(n, bits):
+        raise ValueError(f"{nw} packed words cannot hold exactly {n} {bits}-bit values (need {words_for(n, bits)})")
+    nblk = -(-n // 32)
+    full = nblk * bits
+    if full != nw:
+        w = torch.cat([w, w.new_zeros(full - nw, m)], 0)
+    w = w.view(nblk, bits, m)
+    mask = (1 << bits) - 1
+    out = torch.empty((nblk, 32, m), dtype=torch.uint8)
+    for i in range(32):
+        bit = bits * i
+        k, s = divmod(bit, 32)
+        if s + bits <= 32:
+            v = (w[:, k, :] >> s) & mask
+        else:
+            lo_bits = 32 - s
+            v = ((w[:, k, :] >> s) & ((1 << lo_bits) - 1)) | ((w[:, k + 1, :] << lo_bits) & mask)
+        out[:, i, :] = v.to(torch.uint8)
+    out = out.view(nblk * 32, m)[:n]
+    return _move(out, dim).contiguous()
+
+
+# --- word-wide arithmetic (GPTQ v1 zero points) -------------------------------------------------
+
+def word_constant(bits: int) -> int:
+    """The per-field "one" GPTQModel adds/subtracts word-wide (0x55555555 at 2-bit, ...)."""
+    per = 32 // bits
+    return sum(1 << (bits * j) for j in range(per))
+
+
+def add_word_constant(words: torch.Tensor, bits: int, sign: int) -> torch.Tensor:
+    """``words + sign * C`` modulo 2**32, as int32 (what GPTQModel does to v1 qzeros)."""
+    c = np.uint32(word_constant(bits))
+    w = _as_int32(words).contiguous().numpy().view(np.uint32)
+    with np.errstate(over="ignore"):
+        out = w + c if sign > 0 else w - c   # uint32 arithmetic wraps modulo 2**32
+    return torch.from_numpy(out.view(np.int32))
+
+
+# --- BitBLAS byte layout ------------------------------------------------------------------------
+
+def lop3_positions(bits: int) -> list[int]:
+    """Destination bit offset of field ``o`` of a 32-bit word after BitBLAS's fp16 LOP3 interleave.
+
+    Field ``o`` (``bits`` wide) moves to ``(o % 2) * 16 + (o // 2) * bits``; for 2-bit, bytes 1 and 2
+    of the result are then swapped.
+    """
+    n = 32 // bits
+    pos = []
+    for o in range(n):
+        p = (o % 2) * 16 + (o // 2) * bits
+        if bits == 2:
+            byte = p // 8
+            if byte == 1:
+                p += 8
+            elif byte == 2:
+                p -= 8
+        pos.append(p)
+    return pos
+
+
+def permute_fields(words: torch.Tensor, bits: int, positions: list[int], inverse: bool = False) -> torch.Tensor:
+    """Move each ``bits``-wide field ``o`` of every int32 word to bit ``positions[o]`` (or back)."""
+    w = _as_int32(words).contiguous().numpy().view(np.uint32)
+    mask = np.uint32((1 << bits) - 1)
+    out = np.zeros_like(w)
+    tmp = np.empty_like(w)  # one scratch buffer: no per-field allocations
+    for o, p in enumerate(positions):
+        src, dst = (p, bits * o) if inverse else (bits * o, p)
+        np.right_shift(w, np.uint32(src), out=tmp)
+        np.bitwise_and(tmp, mask, out=tmp)
+        np.left_shift(tmp, np.uint32(dst), out=tmp)
+        np.bitwise_or(out, tmp, out=out)
+    return torch.from_numpy(out.view(np.int32))

@@ -1,0 +1,189 @@
+"""The registry of on-disk formats and the small types they share.
+
+A format is one module that subclasses :class:`QuantFormat` and calls :func:`register`. It knows
+(1) how to read one module's tensors into a :class:`~effqat_plugin.qweight.QuantizedWeight`,
+(2) how to write one back, (3) which shapes its tensors have (so bits / group size can be inferred
+and checked from metadata alone, before any tensor is read), and (4) which per-module widths and
+group sizes its runtime can hold (``stored_bits`` / ``group_compatible``).
+Conversions always go reader -> QuantizedWeight -> writer; there are no format-pair shortcuts.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from effqat_plugin.qweight import QuantFormatError, QuantizedWeight, default_g_idx
+
+GROUP_CANDIDATES = (16, 32, 64, 128, 256, 512, 1024)
+BITS_CANDIDATES = (2, 3, 4, 8)
+MODULE_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx", "bias")
+
+Getter = Callable[[str], Optional[torch.Tensor]]
+
+
+def package_version(name: str, default: str = "0") -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return default
+
+
+def n_groups(in_features: int, group_size: int) -> int:
+    return 1 if group_size == -1 else math.ceil(in_features / group_size)
+
+
+def qw_group(group_size: int, in_features: int) -> int:
+    """Group size as QuantizedWeight accepts it (a group wider than the input is per-channel, -1)."""
+    return -1 if group_size == -1 or group_size > in_features else group_size
+
+
+@dataclass
+class ModuleSpec:
+    """What metadata says about one quantized linear (no tensor data read)."""
+
+    name: str
+    in_features: int
+    out_features: int
+    n_groups: int
+    bits: int = 0
+    group_size: int = 0
+    has_bias: bool = False
+    has_g_idx: bool = True
+    in_known: bool = True  # False when in_features was derived from padded words (no g_idx)
+    logical_bits: int = 0  # width the codes were quantized at, when stored wider (meta.wider_modules)
+
+    @property
+    def true_bits(self) -> int:
+        return self.logical_bits or self.bits
+
+    def group_ok(self, group: int) -> bool:
+        return n_groups(self.in_features, group) == self.n_groups
+
+
+@dataclass
+class WriteContext:
+    """Folder-level decisions and counters shared by one write (conversion or save)."""
+
+    fmt: str
+    bits: int
+    group_size: int
+    source_format: str = ""
+    dynamic: dict = field(default_factory=dict)
+    wider: dict = field(default_factory=dict)   # module -> {"bits": asked, "stored_bits": b, "extra_bytes": n}
+    v1_borrow_fields: int = 0
+    v1_total_fields: int = 0
+    desc_act: bool = False
+    modules: int = 0
+
+
+class QuantFormat:
+    """Base class of a format; see module docstring."""
+
+    name: str = ""
+    description: str = ""
+    # Suffixes this format stores per quantized module.
+    suffixes: tuple = MODULE_SUFFIXES
+
+    # --- metadata ----------------------------------------------------------------------------
+    def qweight_dtype(self) -> str:
+        return "I32"
+
+    def module_geometry(self, name: str, shapes: dict, bits: int | None) -> tuple[int, int, int, bool]:
+        """(in_features or 0 if unknown, out_features, n_groups, in_known) from tensor shapes."""
+        raise NotImplementedError
+
+    def shapes_for(self, bits: int, in_features: int, out_features: int, groups: int) -> dict:
+        """Expected shapes of qweight / qzeros / scales for these parameters."""
+        raise NotImplementedError
+
+    def in_candidates(self, bits: int, shapes: dict) -> list[int]:
+        """Possible in_features when nothing records it (largest first)."""
+        raise NotImplementedError
+
+    # --- folder config -----------------------------------------------------------------------
+    def folder_params(self, qcfg: dict | None) -> dict:
+        """bits / group_size / dynamic (and format details) recorded in the folder, if any."""
+        if not qcfg:
+            return {}
+        out = {}
+        for k in ("bits", "group_size"):
+            if qcfg.get(k) is not None:
+                out[k] = int(qcfg[k])
+        if qcfg.get("dynamic"):
+            out["dynamic"] = qcfg["dynamic"]
+        return out
+
+    def quantize_config(self, ctx: WriteContext, meta: dict) -> dict | None:
+        raise NotImplementedError
+
+    # --- capabilities ------------------------------------------------------------------------
+    def stored_bits(self, spec: ModuleSpec) -> int:
+        """Width this format/runtime stores the module at (>= spec.bits, same integers); or raise."""
+        return spec.bits
+
+    def group_compatible(self, spec: ModuleSpec, group: int) -> bool:
+        return spec.group_ok(group)
+
+    def check_folder(self, ctx: WriteContext, specs: list) -> None:
+        """Refuse folder-level combinations the runtime cannot load."""
+
+    # --- data --------------------------------------------------------------------------------
+    def read(self, get: Getter, spec: ModuleSpec, params: dict) -> QuantizedWeight:
+        raise NotImplementedError
+
+    def write(self, qw: QuantizedWeight, stored_bits: int, ctx: WriteContext) -> dict:
+        raise NotImplementedError
+
+    # --- optional fast path ------------------------------------------------------------------
+    # For 2/4/8-bit every format here stores the same LSB-first words (up to a transpose / LOP3
+    # field permutation / v1 constant), so convert() can move whole words instead of unpacking
+    # codes. ``read_words`` returns GPTQ-v2-layout words (qweight [ceil(in/pf), out], true-zero
+    # qzeros [G, ceil(out/pf)], scales [G, out], g_idx, bias) or None; ``write_words`` returns this
+    # format's tensors or None (then the general QuantizedWeight path runs). Tests check both
+    # paths write identical bytes.
+    def read_words(self, get: Getter, spec: ModuleSpec, params: dict):
+        return None
+
+    def write_words(self, words: dict, spec: ModuleSpec, stored_bits: int, ctx: WriteContext):
+        return None
+
+
+FORMATS: dict[str, QuantFormat] = {}
+
+
+def register(fmt: QuantFormat) -> QuantFormat:
+    if not fmt.name:
+        raise ValueError("a format needs a name")
+    FORMATS[fmt.name] = fmt
+    return fmt
+
+
+def get_format(name: str) -> QuantFormat:
+    try:
+        return FORMATS[name]
+    except KeyError:
+        raise ValueError(f"unknown format {name!r}; known: {', '.join(sorted(FORMATS))}") from None
+
+
+def check_codes(qw: QuantizedWeight, name: str) -> None:
+    """Re-validate a weight before packing (raises QuantFormatError with the module name)."""
+    try:
+        qw.validate()
+    except QuantFormatError as e:
+        raise QuantFormatError(f"{name}: {e}") from None
+
+
+def g_idx_is_default(qw: QuantizedWeight, group: int) -> bool:
+    return torch.equal(qw.g_idx.to(torch.int32), default_g_idx(qw.in_features, group))
+
+
+def make_qweight(int_weight, zeros, scales, bits, group, g_idx, bias, name) -> QuantizedWeight:
+    try:
+        return QuantizedWeight(int_weight=int_weight, zeros=zeros, scales=scales, bits=bits,
+                               group_size=qw_group(group, int_weight.shape[1]), g_idx=g_idx, bias=bias)
+    except QuantFormatError as e:
+        raise QuantFormatError(f"{name}: {e}") from None

@@ -1,0 +1,56 @@
+"""``effqat convert SRC DST --to gptq|gptq_v2|bitblas|eqat``: convert quantized checkpoints."""
+from __future__ import annotations
+
+import json
+import logging
+
+
+def add_parser(subparsers):
+    p = subparsers.add_parser(
+        "convert",
+        help="convert a quantized checkpoint (EQAT, GPTQ v1/v2, BitBLAS) to another format",
+        description="Convert an original EfficientQAT folder, a GPTQ v1/v2 folder or a BitBLAS folder "
+                    "to another format, bit-exactly. The source format is detected from its tensors "
+                    "and quantize_config.json.")
+    p.add_argument("src", help="source folder (safetensors)")
+    p.add_argument("dst", help="destination folder (must not exist unless --overwrite)")
+    p.add_argument("--to", required=True, choices=["gptq", "gptq_v2", "bitblas", "eqat"],
+                   help="target format")
+    p.add_argument("--bits", type=int, choices=[2, 3, 4, 8], default=None,
+                   help="bits, when neither the folder config, the tensor shapes nor the folder name tell")
+    p.add_argument("--group-size", type=int, default=None, help="group size (same rule as --bits)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing DST")
+    p.add_argument("--dry-run", action="store_true", help="check and report; write nothing")
+    p.add_argument("--max-shard-size", default="4GB", help="output shard size cap (default 4GB)")
+    p.add_argument("--v1-zeros", choices=["auto", "word", "field"], default="auto",
+                   help="how to read GPTQ v1 zero points: auto (by meta.quantizer), word (GPTQModel's "
+                        "word-wide convention), field (per-field, AutoGPTQ)")
+    p.add_argument("--json", action="store_true", help="print the full report as JSON")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from effqat_plugin.converters import convert
+
+    rep = convert(args.src, args.dst, to=args.to, bits=args.bits, group_size=args.group_size,
+                  overwrite=args.overwrite, dry_run=args.dry_run, max_shard_size=args.max_shard_size,
+                  v1_zeros=args.v1_zeros)
+    if args.json:
+        print(json.dumps(rep, indent=2, default=str))
+        return 0
+    what = "would convert" if rep.get("dry_run") else "converted"
+    print(f"{what} {rep['source']} ({rep['source_format']}, w{rep['bits']}g{rep['group_size']}, "
+          f"from {rep.get('inferred_from') or 'config'}) -> {rep['destination']} ({rep['target_format']}): "
+          f"{rep['modules']} quantized modules")
+    if rep["wider_modules"]:
+        print(f"  {len(rep['wider_modules'])} module(s) stored wider (lossless) for the runtime: "
+              f"+{rep['wider_extra_bytes']} bytes: {', '.join(sorted(rep['wider_modules']))}")
+    if rep["target_format"] == "gptq" and rep["v1_borrow_fields"]:
+        print(f"  v1 zero points: {rep['v1_borrow_fields']} of {rep['v1_total_fields']} fields borrow "
+              "(GPTQModel reads them exactly; vLLM/exllama per-field readers would not) - consider --to gptq_v2")
+    if not rep.get("dry_run"):
+        mb = rep["bytes_written"] / 1e6
+        print(f"  wrote {len(rep['files'])} shard(s), {mb:.1f} MB in {rep['seconds']:.1f} s")
+    return 0

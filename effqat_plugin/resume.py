@@ -1,0 +1,116 @@
+"""Block-AP's work folder: one safetensors file per finished decoder layer, so a crash at layer 61 of 80
+costs one layer, not the run.
+
+Each layer file holds the layer's frozen integers, zeros, fp16 scales and biases, plus its other
+trained parameters (norms) in fp32, and the layer report in the file's metadata. Files are written
+to a temporary name and renamed, and `progress.json` is rewritten the same way afterwards, so a kill
+at any instant leaves either the old or the new state. A fingerprint of the model, settings and
+calibration data guards against resuming a different run.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from typing import Dict
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .qweight import QuantizedWeight
+
+PROGRESS = "progress.json"
+
+
+def run_fingerprint(hf_model, layout, cfg, ids: torch.Tensor, n_train: int) -> str:
+    """Hash of everything that determines Block-AP's result (model weights excluded: config + names)."""
+    h = hashlib.sha256()
+    settings = {k: v for k, v in cfg.eqat_settings().items() if not k.startswith("e2e_")}
+    h.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    h.update(hf_model.config.to_json_string(use_diff=False).encode())
+    h.update(json.dumps([layout.layers_prefix, layout.linear_names, n_train]).encode())
+    h.update(ids.to(torch.int64).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+@dataclass
+class SavedLayer:
+    qweights: Dict[str, QuantizedWeight]
+    state: Dict[str, torch.Tensor]
+    report: object
+
+
+def _atomic_json(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class LayerStore:
+    def __init__(self, work_dir: str, fingerprint: str):
+        self.dir = work_dir
+        os.makedirs(work_dir, exist_ok=True)
+        self.progress_path = os.path.join(work_dir, PROGRESS)
+        self.progress = {"fingerprint": fingerprint, "layers": []}
+        if os.path.exists(self.progress_path):
+            with open(self.progress_path) as f:
+                try:
+                    found = json.load(f)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{self.progress_path} is corrupt ({e}); delete {work_dir} to start over") from None
+            if found.get("fingerprint") != fingerprint:
+                raise ValueError(
+                    f"work folder {work_dir} belongs to a run with other settings, model or calibration data; "
+                    "resume only with the same command, or delete the folder / pick another --work-dir")
+            self.progress = found
+
+    def completed(self) -> int:
+        """Number of leading layers whose files are present."""
+        n = 0
+        for index in self.progress["layers"]:
+            if index != n or not os.path.isfile(self._file(index)):
+                break
+            n += 1
+        return n
+
+    def _file(self, index: int) -> str:
+        return os.path.join(self.dir, f"layer_{index:05d}.safetensors")
+
+    def save(self, index: int, qweights: Dict[str, QuantizedWeight], state: Dict[str, torch.Tensor], report) -> None:
+        tensors, layout = {}, {}
+        for name, qw in qweights.items():
+            tensors[f"q.{name}.int_weight"] = qw.int_weight.contiguous()
+            tensors[f"q.{name}.zeros"] = qw.zeros.contiguous()
+            tensors[f"q.{name}.scales"] = qw.scales.contiguous()
+            if qw.bias is not None:
+                tensors[f"q.{name}.bias"] = qw.bias.contiguous()
+            layout[name] = {"bits": qw.bits, "group_size": qw.group_size}
+        for key, value in state.items():
+            tensors[f"s.{key}"] = value.contiguous()
+        meta = {"report": json.dumps(asdict(report)), "layout": json.dumps(layout)}
+        path = self._file(index)
+        save_file(tensors, path + ".tmp", metadata=meta)
+        os.replace(path + ".tmp", path)
+        self.progress["layers"] = sorted(set(self.progress["layers"]) | {index})
+        _atomic_json(self.progress_path, self.progress)
+
+    def load(self, index: int) -> SavedLayer:
+        from .block_ap import LayerReport
+
+        with safe_open(self._file(index), "pt") as f:
+            meta = f.metadata()
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        layout = json.loads(meta["layout"])
+        qweights = {}
+        for name, spec in layout.items():
+            qweights[name] = QuantizedWeight(
+                int_weight=tensors[f"q.{name}.int_weight"], zeros=tensors[f"q.{name}.zeros"],
+                scales=tensors[f"q.{name}.scales"], bits=spec["bits"], group_size=spec["group_size"],
+                bias=tensors.get(f"q.{name}.bias"))
+        state = {k[2:]: v for k, v in tensors.items() if k.startswith("s.")}
+        return SavedLayer(qweights=qweights, state=state, report=LayerReport(**json.loads(meta["report"])))
