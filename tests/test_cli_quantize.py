@@ -1,0 +1,95 @@
+"""`effqat quantize` / `effqat eval` from the shell: a real run on stories260k and every user error."""
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from effqat_plugin.cli import main
+from effqat_plugin.data import sample_from_model, save_token_file
+
+SMALL = ["--n-samples", "24", "--seq-len", "64", "--block-epochs", "1", "--e2e-epochs", "1", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def data_files(tmp_path_factory, stories260k_dir):
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(stories260k_dir, dtype=torch.float32)
+    d = tmp_path_factory.mktemp("data")
+    save_token_file(str(d / "calib.safetensors"), sample_from_model(m, 24, 64, seed=0))
+    save_token_file(str(d / "eval.safetensors"), sample_from_model(m, 8, 64, seed=1))
+    return d
+
+
+def test_quantize_then_eval_from_the_shell(tmp_path, stories260k_dir, data_files, capsys):
+    out = tmp_path / "w4"
+    rc = main(["quantize", str(stories260k_dir), str(out), "--bits", "4", "--group-size", "32", "--format",
+               "gptq_v2", "--calib", str(data_files / "calib.safetensors"), *SMALL])
+    assert rc == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["format"] == "gptq_v2" and line["calibration"] == [24, 64]
+    assert line["val_ppl"] < line["val_ppl_before_e2e"] * 1.05
+    qcfg = json.loads((out / "quantize_config.json").read_text())
+    assert qcfg["bits"] == 4 and qcfg["group_size"] == 32
+    assert not (tmp_path / "w4.effqat-work").exists()
+
+    assert main(["eval", str(stories260k_dir), "--data", str(data_files / "eval.safetensors")]) == 0
+    fp = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["perplexity"]
+    assert main(["eval", str(out), "--data", str(data_files / "eval.safetensors")]) == 0
+    q = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["perplexity"]
+    assert main(["eval", str(out), "--data", str(data_files / "eval.safetensors"), "--runtime", "gptqmodel"]) == 0
+    q_gptqmodel = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["perplexity"]
+    assert 10 < fp < q < 40 * fp, (fp, q)  # w4g32 on a 260K model: clearly worse than fp, far from broken
+    assert abs(q - q_gptqmodel) / q < 0.05, (q, q_gptqmodel)  # same checkpoint, two runtimes
+
+
+def test_sampled_calibration_default(tmp_path, stories260k_dir, capsys):
+    out = tmp_path / "sampled"
+    assert main(["quantize", str(stories260k_dir), str(out), "--bits", "2", "--e2e-epochs", "0",
+                 "--n-samples", "8", "--seq-len", "32", "--block-epochs", "1", "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["calibration"] == [8, 32]
+    meta = json.loads((out / "quantize_config.json").read_text())["meta"]["eqat"]
+    assert meta["e2e_qp"] is None and len(meta["block_ap"]["layers"]) == 5
+
+
+def _expect_error(argv, capsys, needle):
+    with pytest.raises(SystemExit) as e:  # argparse rejects bad choices with exit 2
+        main(argv)
+    assert e.value.code == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_user_errors_exit_2_with_a_message_and_write_nothing(tmp_path, stories260k_dir, data_files, capsys):
+    model = str(stories260k_dir)
+    _expect_error(["quantize", model, str(tmp_path / "a"), "--bits", "5"], capsys, "invalid choice")
+
+    def fails(argv, needle):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert needle in err, err
+
+    fails(["quantize", model, str(tmp_path / "b"), "--group-size", "48"], "group_size=48")
+    fails(["quantize", model, str(tmp_path / "c"), "--group-size", "128", *SMALL], "larger than in_features")
+    fails(["quantize", model, str(tmp_path / "d"), "--calib", str(tmp_path / "missing.safetensors")], "not found")
+    empty = tmp_path / "empty.safetensors"
+    save_file({"input_ids": torch.zeros(0, 16, dtype=torch.long)}, str(empty))
+    fails(["quantize", model, str(tmp_path / "e"), "--calib", str(empty), *SMALL], "calibration")
+    pickled = tmp_path / "calib.pt"
+    pickled.write_bytes(b"not really")
+    fails(["quantize", model, str(tmp_path / "f"), "--calib", str(pickled), *SMALL], "pickle")
+    exists = tmp_path / "exists"
+    exists.mkdir()
+    (exists / "keep").write_text("x")
+    fails(["quantize", model, str(exists)], "exists")
+    assert [p.name for p in exists.iterdir()] == ["keep"]
+
+    bert = tmp_path / "bert"
+    bert.mkdir()
+    (bert / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]}))
+    fails(["quantize", str(bert), str(tmp_path / "g")], "no GPTQModel 7.7 model definition")
+    fails(["eval", str(tmp_path / "nowhere"), "--data", str(data_files / "eval.safetensors")], "not found")
+    for name in "abcdefg":
+        assert not (tmp_path / name).exists()
+    shutil.rmtree(bert)
