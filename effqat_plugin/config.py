@@ -83,6 +83,7 @@ class EQATConfig(BaseQuantizeConfig):
     max_lr_scale: float = 128.0
 
     # runtime
+    kernel_backend: Optional[str] = None  # reference | triton | cuda | auto; None = EFFQAT_KERNEL or auto
     seed: int = 0
     compute_device: Optional[str] = None  # None = cuda if available else cpu
     amp_dtype: Optional[str] = None  # None = bf16 on CUDA when supported, fp32 on CPU
@@ -106,6 +107,8 @@ class EQATConfig(BaseQuantizeConfig):
                 "two >= 16 such as 32, 64 or 128")
         if self.save_format not in SAVE_FORMATS:
             raise ValueError(f"EQATConfig: save_format={self.save_format!r}; use one of {SAVE_FORMATS}")
+        if self.kernel_backend not in (None, "auto", "reference", "triton", "cuda"):
+            raise ValueError(f"EQATConfig: kernel_backend={self.kernel_backend!r}; use reference, triton, cuda or auto")
         if self.lr_preset not in ("auto", "paper"):
             raise ValueError(f"EQATConfig: lr_preset={self.lr_preset!r}; use 'auto' or 'paper'")
         if self.block_epochs < 1 or self.block_batch_size < 1 or self.e2e_epochs < 0 or self.e2e_batch_size < 1:

@@ -122,7 +122,10 @@ def run_eqat(hf_model: nn.Module, cfg: EQATConfig, calibration, tokenizer=None, 
         on_device = rt.device.type != "cpu"
         if on_device:
             hf_model.to(rt.device)
-        e2e = E2EQP(hf_model, cfg, rt, show_progress).run(train_ids, val_ids)
+        from .kernels import use_backend
+
+        with use_backend(cfg.kernel_backend):
+            e2e = E2EQP(hf_model, cfg, rt, show_progress).run(train_ids, val_ids)
         if on_device:
             hf_model.to("cpu")
     hf_model.train(was_training)

@@ -36,6 +36,8 @@ def add_parser(sub) -> None:
     p.add_argument("--lr-preset", choices=["auto", "paper"], default="auto",
                    help="auto: paper rates scaled up when there are fewer steps than the paper's; paper: as published")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
+    p.add_argument("--kernel", choices=["auto", "reference", "triton", "cuda"], default=None,
+                   help="E2E-QP kernel backend (default: EFFQAT_KERNEL env or auto)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work-dir", default=None,
                    help="Block-AP progress folder (default OUT_DIR.effqat-work); a re-run of the same "
@@ -54,7 +56,7 @@ def config_from_args(args):
         block_quant_lr=args.block_quant_lr, block_weight_lr=args.block_weight_lr,
         block_early_stop=args.block_early_stop, e2e_epochs=args.e2e_epochs, e2e_lr=args.e2e_lr,
         e2e_batch_size=args.e2e_batch_size, e2e_train_zeros=args.train_zeros, lr_preset=args.lr_preset,
-        seed=args.seed, compute_device=args.device)
+        seed=args.seed, compute_device=args.device, kernel_backend=args.kernel)
 
 
 def run(args) -> int:
