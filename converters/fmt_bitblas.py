@@ -18,7 +18,6 @@ import torch
 from effqat_plugin.qweight import QuantFormatError
 
 from . import packing
-from .fmt_gptq import gptqmodel_quantizer_entry
 from .registry import (ModuleSpec, QuantFormat, WriteContext, check_codes, g_idx_is_default,
                        make_qweight, register)
 
@@ -61,24 +60,7 @@ class BitblasFormat(QuantFormat):
         return out
 
     def quantize_config(self, ctx, meta):
-        meta = dict(meta)
-        quantizers = list(meta.get("quantizer") or [])
-        if not any(str(q).startswith("gptqmodel:") for q in quantizers):
-            quantizers.insert(0, gptqmodel_quantizer_entry())
-        meta["quantizer"] = quantizers
-        return {
-            "bits": ctx.bits,
-            "group_size": ctx.group_size,
-            "desc_act": False,
-            "sym": False,
-            "lm_head": False,
-            "quant_method": "gptq",
-            "format": "bitblas",
-            "checkpoint_format": "bitblas",
-            "pack_dtype": "int32",
-            "dynamic": ctx.dynamic or None,
-            "meta": meta,
-        }
+        return self.gptq_family_config(ctx, meta, "bitblas", desc_act=False)
 
     def stored_bits(self, spec: ModuleSpec) -> int:
         if spec.bits not in BITBLAS_BITS:
@@ -115,15 +97,7 @@ class BitblasFormat(QuantFormat):
         name, bits = spec.name, spec.bits
         if bits not in BITBLAS_BITS:
             raise QuantFormatError(f"{name}: BitBLAS folders hold 2/4/8-bit weights, not {bits}")
-        qweight, qzeros, scales = get("qweight"), get("qzeros"), get("scales")
-        for k, t in (("qweight", qweight), ("qzeros", qzeros), ("scales", scales)):
-            if t is None:
-                raise QuantFormatError(f"{name}: tensor {name}.{k} is missing")
-        exp = self.shapes_for(bits, spec.in_features, spec.out_features, spec.n_groups)
-        for k, t in (("qweight", qweight), ("qzeros", qzeros), ("scales", scales)):
-            if tuple(t.shape) != exp[k]:
-                raise QuantFormatError(f"{name}.{k} has shape {tuple(t.shape)}, expected {exp[k]} for "
-                                       f"BitBLAS at bits={bits}: wrong --bits or corrupt tensors")
+        qweight, qzeros, scales = self.fetch_checked(get, spec, "BitBLAS")
         if qweight.dtype != torch.int8 or qzeros.dtype != torch.int8:
             raise QuantFormatError(f"{name}: BitBLAS qweight/qzeros must be int8")
         if spec.in_features % 16 or spec.out_features % 16:

@@ -72,16 +72,7 @@ class InPackedFormat(QuantFormat):
 
     def _load_checked(self, get, spec: ModuleSpec):
         name, bits = spec.name, spec.bits
-        qweight, qzeros, scales = get("qweight"), get("qzeros"), get("scales")
-        for k, t in (("qweight", qweight), ("qzeros", qzeros), ("scales", scales)):
-            if t is None:
-                raise QuantFormatError(f"{name}: tensor {name}.{k} is missing")
-        exp = self.shapes_for(bits, spec.in_features, spec.out_features, spec.n_groups)
-        for k, t in (("qweight", qweight), ("qzeros", qzeros), ("scales", scales)):
-            if tuple(t.shape) != exp[k]:
-                raise QuantFormatError(
-                    f"{name}.{k} has shape {tuple(t.shape)}, expected {exp[k]} for {self.name} at "
-                    f"bits={bits}, group_size={spec.group_size}: wrong --bits/--group-size or corrupt tensors")
+        qweight, qzeros, scales = self.fetch_checked(get, spec, self.name)
         if qweight.dtype != torch.int32 or qzeros.dtype != torch.int32:
             raise QuantFormatError(f"{name}: qweight/qzeros must be int32, got {qweight.dtype}/{qzeros.dtype}")
         if not scales.is_floating_point():

@@ -94,25 +94,7 @@ class GptqFormat(InPackedFormat):
         return out
 
     def quantize_config(self, ctx, meta):
-        meta = dict(meta)
-        quantizers = list(meta.get("quantizer") or [])
-        if not any(str(q).startswith("gptqmodel:") for q in quantizers):
-            # The loader requires this entry for asymmetric v1 (and it marks word-wide zero points).
-            quantizers.insert(0, gptqmodel_quantizer_entry())
-        meta["quantizer"] = quantizers
-        return {
-            "bits": ctx.bits,
-            "group_size": ctx.group_size,
-            "desc_act": bool(ctx.desc_act),
-            "sym": False,
-            "lm_head": False,
-            "quant_method": "gptq",
-            "format": self.name,
-            "checkpoint_format": self.name,
-            "pack_dtype": "int32",
-            "dynamic": ctx.dynamic or None,
-            "meta": meta,
-        }
+        return self.gptq_family_config(ctx, meta, self.name, ctx.desc_act)
 
     # -- capabilities -------------------------------------------------------------------------
     def stored_bits(self, spec: ModuleSpec) -> int:

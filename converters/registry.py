@@ -120,6 +120,48 @@ class QuantFormat:
     def quantize_config(self, ctx: WriteContext, meta: dict) -> dict | None:
         raise NotImplementedError
 
+    def gptq_family_config(self, ctx: WriteContext, meta: dict, fmt: str, desc_act: bool) -> dict:
+        """quantize_config.json of a folder GPTQModel loads (gptq, gptq_v2, bitblas).
+
+        GPTQModel's loader requires a ``gptqmodel:<version>`` quantizer entry for asymmetric v1
+        (it also marks word-wide v1 zero points), so one is added when the meta has none.
+        """
+        from .fmt_gptq import gptqmodel_quantizer_entry
+
+        meta = dict(meta)
+        quantizers = list(meta.get("quantizer") or [])
+        if not any(str(q).startswith("gptqmodel:") for q in quantizers):
+            quantizers.insert(0, gptqmodel_quantizer_entry())
+        meta["quantizer"] = quantizers
+        return {
+            "bits": ctx.bits,
+            "group_size": ctx.group_size,
+            "desc_act": bool(desc_act),
+            "sym": False,
+            "lm_head": False,
+            "quant_method": "gptq",
+            "format": fmt,
+            "checkpoint_format": fmt,
+            "pack_dtype": "int32",
+            "dynamic": ctx.dynamic or None,
+            "meta": meta,
+        }
+
+    def fetch_checked(self, get: Getter, spec: ModuleSpec, fmt_label: str):
+        """qweight / qzeros / scales of one module, present and of the shapes bits/group imply."""
+        name = spec.name
+        tensors = {k: get(k) for k in ("qweight", "qzeros", "scales")}
+        for k, t in tensors.items():
+            if t is None:
+                raise QuantFormatError(f"{name}: tensor {name}.{k} is missing")
+        exp = self.shapes_for(spec.bits, spec.in_features, spec.out_features, spec.n_groups)
+        for k, t in tensors.items():
+            if tuple(t.shape) != exp[k]:
+                raise QuantFormatError(
+                    f"{name}.{k} has shape {tuple(t.shape)}, expected {exp[k]} for {fmt_label} at "
+                    f"bits={spec.bits}, group_size={spec.group_size}: wrong --bits/--group-size or corrupt tensors")
+        return tensors["qweight"], tensors["qzeros"], tensors["scales"]
+
     # --- capabilities ------------------------------------------------------------------------
     def stored_bits(self, spec: ModuleSpec) -> int:
         """Width this format/runtime stores the module at (>= spec.bits, same integers); or raise."""
