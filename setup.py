@@ -40,10 +40,11 @@ setup(
         "datasets>=5.1,<6",
         "tqdm>=4.66",
         "numpy>=1.26",
+        "matplotlib>=3.8",
+        "pyyaml>=6",
     ],
     extras_require={
         "test": ["pytest>=8"],
-        "plot": ["matplotlib>=3.8"],
         "eval": ["lm-eval>=0.4.8"],
     },
     entry_points={"console_scripts": ["effqat=effqat_plugin.cli:main"]},

@@ -30,7 +30,9 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 PICKLE_WEIGHT_RE = re.compile(r"(pytorch_model.*\.bin|.*\.(pt|pth|ckpt)|model.*\.bin|adapter_model\.bin)$")
 # Files never copied verbatim into a converted folder (weights, index, our own config).
-NOT_CARRIED = {"quantize_config.json", INDEX_NAME}
+# Never copied from SRC: configs we rewrite, and another folder's evaluation results and model card.
+NOT_CARRIED = {"quantize_config.json", INDEX_NAME, "effqat_eval.json", "quality_table.json", "quality.png",
+               "block_ap_loss.png", "README.md"}
 
 
 def parse_size(size) -> int:

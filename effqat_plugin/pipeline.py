@@ -43,6 +43,7 @@ class EQATResult:
 
         return {
             "quantizer": f"effqat:{__version__}",
+            "base_model": self.extra.get("base_model"),
             "method": "EfficientQAT (Block-AP + E2E-QP), arXiv 2407.11062",
             "settings": cfg.eqat_settings(),
             "calibration": {"train_samples": self.n_train, "val_samples": self.n_val, "seq_len": self.seq_len},
@@ -133,7 +134,8 @@ def run_eqat(hf_model: nn.Module, cfg: EQATConfig, calibration, tokenizer=None, 
     result = EQATResult(qweights=qweights, block_ap=block, e2e=e2e, n_train=train_ids.shape[0],
                         n_val=0 if val_ids is None else val_ids.shape[0], seq_len=ids.shape[1],
                         seconds=time.time() - t0,
-                        source_dtype=source_dtype if source_dtype in (torch.float16, torch.bfloat16) else torch.float16)
+                        source_dtype=source_dtype if source_dtype in (torch.float16, torch.bfloat16) else torch.float16,
+                        extra={"base_model": getattr(hf_model.config, "_name_or_path", None) or None})
     log.info("EQAT done in %.1fs: %d quantized linears at w%dg%d%s", result.seconds, len(qweights), cfg.bits,
              cfg.group_size, "" if e2e is None or e2e.val_loss_after is None
              else f", val ppl {math.exp(e2e.val_loss_after):.2f}")

@@ -1,38 +1,107 @@
-"""`effqat eval MODEL_DIR --data FILE`: perplexity of an fp, EQAT, GPTQ or BitBLAS folder."""
+"""`effqat eval MODEL_DIR [MODEL_DIR ...] --data FILE | --dataset NAME [--tasks paper]`.
+
+Perplexity at a given context length of fp, EQAT, GPTQ and BitBLAS folders on local text / token files
+or `datasets` names, plus lm-eval-harness tasks when lm-eval is installed (``--tasks paper`` = the
+EfficientQAT paper's WinoGrande, PIQA, HellaSwag, ARC-e, ARC-c, reporting acc). Prints a table (one
+row per folder), writes ``effqat_eval.json`` into each folder (its results + the table) with PNG
+plots of the table and of the per-layer Block-AP loss, and prints one JSON line per folder.
+"""
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger("effqat.eval")
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("eval", help="perplexity of a model folder on token data",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("model_dir")
-    p.add_argument("--data", required=True,
-                   help=".txt, .jsonl ('text'), .parquet, or .safetensors with int64 'input_ids' [N, T]")
-    p.add_argument("--seq-len", type=int, default=256, help="context length for text data")
-    p.add_argument("--n-samples", type=int, default=None)
+    p = sub.add_parser("eval", help="perplexity (and lm-eval tasks) of model folders; table, JSON and plots",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model_dir", nargs="+", help="fp / EQAT / GPTQ / BitBLAS folder(s); the first is usually fp")
+    p.add_argument("--data", action="append", default=[],
+                   help=".txt / .raw (raw text, wikitext style), .jsonl ('text'), .parquet, or .safetensors with "
+                        "int64 'input_ids' [N, T]; repeatable")
+    p.add_argument("--dataset", action="append", default=[],
+                   help="`datasets` name: wikitext2, c4, ptb, or PATH[:CONFIG[:SPLIT]] (must be in the local "
+                        "cache when offline); repeatable")
+    p.add_argument("--text-column", default="text", help="text column of --dataset PATH datasets")
+    p.add_argument("--seq-len", type=int, default=256, help="context length (tokens per evaluated sequence)")
+    p.add_argument("--n-samples", type=int, default=None, help="evaluate at most this many sequences")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--runtime", choices=["effqat", "gptqmodel"], default="effqat",
                    help="run quantized folders on effqat's kernels, or (GPTQ) through GPTQModel's TORCH backend")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--tasks", default=None,
+                   help="lm-eval-harness tasks, comma separated; 'paper' = winogrande,piqa,hellaswag,arc_easy,"
+                        "arc_challenge (acc). Needs: pip install effqat[eval]")
+    p.add_argument("--limit", type=float, default=None, help="lm-eval: examples per task (or fraction)")
+    p.add_argument("--num-fewshot", type=int, default=0)
+    p.add_argument("--name", action="append", default=[], help="row name per model (default: folder name)")
+    p.add_argument("--json", dest="json_path", default=None,
+                   help="write the JSON here instead of MODEL_DIR/effqat_eval.json (one model only)")
+    p.add_argument("--no-save", action="store_true", help="print only; write no JSON or plots")
     p.set_defaults(func=run)
 
 
+def _writable_target(model_dir: str) -> bool:
+    """Results go next to the checkpoint, except into folders we must not touch (our bundled assets)."""
+    from effqat_plugin import __file__ as pkg_init
+
+    assets = Path(pkg_init).resolve().parent / "assets"
+    p = Path(model_dir).resolve()
+    if p == assets or assets in p.parents:
+        log.info("%s is a bundled asset; results are not written into it (use --json)", model_dir)
+        return False
+    return os.access(p, os.W_OK)
+
+
 def run(args) -> int:
-    from effqat_plugin.data import load_token_file
-    from effqat_plugin.evaluation import perplexity
-    from effqat_plugin.loading import load_for_eval
-    from effqat_plugin.runtime import resolve_runtime
+    from effqat_plugin.evaluation import evaluate_folder, require_lm_eval, resolve_tasks
+    from effqat_plugin.reports import make_table, format_table, write_folder_report
 
-    model = load_for_eval(args.model_dir, args.runtime)
-    tokenizer = None
-    if not args.data.endswith(".safetensors"):
-        from transformers import AutoTokenizer
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    tasks = resolve_tasks(args.tasks)
+    if tasks:
+        require_lm_eval()
+    data = list(args.data) + list(args.dataset)
+    if not data and not tasks:
+        raise ValueError("nothing to evaluate: give --data FILE, --dataset NAME and/or --tasks")
+    for d in args.data:
+        if not os.path.isfile(d):
+            raise FileNotFoundError(f"data file not found: {d}")
+    for m in args.model_dir:
+        if not os.path.isdir(m):
+            raise FileNotFoundError(f"model folder not found: {m}")
+    if args.json_path and len(args.model_dir) > 1:
+        raise ValueError("--json takes one model folder; with several, each gets MODEL_DIR/effqat_eval.json")
+    if args.name and len(args.name) != len(args.model_dir):
+        raise ValueError("give one --name per model folder")
+    names = args.name or [Path(m).resolve().name for m in args.model_dir]
 
-        tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
-    ids = load_token_file(args.data, tokenizer, seq_len=args.seq_len, n_samples=args.n_samples)
-    ppl = perplexity(model, ids, args.batch_size, resolve_runtime("cpu"))
-    print(json.dumps({"model": args.model_dir, "data": args.data, "samples": ids.shape[0],
-                      "seq_len": ids.shape[1], "perplexity": round(ppl, 4)}))
+    cache: dict = {}
+    all_results = []
+    for m in args.model_dir:
+        res = evaluate_folder(m, data, seq_len=args.seq_len, n_samples=args.n_samples, batch_size=args.batch_size,
+                              runtime=args.runtime, device=args.device, tasks=tasks, text_column=args.text_column,
+                              lm_eval_limit=args.limit, num_fewshot=args.num_fewshot, cache=cache)
+        for r in res.values():
+            r["runtime"] = args.runtime
+        all_results.append(res)
+    table = make_table([{"name": n, "path": str(m), "values": {c: r["value"] for c, r in res.items()}}
+                        for n, m, res in zip(names, args.model_dir, all_results)])
+    print(format_table(table))
+    for n, m, res in zip(names, args.model_dir, all_results):
+        line = {"model": m, "name": n}
+        ppl = [r for r in res.values() if r.get("metric") == "ppl"]
+        if ppl:  # the keys the single-data form always printed
+            line.update(data=ppl[0]["data"], samples=ppl[0]["samples"], seq_len=ppl[0]["seq_len"],
+                        perplexity=round(ppl[0]["value"], 4))
+        line["results"] = {c: round(r["value"], 6) for c, r in res.items()}
+        if not args.no_save and (args.json_path or _writable_target(m)):
+            out = write_folder_report(m, table, res, json_path=args.json_path)
+            line["json"], line["plots"] = out["json"], out["plots"]
+        print(json.dumps(line))
     return 0

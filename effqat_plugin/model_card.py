@@ -1,0 +1,261 @@
+"""Model card (README.md with YAML front matter) for a checkpoint pushed by effqat.
+
+The card says how the checkpoint was made (bits, group, Block-AP / E2E-QP settings and learning
+rates actually used, calibration data), how well it does (the quality table from
+``effqat_eval.json`` and the per-layer Block-AP losses, with their PNG plots when present), and how to
+load it with GPTQModel (or, for the original EQAT layout, how to convert it).
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+FORMAT_NAMES = {"gptq": "GPTQ (v1 zero points, GPTQModel convention)", "gptq_v2": "GPTQ v2 (true zero points)",
+                "bitblas": "BitBLAS", "eqat": "original EfficientQAT layout"}
+
+LICENSE_TEXT_HINTS = (
+    (re.compile(r"\bMIT License\b|Permission is hereby granted, free of charge", re.I), "mit"),
+    (re.compile(r"Apache License,?\s+Version 2\.0", re.I), "apache-2.0"),
+    (re.compile(r"LLAMA 2 COMMUNITY LICENSE", re.I), "llama2"),
+    (re.compile(r"LLAMA 3\.1 COMMUNITY LICENSE", re.I), "llama3.1"),
+    (re.compile(r"META LLAMA 3 COMMUNITY LICENSE", re.I), "llama3"),
+    (re.compile(r"GNU GENERAL PUBLIC LICENSE\s+Version 3", re.I), "gpl-3.0"),
+    (re.compile(r"BSD 3-Clause", re.I), "bsd-3-clause"),
+)
+
+
+@dataclass
+class CardInputs:
+    folder: str
+    repo_id: str
+    info: object  # hub.CheckpointInfo
+    base_model: Optional[str] = None
+    license: Optional[str] = None
+    marker: dict = field(default_factory=dict)
+    files: List[str] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)  # {"calibration": "...", "related": {fmt: repo_id}}
+
+
+def front_matter(text: str) -> dict:
+    """YAML front matter of a README (``---`` ... ``---``), {} when none or invalid."""
+    m = re.match(r"^---\s*\n(.*?)\n---\s*(\n|$)", text, re.S)
+    if not m:
+        return {}
+    import yaml
+
+    try:
+        data = yaml.safe_load(m.group(1))
+    except yaml.YAMLError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def base_license(base: Optional[str]) -> Tuple[Optional[str], Optional[str]]:
+    """(license id, local LICENSE file) of the base model when it is a local folder, or a hub id whose
+    README is in the local HF cache; (None, None) when unknown. Never touches the network."""
+    if not base:
+        return None, None
+    folder = Path(base) if os.path.isdir(base) else None
+    if folder is None:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(base, "README.md")
+            if isinstance(cached, str):
+                folder = Path(cached).parent
+        except Exception:  # noqa: BLE001 - any cache problem just means "unknown"
+            folder = None
+    if folder is None:
+        return None, None
+    lic = None
+    readme = folder / "README.md"
+    if readme.is_file():
+        lic = front_matter(readme.read_text(encoding="utf-8", errors="replace")).get("license")
+    lic_file = None
+    for name in ("LICENSE", "LICENSE.txt", "LICENSE.md", "LICENCE"):
+        if (folder / name).is_file():
+            lic_file = str(folder / name)
+            break
+    if lic is None and lic_file:
+        text = Path(lic_file).read_text(encoding="utf-8", errors="replace")[:4000]
+        lic = next((lid for rx, lid in LICENSE_TEXT_HINTS if rx.search(text)), "other")
+    return (str(lic) if lic else None), lic_file
+
+
+def loading_snippet(repo_id: str, fmt: Optional[str], kind: str) -> str:
+    if kind == "fp":
+        return ("```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+                f'model = AutoModelForCausalLM.from_pretrained("{repo_id}")\n'
+                f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")\n```')
+    if fmt == "eqat":
+        return ("This repository keeps the original EfficientQAT tensor layout, which GPTQModel does not read "
+                "directly. Convert it to GPTQ once, then load it with GPTQModel:\n\n"
+                "```bash\npip install effqat\n"
+                f"huggingface-cli download {repo_id} --local-dir eqat-ckpt\n"
+                "effqat convert eqat-ckpt gptq-ckpt --to gptq_v2\n```\n\n"
+                "```python\nfrom gptqmodel import GPTQModel\n\nmodel = GPTQModel.load(\"gptq-ckpt\")\n```")
+    backend = ""
+    imports = "from gptqmodel import GPTQModel"
+    note = ""
+    if fmt == "bitblas":
+        imports = "from gptqmodel import BACKEND, GPTQModel"
+        backend = ", backend=BACKEND.BITBLAS"
+        note = "\n\nBitBLAS kernels need a CUDA GPU and the `bitblas` package."
+    return ("```python\n" + imports + "\n\n"
+            f'model = GPTQModel.load("{repo_id}"{backend})\n'
+            'tokens = model.generate("The capital of France is")[0]\n'
+            "print(model.tokenizer.decode(tokens))\n```" + note)
+
+
+def _fmt_num(v, digits=4) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}g}"
+    return str(v)
+
+
+def _yaml_block(meta: dict) -> str:
+    import yaml
+
+    return yaml.safe_dump(meta, sort_keys=False, allow_unicode=True, default_flow_style=False).strip()
+
+
+def render_card(inp: CardInputs) -> str:
+    from .reports import BLOCK_AP_PNG, QUALITY_PNG, eqat_meta, format_table, results_for_card, table_from_results
+
+    info = inp.info
+    eqat = eqat_meta(inp.folder) if info.kind == "quantized" else {}
+    settings = eqat.get("settings") or {}
+    bits = info.bits or settings.get("bits")
+    group = info.group_size or settings.get("group_size")
+    fmt = info.fmt
+    name = inp.repo_id.split("/")[-1]
+
+    tags = ["quantization", "efficientqat", "gptq"]
+    if bits:
+        tags.append(f"{bits}-bit")
+    if fmt == "bitblas":
+        tags.append("bitblas")
+    meta: dict = {"library_name": "gptqmodel"}
+    if inp.base_model:
+        meta["base_model"] = inp.base_model
+        if info.kind == "quantized":
+            meta["base_model_relation"] = "quantized"
+    meta["tags"] = tags
+    if inp.license:
+        meta["license"] = inp.license
+    meta["pipeline_tag"] = "text-generation"
+
+    out = [f"---\n{_yaml_block(meta)}\n---", "", f"# {name}", ""]
+    base_txt = (f"[{inp.base_model}](https://huggingface.co/{inp.base_model})"
+                if inp.base_model and re.fullmatch(r"[\w.-]+/[\w.-]+", inp.base_model)
+                else f"`{inp.base_model}`" if inp.base_model else "the base model")
+    if info.kind == "quantized":
+        out.append(f"{base_txt} quantized to **{bits}-bit weights with group size {group}** by "
+                   f"[EfficientQAT](https://arxiv.org/abs/2407.11062) (Block-AP + E2E-QP), stored in the "
+                   f"**{FORMAT_NAMES.get(fmt, fmt)}** format. Made with effqat "
+                   f"(`{eqat.get('quantizer', 'effqat')}`), the EfficientQAT plugin for GPTQModel.")
+    else:
+        out.append(f"Full-precision checkpoint ({info.model_type}) pushed with effqat.")
+    related = (inp.extra or {}).get("related") or {}
+    if related:
+        out += ["", "Other formats of the same quantized weights: " + ", ".join(
+            f"[{f}](https://huggingface.co/{r})" for f, r in sorted(related.items()) if r != inp.repo_id)]
+    out.append("")
+
+    out += ["## Usage", "", loading_snippet(inp.repo_id, fmt, info.kind), ""]
+
+    if info.kind == "quantized":
+        out += ["## How it was made", ""]
+        rows = [("method", eqat.get("method", "EfficientQAT (Block-AP + E2E-QP), arXiv 2407.11062")),
+                ("bits / group size", f"{bits} / {group}"),
+                ("format", FORMAT_NAMES.get(fmt, fmt))]
+        if info.bits and avg_bits(info.bits, info.group_size) is not None:
+            rows.append(("average bits per weight", f"{avg_bits(info.bits, info.group_size):.2f} (fp16 scales, "
+                                                    f"{info.bits}-bit zero points)"))
+        blk = eqat.get("block_ap") or {}
+        if settings:
+            rows.append(("Block-AP", f"{settings.get('block_epochs')} epoch(s), batch {settings.get('block_batch_size')}, "
+                                     f"lr {_fmt_num(blk.get('quant_lr'))} (s, z) / {_fmt_num(blk.get('weight_lr'))} "
+                                     f"(weights, norms), early stop {settings.get('block_early_stop') or 'off'}"))
+            e2e = eqat.get("e2e_qp")
+            if e2e:
+                rows.append(("E2E-QP", f"{settings.get('e2e_epochs')} epoch(s), {e2e.get('steps')} steps, batch "
+                                       f"{settings.get('e2e_batch_size')}, lr {_fmt_num(e2e.get('lr'))}, trains step "
+                                       f"sizes{' and zero points' if settings.get('e2e_train_zeros') else ''}"))
+            else:
+                rows.append(("E2E-QP", "off" if settings.get("e2e_epochs") == 0 else "see below"))
+            rows.append(("learning-rate preset", str(settings.get("lr_preset"))))
+            rows.append(("seed", str(settings.get("seed"))))
+        cal = eqat.get("calibration") or {}
+        source = (inp.extra or {}).get("calibration") or (inp.marker or {}).get("calibration")
+        if cal or source:
+            desc = (f"{cal.get('train_samples')} train + {cal.get('val_samples')} validation sequences of "
+                    f"{cal.get('seq_len')} tokens" if cal else "")
+            if source:
+                desc = f"{desc} from {source}" if desc else str(source)
+            rows.append(("calibration data", desc))
+        e2e_src = (inp.marker or {}).get("e2e_data")
+        if e2e_src:
+            rows.append(("E2E-QP data", str(e2e_src)))
+        if eqat.get("seconds") is not None:
+            rows.append(("quantization time", f"{eqat['seconds']:.0f} s"))
+        out += ["| setting | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows] + [""]
+
+    data = results_for_card(inp.folder)
+    table = data.get("table") if data else None
+    if not table and data.get("results"):
+        table = table_from_results(name, data)
+    out += ["## Quality", ""]
+    if table and table.get("rows"):
+        out += ["Perplexity (lower is better) and zero-shot accuracy (`acc`, higher is better), measured by "
+                "`effqat eval` on the data named in each column.", "", format_table(table, markdown=True), ""]
+        if QUALITY_PNG in inp.files:
+            out += [f"![quality]({QUALITY_PNG})", ""]
+    else:
+        out += ["Not evaluated yet (run `effqat eval` on the folder before pushing).", ""]
+
+    layers = (eqat.get("block_ap") or {}).get("layers") or []
+    if layers:
+        out += ["## Block-AP per-layer loss", "",
+                "MSE between each quantized decoder layer's output and the full-precision layer's output.", "",
+                "| layer | train MSE | validation MSE | steps |", "|---|---|---|---|"]
+        out += [f"| {r.get('index')} | {_fmt_num(r.get('train_loss'))} | {_fmt_num(r.get('val_loss'))} | "
+                f"{r.get('steps', '-')} |" for r in layers]
+        out.append("")
+        if BLOCK_AP_PNG in inp.files:
+            out += [f"![Block-AP loss]({BLOCK_AP_PNG})", ""]
+        e2e = eqat.get("e2e_qp") or {}
+        if e2e.get("val_loss_before") is not None and e2e.get("val_loss_after") is not None:
+            out += [f"E2E-QP validation perplexity: {math.exp(e2e['val_loss_before']):.2f} before, "
+                    f"{math.exp(e2e['val_loss_after']):.2f} after.", ""]
+
+    out += ["## Files", ""] + [f"- `{f}`" for f in inp.files] + [""]
+    out += ["## Citation", "", "```bibtex",
+            "@article{efficientqat,",
+            "  title={EfficientQAT: Efficient Quantization-Aware Training for Large Language Models},",
+            "  author={Chen, Mengzhao and Shao, Wenqi and Xu, Peng and Wang, Jiahao and Gao, Peng and "
+            "Zhang, Kaipeng and Luo, Ping},",
+            "  journal={arXiv preprint arXiv:2407.11062},", "  year={2024}", "}", "```", ""]
+    return "\n".join(out)
+
+
+def avg_bits(bits: Optional[int], group: Optional[int]) -> Optional[float]:
+    if not bits or not group or group <= 0:
+        return None
+    return bits + (bits + 16) / group
+
+
+def write_card(folder, card: str) -> str:
+    path = os.path.join(folder, "README.md")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(card)
+    return path
+
+
+__all__ = ["CardInputs", "render_card", "front_matter", "base_license", "loading_snippet", "write_card"]
