@@ -59,17 +59,36 @@ def rtn_row(model_dir, bits, group, ids, rt):
 
 
 def gptq_row(model_dir, bits, group, calib, ids, rt, work):
+    """GPTQModel's own GPTQ, run in a child process: its packer can crash the process outright on
+    shapes it does not support (3-bit with out_features 172), which must become a table note."""
+    import subprocess
+
+    from effqat_plugin.data import save_token_file
+
+    save_token_file(os.path.join(work, "calib.safetensors"), calib)
+    save_token_file(os.path.join(work, "eval.safetensors"), ids)
+    out = os.path.join(work, "gptq")
+    cmd = [sys.executable, os.path.abspath(__file__), "--gptq-child", out, "--model", model_dir,
+           "--bits", str(bits), "--group-size", str(group), "--calib", os.path.join(work, "calib.safetensors"),
+           "--eval-data", os.path.join(work, "eval.safetensors")]
+    run = subprocess.run(cmd, capture_output=True, text=True)
+    result = os.path.join(out + ".json")
+    if run.returncode == 0 and os.path.exists(result):
+        with open(result) as f:
+            return json.load(f)["ppl"], "sym=False, same calibration"
+    errors = [ln for ln in (run.stderr or "").splitlines() if "Error" in ln]
+    return float("nan"), "GPTQModel failed: " + (errors[-1][:100] if errors else f"exit {run.returncode}")
+
+
+def gptq_child(out, model_dir, bits, group, calib, ids, rt):
     from gptqmodel import GPTQModel, QuantizeConfig
 
-    try:
-        model = GPTQModel.load(model_dir, QuantizeConfig(bits=bits, group_size=group, sym=False, desc_act=False,
-                                                         offload_to_disk=False), dtype=torch.float32)
-        model.quantize([{"input_ids": row.tolist()} for row in calib], batch_size=4)
-        out = os.path.join(work, "gptq")
-        model.save(out)
-        return reloaded_ppl(out, ids, rt), ""
-    except Exception as e:  # GPTQModel cannot pack some shapes (3-bit, out=172): report, don't crash
-        return float("nan"), f"{type(e).__name__}: {str(e).splitlines()[0][:90]}"
+    model = GPTQModel.load(model_dir, QuantizeConfig(bits=bits, group_size=group, sym=False, desc_act=False,
+                                                     offload_to_disk=False), dtype=torch.float32)
+    model.quantize([{"input_ids": row.tolist()} for row in calib], batch_size=4)
+    model.save(out)
+    with open(out + ".json", "w") as f:
+        json.dump({"ppl": reloaded_ppl(out, ids, rt)}, f)
 
 
 def eqat_row(model_dir, bits, group, calib, ids, rt, work, e2e_epochs, extra):
@@ -100,6 +119,7 @@ def main(argv=None):
     ap.add_argument("--e2e-epochs", type=int, default=None, help="default: EQATConfig's")
     ap.add_argument("--skip-gptq", action="store_true")
     ap.add_argument("--json", help="also write the table as JSON here")
+    ap.add_argument("--gptq-child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     from transformers import AutoModelForCausalLM
 
@@ -113,6 +133,9 @@ def main(argv=None):
              else sample_from_model(fp, args.n_calib, args.seq_len, seed=0))
     ids = (load_token_file(args.eval_data) if args.eval_data
            else sample_from_model(fp, args.n_eval, args.seq_len, seed=1))
+    if args.gptq_child:
+        gptq_child(args.gptq_child, args.model, args.bits, args.group_size, calib, ids, rt)
+        return 0
     e2e_epochs = EQATConfig.__dataclass_fields__["e2e_epochs"].default if args.e2e_epochs is None else args.e2e_epochs
     rows = [("fp32", ppl_of(fp, ids, rt), "")]
     b, g = args.bits, args.group_size
