@@ -22,27 +22,10 @@ from typing import Any, Dict, Optional, Tuple
 
 from gptqmodel.quantization.config import FORMAT, METHOD, BaseQuantizeConfig
 
+from . import lr_rules
 from .qweight import SUPPORTED_BITS
 
-PAPER_BLOCK_TOKENS = 4096 * 2048 * 2  # samples x tokens x epochs, per block
-PAPER_E2E_TOKENS = 4096 * 4096 * 1
 SAVE_FORMATS = ("gptq", "gptq_v2", "eqat", "bitblas")
-
-
-def paper_block_lrs(bits: int) -> Tuple[float, float]:
-    """(quant-param lr for s/z, weight lr for linear weights and norms) from the paper."""
-    return 1e-4, (2e-5 if bits == 2 else 1e-5)
-
-
-def paper_e2e_lr(bits: int) -> float:
-    return 2e-5 if bits == 2 else 1e-5
-
-
-def lr_scale(tokens: int, reference_tokens: int, max_scale: float) -> float:
-    """How much to raise a paper learning rate when a run sees fewer tokens than the paper's."""
-    if tokens <= 0:
-        return 1.0
-    return float(min(max_scale, max(1.0, reference_tokens / tokens)))
 
 
 @dataclass
@@ -121,21 +104,12 @@ class EQATConfig(BaseQuantizeConfig):
 
     def block_lrs(self, train_tokens: int) -> Tuple[float, float]:
         """(s/z lr, weights/norms lr) for Block-AP; ``train_tokens`` = samples x seq_len x epochs."""
-        quant_lr, weight_lr = paper_block_lrs(self.bits)
-        if self.lr_preset == "auto":
-            k = lr_scale(train_tokens, PAPER_BLOCK_TOKENS, self.max_lr_scale)
-            quant_lr, weight_lr = quant_lr * k * self._step_size_factor(), weight_lr * k
-        return (self.block_quant_lr or quant_lr, self.block_weight_lr or weight_lr)
+        return lr_rules.block_lrs(self.bits, self.lr_preset, self.max_lr_scale, train_tokens,
+                                  self.block_quant_lr, self.block_weight_lr)
 
     def e2e_learning_rate(self, train_tokens: int) -> float:
         """E2E-QP lr; ``train_tokens`` = samples x seq_len x epochs."""
-        lr = paper_e2e_lr(self.bits)
-        if self.lr_preset == "auto":
-            lr *= lr_scale(train_tokens, PAPER_E2E_TOKENS, self.max_lr_scale) * self._step_size_factor()
-        return self.e2e_lr or lr
-
-    def _step_size_factor(self) -> float:
-        return 3.0 / ((1 << self.bits) - 1)
+        return lr_rules.e2e_lr(self.bits, self.lr_preset, self.max_lr_scale, train_tokens, self.e2e_lr)
 
     def eqat_settings(self) -> Dict[str, Any]:
         """The settings recorded in `quantize_config.json` meta.eqat."""
@@ -146,7 +120,7 @@ class EQATConfig(BaseQuantizeConfig):
         return out
 
 
-__all__ = ["EQATConfig", "paper_block_lrs", "paper_e2e_lr", "lr_scale"]
+__all__ = ["EQATConfig"]
 
 # Defining the config registers the method: GPTQModel models loaded with it take the EQAT path.
 from .integration import register  # noqa: E402

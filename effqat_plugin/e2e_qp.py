@@ -1,26 +1,48 @@
 """E2E-QP: with W_int and z frozen in packed low-bit form, train only the step sizes end to end.
 
 The model's quantized linears are `PackedQuantLinear` modules (our kernels), so memory scales with
-bits; the causal-LM loss flows into their fp32 step sizes. Optimizer, schedule and clipping follow the
-reference (AdamW without weight decay, warm-up then cosine, max grad norm 0.3).
+bits; the causal-LM loss flows into their fp32 step sizes (the master copy), everything else is
+frozen. One trainer serves every entry point (the plugin's in-process run through
+``pipeline.run_eqat`` and the ``effqat e2e`` command, single process or ``accelerate launch``):
+
+* built on ``accelerate``: DDP / FSDP across processes or GPUs, gradient accumulation, mixed
+  precision (``no`` on CPU, bf16 on CUDA unless the runtime says otherwise), gradient checkpointing;
+* optimizer and schedule as the reference: AdamW (weight decay 0), linear warm-up (ratio 0.03) then
+  cosine to 0, max grad norm 0.3, step sizes clamped to [1e-4, 1e4] after every step;
+* loss = the HF causal-LM loss, token-weighted over the *global* batch (``num_items_in_batch``), so
+  micro-batch x accumulation x processes gives the same update as one big batch, also for
+  instruction data whose micro-batches hold different numbers of target tokens;
+* held-out loss before / during / after training; resumable state (trainable tensors + AdamW moments
+  + step) written atomically every ``save_every`` steps.
+
+Samples are visited in a fixed order (no shuffling), as the reference's calibration order.
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import math
+import os
+import shutil
 import time
-from dataclasses import dataclass
-from typing import List, Optional
+from dataclasses import asdict, dataclass, field
+from itertools import islice
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Union
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
 
-from .config import EQATConfig
-from .evaluation import causal_lm_loss
+from . import lr_rules
 from .runtime import Runtime
 
+if TYPE_CHECKING:  # config.py imports gptqmodel (slow); E2E-QP only reads the e2e_* fields
+    from .config import EQATConfig  # noqa: F401
+
 log = logging.getLogger("effqat.e2e_qp")
+
+S_MIN, S_MAX = 1e-4, 1e4  # the quantizer's legal step-size range (quantizer.S_MIN / S_MAX)
+STATE_VERSION = 1
 
 
 @dataclass
@@ -32,8 +54,59 @@ class E2EReport:
     val_loss_after: Optional[float]
     seconds: float
     peak_memory_mb: float
+    # added with the accelerate trainer
+    total_steps: int = 0
+    epochs: int = 0
+    global_batch_size: int = 0
+    micro_batch_size: int = 0
+    grad_accum_steps: int = 1
+    world_size: int = 1
+    mixed_precision: str = "no"
+    trainable_values: int = 0
+    train_tokens: int = 0
+    resumed_from_step: int = 0
+    completed: bool = True
+    eval_history: List[Dict[str, float]] = field(default_factory=list)
 
 
+@dataclass
+class E2ESettings:
+    """The E2E-QP fields of :class:`EQATConfig`, without importing GPTQModel (the CLI and the
+    distributed workers use this). ``E2EQP`` accepts either."""
+
+    bits: int = 2
+    e2e_epochs: int = 1
+    e2e_batch_size: int = 32  # global batch (sequences per optimizer step, all processes)
+    e2e_lr: Optional[float] = None
+    e2e_train_zeros: bool = False
+    e2e_warmup_ratio: float = 0.03
+    e2e_max_grad_norm: float = 0.3
+    lr_preset: str = "auto"
+    max_lr_scale: float = 128.0
+    seed: int = 0
+
+    def e2e_learning_rate(self, train_tokens: int) -> float:
+        return lr_rules.e2e_lr(self.bits, self.lr_preset, self.max_lr_scale, train_tokens, self.e2e_lr)
+
+
+@dataclass
+class E2EOptions:
+    """How to run (not what to learn): batching, precision, distribution, evaluation, resume."""
+
+    micro_batch_size: Optional[int] = None  # per process; None = global batch / processes (no accumulation)
+    gradient_checkpointing: bool = False
+    mixed_precision: Optional[str] = None  # no | bf16 | fp16; None = from the runtime (no on CPU, bf16 on CUDA)
+    fsdp: bool = False
+    eval_every: int = 0  # optimizer steps between held-out evaluations (0 = before and after only)
+    eval_batch_size: Optional[int] = None  # default: the micro batch
+    state_dir: Optional[str] = None  # resumable state is written here (atomically)
+    save_every: int = 0  # optimizer steps between state saves (0 = only when stopping early)
+    resume: bool = False  # continue from ``state_dir`` when it holds a state
+    stop_after: Optional[int] = None  # stop after this many optimizer steps in total (state is saved)
+    pad_token_id: int = 0
+
+
+# ------------------------------------------------------------------------------------------------
 def quantized_modules(model: nn.Module):
     from .kernels import PackedQuantLinear
 
@@ -65,64 +138,414 @@ def warmup_cosine(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-class E2EQP:
-    def __init__(self, model: nn.Module, cfg: EQATConfig, runtime: Runtime, show_progress: bool = True):
-        self.model, self.cfg, self.rt, self.show_progress = model, cfg, runtime, show_progress
+@torch.no_grad()
+def clamp_step_sizes(model: nn.Module) -> None:
+    for m in quantized_modules(model):
+        m.scales.clamp_(min=S_MIN, max=S_MAX)
 
-    def run(self, train_ids: torch.Tensor, val_ids: Optional[torch.Tensor]) -> E2EReport:
-        cfg, rt, model = self.cfg, self.rt, self.model
+
+# ------------------------------------------------------------------------------------------------
+def _mixed_precision_for(rt: Runtime, asked: Optional[str]) -> str:
+    if asked is not None:
+        asked = {"fp32": "no", "none": "no", "bfloat16": "bf16", "float16": "fp16"}.get(asked.lower(), asked.lower())
+        if asked not in ("no", "bf16", "fp16"):
+            raise ValueError(f"mixed precision {asked!r}: use no, bf16 or fp16")
+        return asked
+    if rt.amp_dtype is None:
+        return "no"
+    return "bf16" if rt.amp_dtype == torch.bfloat16 else "fp16"
+
+
+def _distributed_running() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def make_accelerator(cpu: bool, mixed_precision: str, grad_accum: int, fsdp: bool = False):
+    """An ``Accelerator`` with these settings, even when one with other settings exists already.
+
+    accelerate keeps process-wide singletons (``PartialState`` / ``AcceleratorState``) that refuse a
+    second ``Accelerator`` with another precision or device. In a single process (no process group)
+    nothing else depends on them once a run is over, so a mismatching state is reset; inside a
+    distributed job the first settings stay and a mismatch is a clear error.
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    shared = AcceleratorState._shared_state
+    if shared:
+        dev = shared.get("device")
+        same = (shared.get("_mixed_precision") == mixed_precision
+                and (dev is None or (dev.type == "cpu") == cpu)
+                and bool(shared.get("fsdp_plugin")) == bool(fsdp))
+        if not same:
+            if _distributed_running():
+                raise ValueError("accelerate is already initialised in this distributed job with other "
+                                 "settings (mixed precision / device / FSDP); use one setting per job")
+            AcceleratorState._reset_state(reset_partial_state=True)
+    elif PartialState._shared_state and not _distributed_running():
+        dev = PartialState._shared_state.get("device")
+        if dev is not None and (dev.type == "cpu") != cpu:
+            PartialState._reset_state()
+    kwargs: Dict[str, Any] = dict(
+        cpu=cpu, mixed_precision=mixed_precision, gradient_accumulation_steps=grad_accum,
+        # W_int / z buffers are frozen and identical on every rank: never re-broadcast them
+        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+    if fsdp:
+        from accelerate.utils import FullyShardedDataParallelPlugin
+
+        # use_orig_params: the flat parameters mix frozen and trainable tensors
+        kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(use_orig_params=True, sync_module_states=False)
+    return Accelerator(**kwargs)
+
+
+def _checkpointing_on(model: nn.Module) -> bool:
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+
+
+def _set_checkpointing(model: nn.Module, on: bool) -> None:
+    """HF activation (gradient) checkpointing, non-reentrant: the inputs of each checkpointed block do
+    not require grad (frozen embeddings), which the reentrant variant would silently not train."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(f"{type(model).__name__} does not support gradient checkpointing")
+    if on:
+        kw = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+        else:  # pragma: no cover - older transformers
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+    elif hasattr(model, "activation_checkpointing_disable"):
+        model.activation_checkpointing_disable()
+    else:  # pragma: no cover
+        model.gradient_checkpointing_disable()
+
+
+def _as_dataset(data):
+    from .e2e_data import TokenDataset
+
+    if data is None or isinstance(data, TokenDataset):
+        return data
+    if isinstance(data, torch.Tensor):
+        return TokenDataset(data)
+    raise TypeError(f"E2E-QP data must be an [N, T] LongTensor or an e2e_data.TokenDataset, got {type(data).__name__}")
+
+
+def _atomic_state_write(state_dir: str, tensors: Dict[str, torch.Tensor], info: dict) -> None:
+    from safetensors.torch import save_file
+
+    os.makedirs(state_dir, exist_ok=True)
+    final = os.path.join(state_dir, "e2e_state")
+    tmp, old = final + ".tmp", final + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, os.path.join(tmp, "state.safetensors"))
+    with open(os.path.join(tmp, "state.json"), "w", encoding="utf-8") as f:
+        json.dump(info, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.isdir(final):
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def read_state(state_dir: str):
+    """(tensors, info) of the newest complete state under ``state_dir``, or None."""
+    from safetensors.torch import load_file
+
+    for name in ("e2e_state", "e2e_state.old"):  # .old survives a crash between the two renames
+        d = os.path.join(state_dir, name)
+        if os.path.isfile(os.path.join(d, "state.json")) and os.path.isfile(os.path.join(d, "state.safetensors")):
+            with open(os.path.join(d, "state.json"), encoding="utf-8") as f:
+                info = json.load(f)
+            return load_file(os.path.join(d, "state.safetensors")), info
+    return None
+
+
+# ------------------------------------------------------------------------------------------------
+class E2EQP:
+    """``E2EQP(model, cfg, runtime).run(train, val) -> E2EReport``; trains the model in place.
+
+    ``cfg``: an :class:`EQATConfig` or :class:`E2ESettings` (``e2e_batch_size`` is the global batch).
+    ``train`` / ``val``: ``[N, T]`` token ids (loss on every token) or an ``e2e_data.TokenDataset``
+    (labels -100 where no loss is taken, e.g. instruction sources and padding).
+    """
+
+    def __init__(self, model: nn.Module, cfg, runtime: Runtime, show_progress: bool = True,
+                 options: Optional[E2EOptions] = None):
+        self.model, self.cfg, self.rt, self.show_progress = model, cfg, runtime, show_progress
+        self.opts = options or E2EOptions()
+        self.accelerator = None
+
+    # -- evaluation ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, data, batch_size: int) -> float:
+        """Mean next-token NLL over the labelled tokens of ``data``, split across processes."""
+        from .e2e_data import collate
+
+        acc = self.accelerator
+        world, rank = acc.num_processes, acc.process_index
+        n = len(data)
+        mine = list(range(rank, n, world))
+        n_batches = math.ceil(math.ceil(n / world) / batch_size)  # same on every rank (FSDP needs it)
+        total = torch.zeros((), dtype=torch.float64, device=acc.device)
+        count = torch.zeros((), dtype=torch.float64, device=acc.device)
+        was_training = model.training
+        model.eval()
+        for b in range(n_batches):
+            idx = mine[b * batch_size:(b + 1) * batch_size]
+            weight = 1.0 if idx else 0.0
+            batch = collate([data[i] for i in (idx or [0])], self.opts.pad_token_id)
+            ids = batch["input_ids"].to(acc.device)
+            labels = batch["labels"].to(acc.device)
+            mask = batch.get("attention_mask")
+            logits = model(input_ids=ids, attention_mask=None if mask is None else mask.to(acc.device),
+                           use_cache=False).logits
+            shift = labels[:, 1:]
+            nll = torch.nn.functional.cross_entropy(
+                logits[:, :-1].float().reshape(-1, logits.shape[-1]), shift.reshape(-1),
+                ignore_index=-100, reduction="sum")
+            total += weight * nll.double()
+            count += weight * (shift != -100).sum().double()
+        model.train(was_training)
+        total, count = acc.reduce(total, "sum"), acc.reduce(count, "sum")
+        return float(total / count.clamp(min=1))
+
+    # -- resumable state -------------------------------------------------------------------------
+    def _named_trainable(self, unwrapped: nn.Module):
+        return [(n, p) for n, p in unwrapped.named_parameters() if p.requires_grad]
+
+    def _fingerprint(self, **kw) -> dict:
+        return {k: (round(v, 12) if isinstance(v, float) else v) for k, v in kw.items()}
+
+    def _save_state(self, unwrapped, optimizer, info: dict) -> None:
+        acc = self.accelerator
+        if self.opts.fsdp:
+            raise NotImplementedError("resumable state is not supported with FSDP yet; run without --save-every")
+        if acc.is_main_process:
+            opt = getattr(optimizer, "optimizer", optimizer)
+            tensors, adam_steps = {}, {}
+            for name, p in self._named_trainable(unwrapped):
+                tensors[name] = p.data
+                st = opt.state.get(p, {})
+                if "exp_avg" in st:
+                    tensors[name + "::exp_avg"] = st["exp_avg"]
+                    tensors[name + "::exp_avg_sq"] = st["exp_avg_sq"]
+                    adam_steps[name] = float(st["step"])
+            _atomic_state_write(self.opts.state_dir, tensors, {**info, "adam_steps": adam_steps})
+        acc.wait_for_everyone()
+
+    def _load_state(self, unwrapped, optimizer, fingerprint: dict) -> Optional[dict]:
+        got = read_state(self.opts.state_dir)
+        if got is None:
+            return None
+        tensors, info = got
+        if info.get("version") != STATE_VERSION or info.get("fingerprint") != fingerprint:
+            raise ValueError(f"{self.opts.state_dir}: the saved E2E-QP state was made with other settings "
+                             f"({info.get('fingerprint')} vs {fingerprint}); remove it or start without --resume")
+        opt = getattr(optimizer, "optimizer", optimizer)
+        dev = self.accelerator.device
+        with torch.no_grad():
+            for name, p in self._named_trainable(unwrapped):
+                if name not in tensors:
+                    raise ValueError(f"{self.opts.state_dir}: saved state lacks {name}")
+                p.data.copy_(tensors[name].to(p.device, p.dtype))
+                if name + "::exp_avg" in tensors:
+                    opt.state[p] = {
+                        "step": torch.tensor(info["adam_steps"][name], dtype=torch.float32),
+                        "exp_avg": tensors[name + "::exp_avg"].to(dev, p.dtype),
+                        "exp_avg_sq": tensors[name + "::exp_avg_sq"].to(dev, p.dtype),
+                    }
+        return info
+
+    # -- training ------------------------------------------------------------------------------
+    def run(self, train: Union[torch.Tensor, Any], val: Optional[Union[torch.Tensor, Any]] = None) -> E2EReport:
+        from torch.utils.data import DataLoader
+
+        from .e2e_data import collate
+
+        cfg, rt, opts, model = self.cfg, self.rt, self.opts, self.model
         t0 = time.time()
         rt.reset_peak()
+        train_ds, val_ds = _as_dataset(train), _as_dataset(val)
+        if train_ds is None or len(train_ds) == 0:
+            raise ValueError("E2E-QP needs at least one training sample")
+        if val_ds is not None and len(val_ds) == 0:
+            val_ds = None
+        mp = _mixed_precision_for(rt, opts.mixed_precision)
+        cpu = rt.device.type == "cpu"
+
+        # batch geometry: global batch = micro batch x accumulation x processes
+        probe_world = (torch.distributed.get_world_size() if _distributed_running()
+                       else int(os.environ.get("WORLD_SIZE", "1")))
+        global_bs = int(cfg.e2e_batch_size)
+        mb = opts.micro_batch_size or max(1, global_bs // probe_world)
+        if global_bs % (mb * probe_world):
+            raise ValueError(f"global batch {global_bs} is not a multiple of micro batch {mb} x {probe_world} "
+                             "process(es)")
+        accum = global_bs // (mb * probe_world)
+        acc = self.accelerator = make_accelerator(cpu, mp, accum, opts.fsdp)
+        world = acc.num_processes
+        if opts.fsdp and acc.distributed_type != "FSDP":
+            raise ValueError(f"FSDP was asked for but accelerate runs {acc.distributed_type} here (accelerate "
+                             "shards with FSDP only on GPUs, under `accelerate launch`); drop --fsdp to use DDP")
+        if world != probe_world:  # pragma: no cover - defensive
+            raise RuntimeError(f"accelerate reports {world} processes, the environment {probe_world}")
+        torch.manual_seed(cfg.seed)
+
         params = trainable_step_sizes(model, cfg.e2e_train_zeros)
-        bs = cfg.e2e_batch_size
-        steps = cfg.e2e_epochs * math.ceil(train_ids.shape[0] / bs)
-        lr = cfg.e2e_learning_rate(steps)
-        warmup = int(round(cfg.e2e_warmup_ratio * steps))
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-        scaler = torch.amp.GradScaler(rt.device.type) if rt.needs_grad_scaler() else None
+        n_trainable = sum(p.numel() for p in params)
+        gc_was = _checkpointing_on(model)
+        if opts.gradient_checkpointing and not gc_was:
+            _set_checkpointing(model, True)
         was_training = model.training
         model.train()
-        val_before = causal_lm_loss(model, val_ids, bs, rt) if val_ids is not None else None
-        log.info("E2E-QP: %d steps, lr %.3g, %d trainable step-size tensors (%d values)%s", steps, lr,
-                 len(params), sum(p.numel() for p in params),
-                 "" if val_before is None else f", val loss before {val_before:.4f}")
-        step, running = 0, float("nan")
-        bar = tqdm(total=steps, desc="E2E-QP", disable=not self.show_progress)
-        for _epoch in range(cfg.e2e_epochs):
-            for i in range(0, train_ids.shape[0], bs):
-                for group in opt.param_groups:
-                    group["lr"] = lr * warmup_cosine(step, steps, warmup)
-                batch = train_ids[i:i + bs].to(rt.device)
-                with rt.autocast():
-                    loss = model(input_ids=batch, labels=batch, use_cache=False).loss
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"E2E-QP: loss became {loss.item()} at step {step}; lower --e2e-lr")
-                opt.zero_grad(set_to_none=True)
-                if scaler is not None:
-                    scaler.scale(loss).backward()
-                    scaler.unscale_(opt)
-                    torch.nn.utils.clip_grad_norm_(params, cfg.e2e_max_grad_norm)
-                    scaler.step(opt)
-                    scaler.update()
-                else:
-                    loss.backward()
-                    torch.nn.utils.clip_grad_norm_(params, cfg.e2e_max_grad_norm)
-                    opt.step()
-                with torch.no_grad():  # keep step sizes in the quantizer's legal range
-                    for m in quantized_modules(model):
-                        m.scales.clamp_(min=1e-4, max=1e4)
-                running = loss.item() if step == 0 else 0.9 * running + 0.1 * loss.item()
-                step += 1
-                bar.update(1)
-                bar.set_postfix(loss=f"{running:.3f}")
-        bar.close()
-        for p in params:
+
+        loader = DataLoader(train_ds, batch_size=mb, shuffle=False,
+                            collate_fn=lambda b: collate(b, opts.pad_token_id))
+        import warnings
+
+        with warnings.catch_warnings():  # torch 2.14 DDP: broadcast_buffers=False is what we mean (no init sync)
+            warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
+            if opts.fsdp:
+                wrapped = acc.prepare(model)
+                params = [p for p in wrapped.parameters() if p.requires_grad]
+                optimizer = torch.optim.AdamW(params, lr=1.0, weight_decay=0.0)
+                optimizer, loader = acc.prepare(optimizer, loader)
+            else:
+                optimizer = torch.optim.AdamW(params, lr=1.0, weight_decay=0.0)
+                wrapped, optimizer, loader = acc.prepare(model, optimizer, loader)
+        unwrapped = acc.unwrap_model(wrapped)
+
+        steps_per_epoch = math.ceil(len(loader) / accum)
+        total = cfg.e2e_epochs * steps_per_epoch
+        train_tokens_budget = cfg.e2e_epochs * train_ds.num_tokens()
+        lr = cfg.e2e_learning_rate(train_tokens_budget)
+        warmup = int(round(cfg.e2e_warmup_ratio * total))
+        eval_bs = opts.eval_batch_size or mb
+        fingerprint = self._fingerprint(n_train=len(train_ds), global_batch=global_bs, micro_batch=mb,
+                                        world=world, epochs=cfg.e2e_epochs, lr=lr, warmup=warmup,
+                                        train_zeros=bool(cfg.e2e_train_zeros), n_trainable=n_trainable)
+
+        start_step, running, history, val_before, train_tokens = 0, float("nan"), [], None, 0
+        info = None
+        if opts.resume:
+            if not opts.state_dir:
+                raise ValueError("resume needs a state folder")
+            info = self._load_state(unwrapped, optimizer, fingerprint)
+        if info is not None:
+            start_step, running = int(info["step"]), float(info["train_loss"])
+            history, val_before = list(info["eval_history"]), info["val_loss_before"]
+            train_tokens = int(info.get("train_tokens", 0))
+            log.info("E2E-QP: resuming from step %d of %d (%s)", start_step, total, opts.state_dir)
+        elif val_ds is not None:
+            val_before = self.evaluate(wrapped, val_ds, eval_bs)
+        if acc.is_main_process:
+            log.info("E2E-QP: %d steps (%d epoch(s) x %d), lr %.3g, global batch %d = %d micro x %d accum x %d "
+                     "process(es), mixed precision %s, %d trainable tensors (%d values)%s", total,
+                     cfg.e2e_epochs, steps_per_epoch, lr, global_bs, mb, accum, world, mp, len(params),
+                     n_trainable, "" if val_before is None else f", val loss before {val_before:.4f}")
+
+        def state_info(step):
+            return {"version": STATE_VERSION, "fingerprint": fingerprint, "step": step, "train_loss": running,
+                    "eval_history": history, "val_loss_before": val_before, "train_tokens": train_tokens}
+
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, initial=start_step, desc="E2E-QP",
+                   disable=not (self.show_progress and acc.is_local_main_process))
+        step = start_step
+        stop_at = total if opts.stop_after is None else min(total, int(opts.stop_after))
+        try:
+            for epoch in range(start_step // steps_per_epoch, cfg.e2e_epochs):
+                skip = (step - epoch * steps_per_epoch) * accum
+                epoch_loader = acc.skip_first_batches(loader, skip) if skip else loader
+                it = iter(epoch_loader)
+                while step < stop_at:
+                    micro = list(islice(it, accum))
+                    if not micro:
+                        break
+                    torch.manual_seed(cfg.seed + step)  # dropout (if any) reproducible across resumes
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr * warmup_cosine(step, total, warmup)
+                    local = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+                    n_items = acc.reduce(torch.tensor(local, device=acc.device, dtype=torch.int64), "sum")
+                    n_items = n_items.clamp(min=1).to(torch.float32)
+                    step_loss = torch.zeros((), device=acc.device, dtype=torch.float32)
+                    for j, batch in enumerate(micro):
+                        sync = j == len(micro) - 1
+                        ctx = contextlib.nullcontext() if sync else acc.no_sync(wrapped)
+                        with ctx:
+                            out = wrapped(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                                          labels=batch["labels"], num_items_in_batch=n_items, use_cache=False)
+                            # out.loss = this micro-batch's token-NLL sum / global token count; backward
+                            # divides by `accum` and DDP averages over processes: undo both
+                            acc.backward(out.loss * (accum * world))
+                        step_loss += out.loss.detach().float()
+                    step_loss = float(acc.reduce(step_loss, "sum"))
+                    if not math.isfinite(step_loss):
+                        raise FloatingPointError(f"E2E-QP: loss became {step_loss} at step {step}; lower the lr")
+                    acc.clip_grad_norm_(list(wrapped.parameters()) if opts.fsdp else params, cfg.e2e_max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    clamp_step_sizes(unwrapped)  # keep step sizes in the quantizer's legal range
+                    running = step_loss if step == 0 or not math.isfinite(running) else 0.9 * running + 0.1 * step_loss
+                    train_tokens += int(n_items)
+                    step += 1
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{running:.3f}")
+                    if val_ds is not None and opts.eval_every and step % opts.eval_every == 0 and step < total:
+                        v = self.evaluate(wrapped, val_ds, eval_bs)
+                        history.append({"step": step, "val_loss": v, "val_ppl": math.exp(min(v, 50.0))})
+                        if acc.is_main_process:
+                            log.info("E2E-QP: step %d/%d, train loss %.4f, val loss %.4f", step, total, running, v)
+                    if opts.state_dir and opts.save_every and step % opts.save_every == 0 and step < stop_at:
+                        self._save_state(unwrapped, optimizer, state_info(step))
+                if step >= stop_at:
+                    break
+        except KeyboardInterrupt:
+            if opts.state_dir and not opts.fsdp and step > start_step:
+                self._save_state(unwrapped, optimizer, state_info(step))
+                log.warning("E2E-QP interrupted at step %d; state saved to %s (continue with resume)", step,
+                            opts.state_dir)
+            raise
+        finally:
+            bar.close()
+        completed = step >= total
+        if not completed and opts.state_dir:
+            self._save_state(unwrapped, optimizer, state_info(step))
+            if acc.is_main_process:
+                log.info("E2E-QP: stopped after step %d of %d; state saved to %s", step, total, opts.state_dir)
+
+        val_after = None
+        if completed and val_ds is not None:
+            val_after = self.evaluate(wrapped, val_ds, eval_bs)
+            history.append({"step": step, "val_loss": val_after, "val_ppl": math.exp(min(val_after, 50.0))})
+        for p in unwrapped.parameters():
             p.requires_grad_(False)
-        model.train(was_training)
-        val_after = causal_lm_loss(model, val_ids, bs, rt) if val_ids is not None else None
+        if opts.gradient_checkpointing and not gc_was:
+            _set_checkpointing(unwrapped, False)
+        unwrapped.train(was_training)
+        # drop accelerate's mixed-precision forward wrapper from the caller's model, and the optimizer
+        # state (2x the step sizes) with the accelerator's references; FSDP keeps its wrapper, which
+        # the caller needs to gather the sharded parameters (``self.wrapped``)
+        self.wrapped = wrapped if opts.fsdp else None
+        self.trained_model = acc.unwrap_model(wrapped, keep_fp32_wrapper=False)
+        if not opts.fsdp:
+            del optimizer, loader
+            acc.free_memory()
         report = E2EReport(steps=step, lr=lr, train_loss=running, val_loss_before=val_before,
-                           val_loss_after=val_after, seconds=time.time() - t0, peak_memory_mb=rt.peak_memory_mb())
-        if val_before is not None:
+                           val_loss_after=val_after, seconds=time.time() - t0, peak_memory_mb=rt.peak_memory_mb(),
+                           total_steps=total, epochs=cfg.e2e_epochs, global_batch_size=global_bs,
+                           micro_batch_size=mb, grad_accum_steps=accum, world_size=world, mixed_precision=mp,
+                           trainable_values=n_trainable, train_tokens=train_tokens, resumed_from_step=start_step,
+                           completed=completed, eval_history=history)
+        if val_before is not None and val_after is not None and acc.is_main_process:
             log.info("E2E-QP: val loss %.4f -> %.4f (ppl %.2f -> %.2f), %.1fs", val_before, val_after,
                      math.exp(val_before), math.exp(val_after), report.seconds)
         return report
+
+
+def report_dict(report: E2EReport) -> dict:
+    return asdict(report)

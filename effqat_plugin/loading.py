@@ -7,6 +7,7 @@ also be loaded through GPTQModel itself (``runtime="gptqmodel"``) to measure wha
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -35,16 +36,38 @@ def _empty_model(config, dtype):
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
-def load_quantized_model(path: str, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Build the HF model from config.json and install PackedQuantLinear modules from the folder."""
+def install_packed_linears(hf_model: nn.Module, qweights, train_zeros: bool, device) -> None:
+    """Swap each quantized nn.Linear for a PackedQuantLinear holding its learned integers."""
+    from .kernels import PackedQuantLinear
+    from .layout import set_submodule
+
+    for name, qw in qweights.items():
+        module = PackedQuantLinear.from_quantized_weight(qw, train_zeros=train_zeros)
+        set_submodule(hf_model, name, module.to(device))
+
+
+@dataclass
+class LoadedCheckpoint:
+    """A quantized folder as a runnable model, plus what writing a result back in its format needs."""
+
+    model: nn.Module
+    fmt: str
+    qweights: dict
+    tensors: dict
+    quantize_config: dict
+
+
+def load_checkpoint(path: str, dtype: torch.dtype = torch.float32, train_zeros: bool = False) -> LoadedCheckpoint:
+    """Build the HF model from config.json and install PackedQuantLinear modules from the folder
+    (read once); scales become an fp32 master copy, as training and fp32 evaluation want."""
     from transformers import AutoConfig
 
     from .converters import load_quantized
-    from .pipeline import install_packed_linears
+    from .kernels import PackedQuantLinear
 
-    _fmt, qweights, tensors, _qcfg = load_quantized(path)
+    fmt, qweights, tensors, qcfg = load_quantized(path)
     model = _empty_model(AutoConfig.from_pretrained(path), dtype)
-    install_packed_linears(model, qweights, train_zeros=False, device=torch.device("cpu"))
+    install_packed_linears(model, qweights, train_zeros=train_zeros, device=torch.device("cpu"))
     missing, unexpected = model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v
                                                  for k, v in tensors.items()}, strict=False)
     packed_keys = {n + "." + s for n in qweights for s in ("qweight", "zeros", "scales", "bias")}
@@ -55,10 +78,14 @@ def load_quantized_model(path: str, dtype: torch.dtype = torch.float32) -> nn.Mo
     if missing or unexpected:
         raise ValueError(f"{path}: tensors do not match the model config (missing {missing[:4]}, "
                          f"unexpected {unexpected[:4]})")
-    for m in model.modules():  # scales were loaded as stored (fp16); compute in fp32
-        if hasattr(m, "scales") and isinstance(m.scales, torch.Tensor):
+    for m in model.modules():
+        if isinstance(m, PackedQuantLinear):
             m.scales.data = m.scales.data.float()
-    return model.eval()
+    return LoadedCheckpoint(model=model.eval(), fmt=fmt, qweights=qweights, tensors=tensors, quantize_config=qcfg)
+
+
+def load_quantized_model(path: str, dtype: torch.dtype = torch.float32) -> nn.Module:
+    return load_checkpoint(path, dtype).model
 
 
 def load_for_eval(path: str, runtime: str = "effqat") -> nn.Module:

@@ -18,7 +18,8 @@ from .block_ap import BlockAP, BlockAPResult
 from .config import EQATConfig
 from .data import CalibrationError, normalize_calibration
 from .e2e_qp import E2EQP, E2EReport
-from .layout import ModelLayout, resolve_layout, set_submodule
+from .layout import ModelLayout, resolve_layout
+from .loading import install_packed_linears
 from .qweight import QuantizedWeight
 from .runtime import Runtime, resolve_runtime, seed_everything
 
@@ -64,16 +65,6 @@ def split_calibration(ids: torch.Tensor, val_samples: int):
     if n_val <= 0:
         return ids, None
     return ids[: n - n_val], ids[n - n_val:]
-
-
-def install_packed_linears(hf_model: nn.Module, qweights: Dict[str, QuantizedWeight], train_zeros: bool,
-                           device: torch.device) -> None:
-    """Swap each quantized nn.Linear for a PackedQuantLinear holding its learned integers."""
-    from .kernels import PackedQuantLinear
-
-    for name, qw in qweights.items():
-        module = PackedQuantLinear.from_quantized_weight(qw, train_zeros=train_zeros)
-        set_submodule(hf_model, name, module.to(device))
 
 
 def collect_qweights(hf_model: nn.Module, names, scales_dtype=torch.float16) -> Dict[str, QuantizedWeight]:

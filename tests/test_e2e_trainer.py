@@ -1,0 +1,218 @@
+"""The accelerate-based E2E-QP trainer on a tiny packed Llama: numerics equal to a plain torch loop,
+accumulation == big batch (token-weighted, also for masked instruction data), two runs with
+different accelerate settings in one process, gradient checkpointing, zero-point training, resume."""
+import math
+
+import pytest
+import torch
+
+from effqat_plugin.e2e_data import TokenDataset
+from effqat_plugin.e2e_qp import E2EOptions, E2EQP, E2ESettings, quantized_modules, warmup_cosine
+from effqat_plugin.evaluation import causal_lm_loss
+from effqat_plugin.runtime import resolve_runtime
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny matmuls: one intra-op thread is faster, and much faster on a loaded 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+RT = resolve_runtime("cpu")
+
+
+def tiny_packed_llama(train_zeros=False, seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from effqat_plugin.kernels import PackedQuantLinear
+    from effqat_plugin.layout import set_submodule
+    from effqat_plugin.quantizer import rtn_quantize
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = LlamaForCausalLM(cfg).float()
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, torch.nn.Linear) and name.startswith("model.layers"):
+            qw = rtn_quantize(mod.weight.data, 2, 16, torch.float32)
+            set_submodule(model, name, PackedQuantLinear.from_quantized_weight(qw, train_zeros=train_zeros))
+    return model
+
+
+def token_data(n=12, t=16, seed=1):
+    return torch.randint(0, 64, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+def scales_of(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith(".scales")}
+
+
+def assert_same_scales(a, b, rtol=1e-5, atol=1e-6):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=k)
+
+
+def run(model, ids, val=None, bs=4, epochs=2, lr=5e-3, warmup=0.2, **opts):
+    st = E2ESettings(bits=2, e2e_epochs=epochs, e2e_batch_size=bs, e2e_lr=lr, e2e_warmup_ratio=warmup)
+    return E2EQP(model, st, RT, show_progress=False, options=E2EOptions(**opts)).run(ids, val)
+
+
+def reference_loop(model, ids, bs, epochs, lr, warmup_ratio, max_norm=0.3):
+    """The straightforward single-process E2E-QP loop (the pre-accelerate implementation)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = [m.scales for m in quantized_modules(model)]
+    for p in params:
+        p.requires_grad_(True)
+    steps = epochs * math.ceil(ids.shape[0] / bs)
+    warmup = int(round(warmup_ratio * steps))
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    model.train()
+    step = 0
+    for _ in range(epochs):
+        for i in range(0, ids.shape[0], bs):
+            for g in opt.param_groups:
+                g["lr"] = lr * warmup_cosine(step, steps, warmup)
+            batch = ids[i:i + bs]
+            loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, max_norm)
+            opt.step()
+            with torch.no_grad():
+                for m in quantized_modules(model):
+                    m.scales.clamp_(1e-4, 1e4)
+            step += 1
+    return steps
+
+
+def test_single_process_matches_plain_torch_loop():
+    ids, val = token_data(12), token_data(4, seed=2)
+    ref = tiny_packed_llama()
+    before = causal_lm_loss(ref, val, 4, RT)
+    steps = reference_loop(ref, ids, bs=4, epochs=2, lr=5e-3, warmup_ratio=0.2)
+    after = causal_lm_loss(ref, val, 4, RT)
+    model = tiny_packed_llama()
+    rep = run(model, ids, val, bs=4, epochs=2, lr=5e-3, warmup=0.2)
+    assert rep.steps == rep.total_steps == steps == 6 and rep.completed
+    assert rep.world_size == 1 and rep.grad_accum_steps == 1 and rep.mixed_precision == "no"
+    assert_same_scales(scales_of(model), scales_of(ref))
+    assert rep.val_loss_before == pytest.approx(before, abs=1e-5)
+    assert rep.val_loss_after == pytest.approx(after, abs=1e-5)
+    assert rep.trainable_values == sum(m.scales.numel() for m in quantized_modules(model))
+    assert not any(p.requires_grad for p in model.parameters())  # frozen again afterwards
+    # the step sizes really moved
+    init = scales_of(tiny_packed_llama())
+    assert all(not torch.equal(init[k], v) for k, v in scales_of(model).items())
+
+
+def test_accumulation_micro1_x4_equals_batch4():
+    ids = token_data(12)
+    a, b = tiny_packed_llama(), tiny_packed_llama()
+    ra = run(a, ids, bs=4)
+    rb = run(b, ids, bs=4, micro_batch_size=1)
+    assert rb.grad_accum_steps == 4 and rb.micro_batch_size == 1 and rb.steps == ra.steps == 6
+    assert_same_scales(scales_of(a), scales_of(b))
+    assert rb.train_loss == pytest.approx(ra.train_loss, abs=1e-5)
+
+
+def instruction_like(n=8, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    ids, labels = [], []
+    for i in range(n):
+        src, tgt = 3 + i % 4, 2 + (i * 3) % 5  # different lengths and target counts per example
+        row = torch.randint(3, 64, (src + tgt,), generator=g)
+        ids.append(row)
+        labels.append(torch.cat([torch.full((src,), -100), row[src:]]))
+    return TokenDataset(ids, labels)
+
+
+def test_accumulation_is_token_weighted_for_masked_padded_data():
+    ds = instruction_like()
+    a, b = tiny_packed_llama(), tiny_packed_llama()
+    ra = run(a, ds, bs=4, epochs=1)
+    rb = run(b, ds, bs=4, epochs=1, micro_batch_size=1)
+    assert ra.steps == rb.steps == 2
+    assert_same_scales(scales_of(a), scales_of(b), rtol=1e-4, atol=1e-6)
+    assert ra.train_tokens == rb.train_tokens == ds.num_target_tokens()
+
+
+def test_two_runs_with_different_accelerate_settings_in_one_process():
+    from accelerate.state import AcceleratorState
+
+    ids = token_data(8)
+    m1 = tiny_packed_llama()
+    r1 = run(m1, ids, bs=4, epochs=1, mixed_precision="bf16")  # CPU bf16 autocast
+    assert r1.mixed_precision == "bf16" and AcceleratorState().mixed_precision == "bf16"
+    m2 = tiny_packed_llama()
+    r2 = run(m2, ids, bs=4, epochs=1, micro_batch_size=2)
+    assert AcceleratorState().mixed_precision == "no" and r2.grad_accum_steps == 2
+    ref = tiny_packed_llama()
+    reference_loop(ref, ids, bs=4, epochs=1, lr=5e-3, warmup_ratio=0.2)
+    assert_same_scales(scales_of(m2), scales_of(ref))
+    # bf16 compute trains too, but not bit-identically
+    assert all(math.isfinite(v) for v in (r1.train_loss, r2.train_loss))
+
+
+def test_gradient_checkpointing_gives_same_scales_and_is_switched_off_after():
+    ids = token_data(8)
+    a, b = tiny_packed_llama(), tiny_packed_llama()
+    run(a, ids, bs=4, epochs=1)
+    run(b, ids, bs=4, epochs=1, gradient_checkpointing=True)
+    assert_same_scales(scales_of(a), scales_of(b))
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in b.modules())
+
+
+def test_train_zeros_trains_float_zero_points():
+    ids = token_data(8)
+    model = tiny_packed_llama(train_zeros=True)
+    z0 = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith(".zeros")}
+    st = E2ESettings(e2e_epochs=1, e2e_batch_size=4, e2e_lr=5e-2, e2e_train_zeros=True)
+    rep = E2EQP(model, st, RT, show_progress=False).run(ids)
+    assert rep.trainable_values == sum(m.scales.numel() * 2 for m in quantized_modules(model))
+    assert any(not torch.equal(z0[n], p) for n, p in model.named_parameters() if n.endswith(".zeros"))
+    with pytest.raises(ValueError, match="train_zeros"):
+        E2EQP(tiny_packed_llama(), st, RT, show_progress=False).run(ids)
+
+
+def test_stop_and_resume_equals_uninterrupted(tmp_path):
+    ids, val = token_data(12), token_data(4, seed=2)
+    full = tiny_packed_llama()
+    rf = run(full, ids, val, bs=4, micro_batch_size=2)
+    state = str(tmp_path / "state")
+    part = tiny_packed_llama()
+    rp = run(part, ids, val, bs=4, micro_batch_size=2, state_dir=state, stop_after=2)
+    assert not rp.completed and rp.steps == 2 and rp.val_loss_after is None
+    resumed = tiny_packed_llama()  # fresh model: everything that matters comes from the state
+    rr = run(resumed, ids, val, bs=4, micro_batch_size=2, state_dir=state, resume=True, save_every=1)
+    assert rr.completed and rr.resumed_from_step == 2 and rr.steps == 6
+    assert_same_scales(scales_of(resumed), scales_of(full), rtol=0, atol=0)
+    assert rr.val_loss_before == rf.val_loss_before and rr.train_loss == pytest.approx(rf.train_loss, abs=1e-6)
+    # a state from other settings is refused instead of silently mixed
+    with pytest.raises(ValueError, match="other settings"):
+        run(tiny_packed_llama(), ids, val, bs=4, micro_batch_size=2, lr=1e-3, state_dir=state, resume=True)
+
+
+def test_settings_learning_rate_rule_matches_eqatconfig():
+    from effqat_plugin import EQATConfig
+
+    for bits in (2, 3, 4):
+        for steps in (1, 7, 5000, 10**6, 10**9):
+            for preset in ("auto", "paper"):
+                a = EQATConfig(bits=bits, lr_preset=preset).e2e_learning_rate(steps)
+                b = E2ESettings(bits=bits, lr_preset=preset).e2e_learning_rate(steps)
+                assert a == pytest.approx(b), (bits, steps, preset)
+
+
+def test_bad_batch_geometry_is_refused():
+    with pytest.raises(ValueError, match="multiple"):
+        run(tiny_packed_llama(), token_data(8), bs=4, micro_batch_size=3)
+
+
+def test_fsdp_where_accelerate_cannot_shard_is_a_clear_error():
+    with pytest.raises(ValueError, match="FSDP"):
+        run(tiny_packed_llama(), token_data(8), bs=4, fsdp=True)
