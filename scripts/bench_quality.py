@@ -10,7 +10,6 @@ function. The GPTQ and EQAT rows are measured on checkpoints reloaded by `GPTQMo
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import os

@@ -11,15 +11,6 @@ from effqat_plugin.converters import convert, load_quantized, save_quantized
 from effqat_plugin.data import save_token_file
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls: one intra-op thread is faster, and much faster on a loaded 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 
 @pytest.fixture(scope="module")
 def quant_dir(stories260k_dir, tmp_path_factory):

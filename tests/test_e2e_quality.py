@@ -12,15 +12,6 @@ from effqat_plugin.pipeline import run_eqat
 from effqat_plugin.runtime import resolve_runtime
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls: one intra-op thread is faster, and much faster on a loaded 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_e2e_lowers_heldout_perplexity_after_block_ap_w2g64(stories260k_dir):
     from transformers import AutoModelForCausalLM
 

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from e2e_helpers import tiny_packed_llama
 
 from effqat_plugin.e2e_data import TokenDataset
 from effqat_plugin.e2e_qp import E2EOptions, E2EQP, E2ESettings, quantized_modules, warmup_cosine
@@ -12,34 +13,9 @@ from effqat_plugin.evaluation import causal_lm_loss
 from effqat_plugin.runtime import resolve_runtime
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls: one intra-op thread is faster, and much faster on a loaded 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 RT = resolve_runtime("cpu")
 
 
-def tiny_packed_llama(train_zeros=False, seed=0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from effqat_plugin.kernels import PackedQuantLinear
-    from effqat_plugin.layout import set_submodule
-    from effqat_plugin.quantizer import rtn_quantize
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    model = LlamaForCausalLM(cfg).float()
-    for name, mod in list(model.named_modules()):
-        if isinstance(mod, torch.nn.Linear) and name.startswith("model.layers"):
-            qw = rtn_quantize(mod.weight.data, 2, 16, torch.float32)
-            set_submodule(model, name, PackedQuantLinear.from_quantized_weight(qw, train_zeros=train_zeros))
-    return model
 
 
 def token_data(n=12, t=16, seed=1):
