@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
@@ -67,13 +68,28 @@ def _to_device(obj, device, dtype=None):
     return obj
 
 
+def allocate_stream(shape, dtype: torch.dtype, offload_dir: Optional[str], name: str) -> torch.Tensor:
+    """An activation stream in host RAM, or memory-mapped from a file in ``offload_dir`` so that
+    paper-scale calibration (thousands of samples x 2048 tokens x hidden) does not need the RAM."""
+    if offload_dir is None:
+        return torch.empty(*shape, dtype=dtype)
+    os.makedirs(offload_dir, exist_ok=True)
+    path = os.path.join(offload_dir, f"{name}.stream")
+    if os.path.exists(path):
+        os.remove(path)
+    numel = 1
+    for d in shape:
+        numel *= int(d)
+    return torch.from_file(path, shared=True, size=numel, dtype=dtype).view(*shape)
+
+
 def _layer_output(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
 @torch.no_grad()
 def capture_layer_inputs(hf_model: nn.Module, layout: ModelLayout, ids: torch.Tensor, batch_size: int,
-                         runtime: Runtime) -> Tuple[torch.Tensor, dict]:
+                         runtime: Runtime, offload_dir: Optional[str] = None) -> Tuple[torch.Tensor, dict]:
     """Hidden states entering decoder layer 0 for every sample, and the kwargs the layer is called
     with (attention mask, position ids, rotary embeddings, ...), captured once at batch size 1 so that
     they broadcast over any batch."""
@@ -98,7 +114,8 @@ def capture_layer_inputs(hf_model: nn.Module, layout: ModelLayout, ids: torch.Te
 
         run(ids[:1])
         layer_kwargs = dict(captured["kwargs"])
-        hidden = torch.empty(ids.shape[0], ids.shape[1], hf_model.config.hidden_size, dtype=runtime.stream_dtype)
+        hidden = allocate_stream((ids.shape[0], ids.shape[1], hf_model.config.hidden_size), runtime.stream_dtype,
+                                 offload_dir, "fp")
         for i in range(0, ids.shape[0], batch_size):
             hidden[i:i + batch_size] = run(ids[i:i + batch_size]).to("cpu", runtime.stream_dtype)
     finally:
@@ -147,9 +164,13 @@ class BlockAP:
         return self.cfg.block_epochs * math.ceil(n_train / self.cfg.block_batch_size)
 
     def run(self, train_ids: torch.Tensor, val_ids: Optional[torch.Tensor],
-            work_dir: Optional[str] = None) -> BlockAPResult:
+            work_dir: Optional[str] = None, offload_dir: Optional[str] = None) -> BlockAPResult:
         """Quantize every layer; with ``work_dir``, each finished layer is persisted and a restarted
-        run with the same settings and data continues from the next layer (same result)."""
+        run with the same settings and data continues from the next layer (same result).
+
+        The two activation streams are updated in place layer by layer (two stream-sized buffers in
+        all); with ``offload_dir`` they are memory-mapped files there instead of RAM (removed at the end).
+        """
         cfg, rt = self.cfg, self.rt
         n_train = train_ids.shape[0]
         all_ids = train_ids if val_ids is None else torch.cat([train_ids, val_ids])
@@ -161,9 +182,22 @@ class BlockAP:
         store = None
         if work_dir is not None:
             store = LayerStore(work_dir, run_fingerprint(self.model, self.layout, cfg, all_ids, n_train))
+        try:
+            return self._run_layers(all_ids, n_train, quant_lr, weight_lr, store, work_dir, offload_dir)
+        finally:
+            if offload_dir is not None:
+                for name in ("fp", "quant"):
+                    path = os.path.join(offload_dir, f"{name}.stream")
+                    if os.path.exists(path):
+                        os.remove(path)
+
+    def _run_layers(self, all_ids, n_train, quant_lr, weight_lr, store, work_dir, offload_dir) -> BlockAPResult:
+        cfg, rt = self.cfg, self.rt
+        n_layers = len(self.layout.layers)
         fp_stream, self.layer_kwargs = capture_layer_inputs(self.model, self.layout, all_ids,
-                                                            cfg.block_batch_size, rt)
-        quant_stream = fp_stream.clone()
+                                                            cfg.block_batch_size, rt, offload_dir)
+        quant_stream = allocate_stream(fp_stream.shape, fp_stream.dtype, offload_dir, "quant")
+        quant_stream.copy_(fp_stream)
         result = BlockAPResult(qweights={}, quant_lr=quant_lr, weight_lr=weight_lr)
         done = store.completed() if store else 0
         if done:
@@ -196,12 +230,13 @@ class BlockAP:
 
     @torch.no_grad()
     def _propagate(self, layer, stream: torch.Tensor) -> torch.Tensor:
-        out = torch.empty_like(stream)
+        """Run ``layer`` over the stream in place: samples are independent, so each batch's output
+        overwrites its own input (halves stream memory; the input stream is not needed afterwards)."""
         bs = self.cfg.block_batch_size
         for i in range(0, stream.shape[0], bs):
             x = stream[i:i + bs].to(self.rt.device, torch.float32)
-            out[i:i + bs] = self._forward(layer, x).to("cpu", out.dtype)
-        return out
+            stream[i:i + bs] = self._forward(layer, x).to("cpu", stream.dtype)
+        return stream
 
     def _loss_on(self, layer, inputs, targets, start, stop) -> float:
         total, count = 0.0, 0

@@ -26,9 +26,11 @@ _PATCHED = False
 
 
 def _eqat_quantize(self, calibration=None, tokenizer=None, seq_len: Optional[int] = None,
-                   show_progress: bool = True, work_dir: Optional[str] = None, **_ignored):
+                   show_progress: bool = True, work_dir: Optional[str] = None,
+                   offload_dir: Optional[str] = None, **_ignored):
     """Block-AP (+ E2E-QP when ``e2e_epochs > 0``) on ``self.model`` in place; ``work_dir`` makes
-    Block-AP resumable (see ``resume.py``)."""
+    Block-AP resumable (see ``resume.py``); ``offload_dir`` keeps its activation streams in
+    memory-mapped files instead of RAM."""
     from .pipeline import run_eqat
 
     if getattr(self, "_eqat_result", None) is not None or self.quantized:
@@ -39,7 +41,8 @@ def _eqat_quantize(self, calibration=None, tokenizer=None, seq_len: Optional[int
     definition = definition_for(getattr(self.model.config, "model_type", ""))
     result = run_eqat(self.model, self.quantize_config, calibration,
                       tokenizer=tokenizer or getattr(self, "tokenizer", None), definition=definition,
-                      seq_len=seq_len, show_progress=show_progress, work_dir=work_dir)
+                      seq_len=seq_len, show_progress=show_progress, work_dir=work_dir,
+                      offload_dir=offload_dir)
     self._eqat_result = result
     return {"eqat": result.meta(self.quantize_config)}
 

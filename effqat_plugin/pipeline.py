@@ -78,11 +78,13 @@ def collect_qweights(hf_model: nn.Module, names, scales_dtype=torch.float16) -> 
 
 def run_eqat(hf_model: nn.Module, cfg: EQATConfig, calibration, tokenizer=None, definition=None,
              seq_len: Optional[int] = None, layout: Optional[ModelLayout] = None,
-             show_progress: bool = True, work_dir: Optional[str] = None) -> EQATResult:
+             show_progress: bool = True, work_dir: Optional[str] = None,
+             offload_dir: Optional[str] = None) -> EQATResult:
     """Quantize ``hf_model`` in place with EfficientQAT and return the learned integers.
 
     ``work_dir``: Block-AP persists each finished layer there and resumes from it when re-run with
-    the same settings and data.
+    the same settings and data. ``offload_dir``: Block-AP's activation streams are memory-mapped
+    files there instead of host RAM.
     """
     t0 = time.time()
     seed_everything(cfg.seed)
@@ -106,7 +108,8 @@ def run_eqat(hf_model: nn.Module, cfg: EQATConfig, calibration, tokenizer=None, 
         hf_model.float()  # CPU runs compute in fp32; the checkpoint is written back in 16-bit
     was_training = hf_model.training
     hf_model.eval()
-    block = BlockAP(hf_model, layout, cfg, rt, show_progress).run(train_ids, val_ids, work_dir=work_dir)
+    block = BlockAP(hf_model, layout, cfg, rt, show_progress).run(train_ids, val_ids, work_dir=work_dir,
+                                                                offload_dir=offload_dir)
     e2e = None
     install_packed_linears(hf_model, block.qweights, cfg.e2e_train_zeros,
                            next(hf_model.parameters()).device)

@@ -42,6 +42,9 @@ def add_parser(sub) -> None:
     p.add_argument("--work-dir", default=None,
                    help="Block-AP progress folder (default OUT_DIR.effqat-work); a re-run of the same "
                         "command resumes after the last finished layer; removed after a successful save")
+    p.add_argument("--offload-streams", metavar="DIR", default=None,
+                   help="keep Block-AP's two activation streams (samples x seq_len x hidden each) in "
+                        "memory-mapped files in DIR instead of RAM")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
@@ -86,7 +89,8 @@ def run(args) -> int:
                                          args.n_samples, args.seq_len, args.seed)
         ids = sample_from_model(model.model, args.n_samples, args.seq_len, seed=args.seed, bos_token_id=bos)
     work_dir = args.work_dir or os.path.normpath(args.out_dir) + ".effqat-work"
-    summary = model.quantize(ids, show_progress=not args.quiet, work_dir=work_dir)
+    summary = model.quantize(ids, show_progress=not args.quiet, work_dir=work_dir,
+                             offload_dir=args.offload_streams)
     report = model.save(args.out_dir, overwrite=args.overwrite)
     shutil.rmtree(work_dir, ignore_errors=True)
     e2e = summary["eqat"]["e2e_qp"]

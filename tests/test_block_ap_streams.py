@@ -1,0 +1,27 @@
+"""Block-AP's activation streams: memory-mapped offload gives the same integers as RAM, leaves no files."""
+import torch
+
+from effqat_plugin import EQATConfig
+from effqat_plugin.pipeline import run_eqat
+
+
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg).float()
+
+
+def test_offloaded_streams_match_ram_and_are_removed(tmp_path):
+    cfg = EQATConfig(bits=2, group_size=32, block_epochs=1, block_batch_size=4, e2e_epochs=0, block_val_samples=2)
+    ids = torch.randint(0, 128, (16, 24), generator=torch.Generator().manual_seed(1))
+    in_ram = run_eqat(tiny_llama(), cfg, ids, show_progress=False)
+    offload = tmp_path / "streams"
+    on_disk = run_eqat(tiny_llama(), cfg, ids, show_progress=False, offload_dir=str(offload))
+    assert in_ram.qweights.keys() == on_disk.qweights.keys() and len(in_ram.qweights) == 14
+    for name, qw in in_ram.qweights.items():
+        assert qw.equal(on_disk.qweights[name]), name
+    assert [r.val_loss for r in in_ram.block_ap.reports] == [r.val_loss for r in on_disk.block_ap.reports]
+    assert list(offload.iterdir()) == []
