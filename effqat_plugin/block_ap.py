@@ -171,7 +171,7 @@ class BlockAP:
         The two activation streams are updated in place layer by layer (two stream-sized buffers in
         all); with ``offload_dir`` they are memory-mapped files there instead of RAM (removed at the end).
         """
-        cfg, rt = self.cfg, self.rt
+        cfg = self.cfg
         n_train = train_ids.shape[0]
         all_ids = train_ids if val_ids is None else torch.cat([train_ids, val_ids])
         quant_lr, weight_lr = cfg.block_lrs(n_train * train_ids.shape[1] * cfg.block_epochs)
