@@ -24,12 +24,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from effqat_plugin.qweight import QuantFormatError
+from effqat_plugin.qweight import QuantFormatError, n_groups_for
 
 from .checkpoint import SafetensorsFolder
 from .fmt_gptq import dynamic_for, parse_dynamic
 from .registry import (BITS_CANDIDATES, GROUP_CANDIDATES, FORMATS, ModuleSpec, QuantFormat,
-                       get_format, n_groups)
+                       get_format)
 
 log = logging.getLogger("effqat.converters")
 
@@ -142,7 +142,7 @@ def _candidates(fmt: QuantFormat, name, shapes, bits_list, groups):
             if n <= 0:
                 continue
             for gs in groups:
-                if n_groups(n, gs) != g:
+                if n_groups_for(n, gs) != g:
                     continue
                 exp = fmt.shapes_for(b, n, out_f, g)
                 if all(tuple(shapes[k]) == tuple(v) for k, v in exp.items()):

@@ -10,13 +10,12 @@ Conversions always go reader -> QuantizedWeight -> writer; there are no format-p
 from __future__ import annotations
 
 import importlib.metadata
-import math
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
 
-from effqat_plugin.qweight import QuantFormatError, QuantizedWeight, default_g_idx
+from effqat_plugin.qweight import QuantFormatError, QuantizedWeight, default_g_idx, n_groups_for
 
 GROUP_CANDIDATES = (16, 32, 64, 128, 256, 512, 1024)
 BITS_CANDIDATES = (2, 3, 4, 8)
@@ -30,10 +29,6 @@ def package_version(name: str, default: str = "0") -> str:
         return importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
         return default
-
-
-def n_groups(in_features: int, group_size: int) -> int:
-    return 1 if group_size == -1 else math.ceil(in_features / group_size)
 
 
 def qw_group(group_size: int, in_features: int) -> int:
@@ -61,7 +56,7 @@ class ModuleSpec:
         return self.logical_bits or self.bits
 
     def group_ok(self, group: int) -> bool:
-        return n_groups(self.in_features, group) == self.n_groups
+        return n_groups_for(self.in_features, group) == self.n_groups
 
 
 @dataclass

@@ -10,6 +10,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from effqat_plugin.qweight import n_groups_for
+
 from .packing import unpack_int_weight
 
 # rows of W handled at once in the grad_s reduction (bounds the fp32 [rows, K] transient)
@@ -21,8 +23,8 @@ def effective_group(group_size: int, in_features: int) -> int:
 
 
 def n_groups(group_size: int, in_features: int) -> int:
-    gs = effective_group(group_size, in_features)
-    return -(-in_features // gs)
+    """Kernel-side argument order of :func:`effqat_plugin.qweight.n_groups_for`."""
+    return n_groups_for(in_features, group_size)
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
