@@ -30,9 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+from .jsonio import STAGE_MARKER
+
 log = logging.getLogger("effqat.hub")
 
-STAGE_MARKER = ".effqat_stage.json"
 EVAL_JSON = "effqat_eval.json"
 
 # Files a checkpoint repository is made of (matched against the path relative to the folder).

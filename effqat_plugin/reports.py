@@ -20,10 +20,11 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
+
+from .jsonio import STAGE_MARKER, read_json_or_empty, write_json_atomic
 
 log = logging.getLogger("effqat.reports")
 
@@ -50,15 +51,6 @@ def fingerprint(folder) -> dict:
 
 def eval_json_path(model_dir) -> Path:
     return Path(model_dir) / EVAL_JSON
-
-
-def _atomic_write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=False, default=_json_default)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def _json_default(o):
@@ -95,7 +87,7 @@ def record_results(json_path, model_dir, results: Dict[str, dict], table: Option
     data["results"] = merged
     if table is not None:
         data["table"] = table
-    _atomic_write_json(json_path, data)
+    write_json_atomic(json_path, data, default=_json_default)
     return json_path
 
 
@@ -157,18 +149,10 @@ def eqat_meta(folder) -> dict:
     (`effqat e2e`, meta.eqat_e2e) folded into ``e2e_qp`` / ``settings``."""
     folder = Path(folder)
 
-    def _load(name):
-        try:
-            with open(folder / name, encoding="utf-8") as f:
-                d = json.load(f)
-            return d if isinstance(d, dict) else {}
-        except (OSError, json.JSONDecodeError):
-            return {}
-
-    marker = _load(".effqat_stage.json").get("eqat")
+    marker = read_json_or_empty(folder / STAGE_MARKER).get("eqat")
     if isinstance(marker, dict) and marker:
         return marker
-    meta = _load("quantize_config.json").get("meta") or {}
+    meta = read_json_or_empty(folder / "quantize_config.json").get("meta") or {}
     eqat = dict(meta.get("eqat") or {})
     e2e = meta.get("eqat_e2e")
     if eqat and isinstance(e2e, dict) and isinstance(e2e.get("report"), dict):

@@ -19,6 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .jsonio import write_json_atomic
 from .qweight import QuantizedWeight
 
 PROGRESS = "progress.json"
@@ -40,15 +41,6 @@ class SavedLayer:
     qweights: Dict[str, QuantizedWeight]
     state: Dict[str, torch.Tensor]
     report: object
-
-
-def _atomic_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class LayerStore:
@@ -97,7 +89,7 @@ class LayerStore:
         save_file(tensors, path + ".tmp", metadata=meta)
         os.replace(path + ".tmp", path)
         self.progress["layers"] = sorted(set(self.progress["layers"]) | {index})
-        _atomic_json(self.progress_path, self.progress)
+        write_json_atomic(self.progress_path, self.progress)
 
     def load(self, index: int) -> SavedLayer:
         from .block_ap import LayerReport

@@ -28,11 +28,13 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from effqat_plugin.jsonio import STAGE_MARKER, read_json_or_empty, write_json_atomic
+from effqat_plugin.reports import eqat_meta
+
 log = logging.getLogger("effqat.pipeline")
 
 ALL_FORMATS = ("gptq", "gptq_v2", "bitblas", "eqat")
 MASTER_FORMAT = "gptq_v2"
-MARKER = ".effqat_stage.json"
 PUSH_MARKER = ".effqat_push.json"
 REPO_SUFFIX = {"eqat": "EQAT", "gptq": "GPTQ", "gptq_v2": "GPTQv2", "bitblas": "BitBLAS"}
 
@@ -112,11 +114,7 @@ def model_fingerprint(model: str) -> dict:
 
 
 def read_marker(folder: Path) -> dict:
-    try:
-        with open(folder / MARKER, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError):
-        return {}
+    return read_json_or_empty(folder / STAGE_MARKER)
 
 
 def stage_done(folder: Path, key: str) -> bool:
@@ -125,16 +123,7 @@ def stage_done(folder: Path, key: str) -> bool:
 
 def write_marker(folder: Path, stage: str, key: str, **info) -> None:
     data = {"stage": stage, "key": key, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), **info}
-    tmp = folder / f".{MARKER}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, default=str)
-    os.replace(tmp, folder / MARKER)
-
-
-def eqat_meta_of(folder: Path) -> dict:
-    from effqat_plugin.reports import eqat_meta
-
-    return eqat_meta(folder)
+    write_json_atomic(folder / STAGE_MARKER, data, default=str)
 
 
 class Pipeline:
@@ -204,7 +193,7 @@ class Pipeline:
         model.save(str(out), overwrite=True, fmt=MASTER_FORMAT)
         del model
         gc.collect()
-        write_marker(out, stage, key, settings=settings, eqat=eqat_meta_of(out), **self.common_marker())
+        write_marker(out, stage, key, settings=settings, eqat=eqat_meta(out), **self.common_marker())
         self.note(stage, f"done in {time.time() - t0:.1f}s", output=str(out))
         return out, key
 
@@ -236,7 +225,7 @@ class Pipeline:
         rc = e2e_args.func(e2e_args)
         if rc:
             raise ValueError(f"E2E-QP stage failed (exit {rc})")
-        eq = eqat_meta_of(out) or eqat_meta_of(src)
+        eq = eqat_meta(out) or eqat_meta(src)
         write_marker(out, "e2e_qp", key, eqat=eq, **self.common_marker())
         self.note("e2e_qp", f"done in {time.time() - t0:.1f}s", output=str(out))
         return out, key
@@ -258,7 +247,7 @@ class Pipeline:
             self.note(f"format {fmt}", f"FAILED: {e}")
             return None
         marker = read_marker(master)
-        write_marker(out, "format", key, fmt=fmt, eqat=marker.get("eqat") or eqat_meta_of(master),
+        write_marker(out, "format", key, fmt=fmt, eqat=marker.get("eqat") or eqat_meta(master),
                      **self.common_marker())
         self.note(f"format {fmt}", "done", output=str(out))
         return out, key
@@ -325,12 +314,7 @@ class Pipeline:
                      if not p.name.startswith(".")}
             key = _hash({"repo": repo, "revision": a.revision, "files": files, "related": related,
                          "base": self.base_model, "endpoint": a.endpoint})
-            rec = {}
-            try:
-                with open(folder / PUSH_MARKER, encoding="utf-8") as f:
-                    rec = json.load(f)
-            except (OSError, json.JSONDecodeError):
-                pass
+            rec = read_json_or_empty(folder / PUSH_MARKER)
             if not a.force and not a.push_dry_run and rec.get("key") == key:
                 self.note(f"push {fmt}", f"skipped (already pushed as {rec.get('commit_oid')})", output=repo)
                 pushed[fmt] = rec
@@ -343,9 +327,7 @@ class Pipeline:
                 pushed[fmt] = {"repo_id": repo, "dry_run": True}
                 continue
             rec = {"key": key, "repo_id": repo, "commit_oid": rep["commit_oid"], "commit_url": rep["commit_url"]}
-            tmp = folder / f"{PUSH_MARKER}.tmp"
-            tmp.write_text(json.dumps(rec, indent=2))
-            os.replace(tmp, folder / PUSH_MARKER)
+            write_json_atomic(folder / PUSH_MARKER, rec)
             self.note(f"push {fmt}", "done", output=repo)
             pushed[fmt] = rec
         return pushed
