@@ -128,13 +128,17 @@ def capture_layer_inputs(hf_model: nn.Module, layout: ModelLayout, ids: torch.Te
     return hidden, _to_device(layer_kwargs, "cpu")
 
 
+def modules_outside_layers(hf_model, layout: ModelLayout) -> List[nn.Module]:
+    """Embeddings, rotary embedding, final norm, head: everything not in a decoder layer."""
+    inside_layers = {id(m) for m in layout.layers.modules()}  # the layers and everything in them
+    return [m for m in hf_model.modules() if id(m) not in inside_layers]
+
+
 def _move_non_layer_modules(hf_model, layout: ModelLayout, device) -> List[Tuple[nn.Module, torch.device]]:
-    """Put embeddings / rotary / norms on the compute device for the capture pass; layers stay put."""
+    """Put embeddings / rotary / norms on the compute device for the capture pass; layers stay put
+    (the hook stops the forward before layer 0 runs, and Block-AP moves one layer at a time)."""
     moved = []
-    layer_ids = {id(m) for m in layout.layers}
-    for module in hf_model.modules():
-        if id(module) in layer_ids or module is layout.layers:
-            continue
+    for module in modules_outside_layers(hf_model, layout):
         direct = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
         if direct and direct[0].device != device:
             moved.append((module, direct[0].device))
@@ -142,7 +146,7 @@ def _move_non_layer_modules(hf_model, layout: ModelLayout, device) -> List[Tuple
                 p.data = p.data.to(device)
             for name, b in module.named_buffers(recurse=False):
                 module._buffers[name] = b.to(device)
-    return [(m, d) for m, d in moved]
+    return moved
 
 
 def _cosine(step: int, total: int, min_ratio: float) -> float:

@@ -1,4 +1,5 @@
-"""Block-AP's activation streams: memory-mapped offload gives the same integers as RAM, leaves no files."""
+"""Block-AP's activation streams: memory-mapped offload gives the same integers as RAM, leaves no files;
+the layer-0 capture moves only the modules outside the decoder layers to the compute device."""
 import torch
 
 from effqat_plugin import EQATConfig
@@ -25,3 +26,15 @@ def test_offloaded_streams_match_ram_and_are_removed(tmp_path):
         assert qw.equal(on_disk.qweights[name]), name
     assert [r.val_loss for r in in_ram.block_ap.reports] == [r.val_loss for r in on_disk.block_ap.reports]
     assert list(offload.iterdir()) == []
+
+
+def test_capture_moves_only_modules_outside_the_layers():
+    from effqat_plugin.block_ap import modules_outside_layers
+    from effqat_plugin.layout import resolve_layout
+
+    model = tiny_llama()
+    layout = resolve_layout(model)
+    outside = {id(m) for m in modules_outside_layers(model, layout)}
+    assert id(model.model.embed_tokens) in outside and id(model.model.norm) in outside
+    assert id(model.model.rotary_emb) in outside and id(model.lm_head) in outside
+    assert not any(id(m) in outside for m in layout.layers.modules())  # no layer part is moved
