@@ -28,7 +28,7 @@ from effqat_plugin.qweight import QuantFormatError, n_groups_for
 
 from .checkpoint import SafetensorsFolder
 from .fmt_gptq import dynamic_for, parse_dynamic
-from .registry import (BITS_CANDIDATES, GROUP_CANDIDATES, FORMATS, ModuleSpec, QuantFormat,
+from .registry import (BITS_CANDIDATES, GROUP_CANDIDATES, ModuleSpec, QuantFormat,
                        get_format)
 
 log = logging.getLogger("effqat.converters")
@@ -248,7 +248,3 @@ def plan_folder(src, bits=None, group_size=None, v1_zeros: str | None = None) ->
                                    has_g_idx=f"{m}.g_idx" in folder.shapes, in_known=known,
                                    logical_bits=logical)
     return plan
-
-
-def known_formats():
-    return sorted(FORMATS)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Iterable, List, Optional, Sequence, Union
+from typing import List, Optional, Sequence, Union
 
 import torch
 
@@ -174,8 +174,3 @@ def sample_from_model(model, n_samples: int, seq_len: int, seed: int = 0, bos_to
             step_in = nxt
         out.append(ids.cpu())
     return torch.cat(out)
-
-
-def iter_batches(ids: torch.Tensor, batch_size: int) -> Iterable[torch.Tensor]:
-    for i in range(0, ids.shape[0], batch_size):
-        yield ids[i:i + batch_size]

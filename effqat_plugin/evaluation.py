@@ -1,12 +1,19 @@
 """Perplexity of fp and quantized models on token data (the quality number every table reports)."""
 from __future__ import annotations
 
+import logging
 import math
+import os
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn as nn
 
 from .runtime import Runtime
+
+log = logging.getLogger("effqat.eval")
 
 
 @torch.no_grad()
@@ -31,12 +38,6 @@ def perplexity(model: nn.Module, ids: torch.Tensor, batch_size: int, runtime: Ru
 # ------------------------------------------------------------------------------------------------
 # Evaluation data by name, lm-eval-harness tasks, and one-call evaluation of a folder.
 
-import logging as _logging  # noqa: E402
-import os as _os  # noqa: E402
-from pathlib import Path as _Path  # noqa: E402
-from typing import Dict as _Dict, List as _List, Optional as _Optional  # noqa: E402
-
-_log = _logging.getLogger("effqat.eval")
 
 # name -> (datasets path, config, split, text column, how many documents to join (None = all))
 DATASET_PRESETS = {
@@ -52,8 +53,8 @@ DATA_SUFFIXES = (".txt", ".raw", ".jsonl", ".json", ".parquet", ".safetensors")
 
 def data_label(spec: str) -> str:
     """Short column label for a data spec: a file's name without its suffix, or the dataset name."""
-    if _os.path.isfile(spec):
-        name = _Path(spec).name
+    if os.path.isfile(spec):
+        name = Path(spec).name
         for suf in (".safetensors", ".jsonl", ".parquet", ".json", ".txt"):
             if name.endswith(suf):
                 return name[: -len(suf)]
@@ -61,7 +62,7 @@ def data_label(spec: str) -> str:
     return spec.split(":")[0].rstrip("/").split("/")[-1]
 
 
-def _dataset_texts(spec: str, text_column: str = "text") -> _List[str]:
+def _dataset_texts(spec: str, text_column: str = "text") -> List[str]:
     """Texts of a ``datasets`` name: a preset (wikitext2, c4, ...), ``path[:config[:split]]`` or a local
     dataset folder. Needs the dataset in the local cache (or a reachable hub)."""
     import datasets
@@ -88,13 +89,13 @@ def _dataset_texts(spec: str, text_column: str = "text") -> _List[str]:
     return [t for t in texts if t]
 
 
-def load_eval_ids(spec: str, tokenizer=None, seq_len: int = 2048, n_samples: _Optional[int] = None,
+def load_eval_ids(spec: str, tokenizer=None, seq_len: int = 2048, n_samples: Optional[int] = None,
                   text_column: str = "text") -> torch.Tensor:
     """``[N, seq_len]`` token rows from a file (.txt/.jsonl/.parquet text, .safetensors ``input_ids``) or a
     ``datasets`` name; text is tokenized as one stream joined by blank lines (wikitext-2 / C4 style)."""
     from .data import chunk_stream, load_token_file
 
-    if _os.path.isfile(spec) or spec.endswith(DATA_SUFFIXES):
+    if os.path.isfile(spec) or spec.endswith(DATA_SUFFIXES):
         return load_token_file(spec, tokenizer, seq_len=seq_len, n_samples=n_samples)
     texts = _dataset_texts(spec, text_column)
     if tokenizer is None:
@@ -103,10 +104,10 @@ def load_eval_ids(spec: str, tokenizer=None, seq_len: int = 2048, n_samples: _Op
     return chunk_stream(torch.as_tensor(ids), seq_len, n_samples)
 
 
-def resolve_tasks(spec: _Optional[str]) -> _List[str]:
+def resolve_tasks(spec: Optional[str]) -> List[str]:
     if not spec:
         return []
-    out: _List[str] = []
+    out: List[str] = []
     for t in spec.split(","):
         t = t.strip()
         if not t:
@@ -123,8 +124,8 @@ def require_lm_eval():
     return lm_eval
 
 
-def run_lm_eval(model: nn.Module, tokenizer, tasks: _List[str], batch_size: int = 8, device: str = "cpu",
-                limit: _Optional[float] = None, num_fewshot: int = 0) -> _Dict[str, dict]:
+def run_lm_eval(model: nn.Module, tokenizer, tasks: List[str], batch_size: int = 8, device: str = "cpu",
+                limit: Optional[float] = None, num_fewshot: int = 0) -> Dict[str, dict]:
     """Zero-shot lm-eval-harness tasks on an in-memory model; ``{"<task> acc": {value, stderr, ...}}``.
 
     Reports ``acc`` (not ``acc_norm``), as the EfficientQAT paper does.
@@ -148,17 +149,15 @@ def run_lm_eval(model: nn.Module, tokenizer, tasks: _List[str], batch_size: int 
     return results
 
 
-def evaluate_model(model: nn.Module, tokenizer, data: _List[str], seq_len: int, n_samples: _Optional[int],
-                   batch_size: int, runtime: Runtime, tasks: _Optional[_List[str]] = None,
-                   text_column: str = "text", lm_eval_limit: _Optional[float] = None,
-                   num_fewshot: int = 0, cache: _Optional[dict] = None) -> _Dict[str, dict]:
+def evaluate_model(model: nn.Module, tokenizer, data: List[str], seq_len: int, n_samples: Optional[int],
+                   batch_size: int, runtime: Runtime, tasks: Optional[List[str]] = None,
+                   text_column: str = "text", lm_eval_limit: Optional[float] = None,
+                   num_fewshot: int = 0, cache: Optional[dict] = None) -> Dict[str, dict]:
     """Perplexity on every data spec (+ lm-eval tasks): ``{column: {"value", "metric", ...}}``.
 
     ``cache`` (spec -> ids) lets callers evaluate several models on identical token rows.
     """
-    import time
-
-    results: _Dict[str, dict] = {}
+    results: Dict[str, dict] = {}
     for spec in data:
         key = (spec, seq_len, n_samples)
         ids = (cache or {}).get(key)
@@ -173,7 +172,7 @@ def evaluate_model(model: nn.Module, tokenizer, data: _List[str], seq_len: int, 
         loss = causal_lm_loss(model, ids, batch_size, runtime)
         col = f"{data_label(spec)} ppl@{ids.shape[1]}"
         if col in results:  # two files with the same stem (wiki.txt, wiki.safetensors): use full names
-            col = f"{_Path(spec).name} ppl@{ids.shape[1]}"
+            col = f"{Path(spec).name} ppl@{ids.shape[1]}"
         results[col] = {"value": math.exp(loss), "metric": "ppl", "data": spec, "samples": int(ids.shape[0]),
                         "seq_len": int(ids.shape[1]), "nll": loss, "seconds": round(time.time() - t0, 2)}
     if tasks:
@@ -189,16 +188,16 @@ def load_tokenizer_for(path: str):
 
         return AutoTokenizer.from_pretrained(path)
     except Exception as e:  # noqa: BLE001 - token-id (.safetensors) data needs no tokenizer
-        _log.info("no tokenizer loaded from %s (%s); only token-id data can be evaluated", path,
+        log.info("no tokenizer loaded from %s (%s); only token-id data can be evaluated", path,
                   type(e).__name__)
         return None
 
 
-def evaluate_folder(path: str, data: _List[str], seq_len: int = 2048, n_samples: _Optional[int] = None,
-                    batch_size: int = 8, runtime: str = "effqat", device: _Optional[str] = None,
-                    tasks: _Optional[_List[str]] = None, text_column: str = "text",
-                    lm_eval_limit: _Optional[float] = None, num_fewshot: int = 0,
-                    cache: _Optional[dict] = None) -> _Dict[str, dict]:
+def evaluate_folder(path: str, data: List[str], seq_len: int = 2048, n_samples: Optional[int] = None,
+                    batch_size: int = 8, runtime: str = "effqat", device: Optional[str] = None,
+                    tasks: Optional[List[str]] = None, text_column: str = "text",
+                    lm_eval_limit: Optional[float] = None, num_fewshot: int = 0,
+                    cache: Optional[dict] = None) -> Dict[str, dict]:
     """Load an fp / EQAT / GPTQ / BitBLAS folder (or hub id for fp) and evaluate it."""
     from .loading import load_for_eval
     from .runtime import resolve_runtime
@@ -206,7 +205,7 @@ def evaluate_folder(path: str, data: _List[str], seq_len: int = 2048, n_samples:
     if tasks:
         require_lm_eval()  # fail before loading anything
     rt = resolve_runtime(device)
-    if _os.path.isdir(path):
+    if os.path.isdir(path):
         model = load_for_eval(path, runtime)
     else:
         from transformers import AutoModelForCausalLM

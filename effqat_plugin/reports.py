@@ -35,14 +35,6 @@ BLOCK_AP_PNG = "block_ap_loss.png"
 PAPER_TASKS = ("winogrande", "piqa", "hellaswag", "arc_easy", "arc_challenge")
 
 
-def ppl_column(label: str, seq_len: int) -> str:
-    return f"{label} ppl@{seq_len}"
-
-
-def task_column(task: str, metric: str = "acc") -> str:
-    return f"{task} {metric}"
-
-
 def fingerprint(folder) -> dict:
     """Weight files (names and sizes) of a checkpoint folder: what its results belong to."""
     folder = Path(folder)

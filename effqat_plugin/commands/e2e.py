@@ -77,16 +77,6 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def _load_tokenizer(path: str):
-    try:
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(path)
-    except Exception as e:  # no tokenizer files: only pre-tokenized data works
-        log.info("no tokenizer in %s (%s); only .safetensors input_ids data can be used", path, type(e).__name__)
-        return None
-
-
 def _is_main() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
@@ -128,7 +118,9 @@ def run(args) -> int:
     ckpt = load_checkpoint(quant_dir, frozen_dtype, args.train_zeros)
     model, fmt, src_qweights, tensors, qcfg = ckpt.model, ckpt.fmt, ckpt.qweights, ckpt.tensors, ckpt.quantize_config
     bits = int(qcfg.get("bits") or next(iter(src_qweights.values())).bits)
-    tokenizer = _load_tokenizer(quant_dir)
+    from effqat_plugin.evaluation import load_tokenizer_for
+
+    tokenizer = load_tokenizer_for(quant_dir)
     kw = dict(fmt=args.data_format, seq_len=args.seq_len, source_len=args.source_len, target_len=args.target_len,
               split=args.split, dataset_config=args.dataset_config)
     train = load_e2e_data(args.data, tokenizer, n_samples=args.n_samples, **kw)
