@@ -37,10 +37,6 @@ def definition_for(model_type: str):
     return MODEL_MAP[key]
 
 
-def _get_submodule(root: nn.Module, dotted: str) -> nn.Module:
-    return root.get_submodule(dotted)
-
-
 def resolve_layout(hf_model: nn.Module, definition=None, quantize_config=None) -> ModelLayout:
     """Decoder layers and linear names of ``hf_model`` according to its GPTQModel definition."""
     if definition is None:
@@ -49,7 +45,7 @@ def resolve_layout(hf_model: nn.Module, definition=None, quantize_config=None) -
     layers = None
     for prefix in prefixes:
         try:
-            layers = _get_submodule(hf_model, prefix)
+            layers = hf_model.get_submodule(prefix)
             break
         except AttributeError:
             continue

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import resource
 from dataclasses import dataclass
 from typing import Optional
@@ -55,7 +54,6 @@ def resolve_runtime(device: Optional[str] = None, amp: Optional[str] = None) -> 
 
 
 def seed_everything(seed: int) -> None:
-    os.environ.setdefault("PYTHONHASHSEED", str(seed))
     torch.manual_seed(seed)
     if torch.cuda.is_available():
         torch.cuda.manual_seed_all(seed)
