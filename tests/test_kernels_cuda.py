@@ -12,8 +12,9 @@ import pytest
 import torch
 
 import effqat_plugin.kernels as K
-from effqat_plugin.kernels import _util, cuda_ext, pack_int_weight, qlinear
+from effqat_plugin.kernels import _util, cuda_ext, qlinear
 from effqat_plugin.kernels import reference as R
+from kernel_helpers import close, rand_case
 
 CUDA = torch.cuda.is_available()
 REL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -26,23 +27,6 @@ def test_cuda_source_compiles(tmp_path):
     obj = tmp_path / "effqat_dequant.o"
     assert obj.exists() and obj.stat().st_size > 10_000
     assert res["archs"] == ["sm_80", "sm_90"], res["log"][-2000:]
-
-
-def _case(N, Kf, bits, gs, seed, device):
-    g = torch.Generator().manual_seed(seed)
-    maxq = (1 << bits) - 1
-    ng = R.n_groups(gs, Kf)
-    w = torch.randint(0, maxq + 1, (N, Kf), generator=g, dtype=torch.uint8)
-    z = torch.randint(0, maxq + 1, (N, ng), generator=g, dtype=torch.uint8)
-    s = torch.rand(N, ng, generator=g) * 0.05 + 0.01
-    return pack_int_weight(w, bits).to(device), z.to(device), s.to(device), g
-
-
-def _close(got, ref, rel, what):
-    assert torch.isfinite(got).all(), what
-    err = (got.double() - ref.double()).abs().max().item()
-    scale = max(ref.double().abs().max().item(), 1e-6)
-    assert err <= rel * scale, f"{what}: {err:.3g} > {rel} * {scale:.3g}"
 
 
 gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
@@ -59,7 +43,7 @@ def test_gpu_backend_matches_reference(monkeypatch, backend, dtype, bits, gs, N,
     monkeypatch.setattr(_util, "POISON", True)
     if backend == "cuda" and not cuda_ext.available():
         pytest.skip("CUDA extension did not build")
-    p, z, s, g = _case(N, Kf, bits, gs, seed=bits * 31 + Kf + M, device="cuda")
+    p, z, s, g = rand_case(N, Kf, bits, gs, seed=bits * 31 + Kf + M, device="cuda")
     zf = (z.float() + 0.3).requires_grad_(True)
     x0 = torch.randn(M, Kf, generator=g).to("cuda", dtype)
     w = torch.randn(M, N, generator=g).to("cuda")
@@ -74,9 +58,9 @@ def test_gpu_backend_matches_reference(monkeypatch, backend, dtype, bits, gs, N,
     # the reference on CUDA also rounds W to the activation dtype
     for name, a, b, rel in zip(("y", "gx", "gs", "gz"), res[backend], res["reference"],
                                (REL[dtype], REL[dtype], 5e-3, 5e-3)):
-        _close(a, b, rel, f"{backend} {name}")
+        close(a, b, rel, f"{backend} {name}")
     ref_w = R.dequantize(p.cpu(), s.cpu(), z.cpu(), bits, gs, Kf, torch.float32)
-    _close(K.dequantize(p, s, z, bits, gs, Kf, dtype, backend=backend).cpu(), ref_w, REL[dtype],
+    close(K.dequantize(p, s, z, bits, gs, Kf, dtype, backend=backend).cpu(), ref_w, REL[dtype],
            "dequant")
 
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 import effqat_plugin.kernels as K
-from effqat_plugin.kernels import _util, pack_int_weight, qlinear
+from effqat_plugin.kernels import _util, qlinear
 from effqat_plugin.kernels import reference as R
+from kernel_helpers import close, rand_case
 
 tk = pytest.importorskip("effqat_plugin.kernels.triton_kernels")
 pytestmark = pytest.mark.skipif(not tk.AVAILABLE, reason="triton not importable")
@@ -24,23 +25,6 @@ def interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setattr(_util, "POISON", True)
     yield
-
-
-def rand_case(N, Kf, bits, gs, seed):
-    g = torch.Generator().manual_seed(seed)
-    maxq = (1 << bits) - 1
-    ng = R.n_groups(gs, Kf)
-    w = torch.randint(0, maxq + 1, (N, Kf), generator=g, dtype=torch.uint8)
-    z = torch.randint(0, maxq + 1, (N, ng), generator=g, dtype=torch.uint8)
-    s = torch.rand(N, ng, generator=g) * 0.05 + 0.01
-    return pack_int_weight(w, bits), z, s, g
-
-
-def close(got, ref, rel, what):
-    assert torch.isfinite(got).all(), f"{what}: non-finite (poison left?)"
-    err = (got.double() - ref.double()).abs().max().item()
-    scale = max(ref.double().abs().max().item(), 1e-6)
-    assert err <= rel * scale, f"{what}: max err {err:.3g} > {rel} * {scale:.3g}"
 
 
 @pytest.mark.parametrize("bits,gs,N,Kf", [(2, 32, 40, 96), (3, 64, 33, 150), (4, 128, 20, 260),
