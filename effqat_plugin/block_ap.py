@@ -162,21 +162,25 @@ def capture_layer_inputs(hf_model: nn.Module, layout: ModelLayout, ids: torch.Te
 
     device = runtime.device
     moved = _move_non_layer_modules(hf_model, layout, device)
+    handle = None
     try:
         calls = capture_layer_calls(hf_model, layout, ids, device)
         handle = layer0.register_forward_pre_hook(hook, with_kwargs=True)
-        try:
-            hidden = allocate_stream((ids.shape[0], ids.shape[1], hf_model.config.hidden_size),
-                                     runtime.stream_dtype, offload_dir, "fp")
-            for i in range(0, ids.shape[0], batch_size):
-                try:
-                    hf_model(input_ids=ids[i:i + batch_size].to(device), use_cache=False)
-                except _StopForward:
-                    pass
-                hidden[i:i + batch_size] = captured["hidden"].to("cpu", runtime.stream_dtype)
-        finally:
-            handle.remove()
+
+        def run(batch):
+            try:
+                hf_model(input_ids=batch.to(device), use_cache=False)
+            except _StopForward:
+                pass
+            return captured["hidden"]
+
+        hidden = allocate_stream((ids.shape[0], ids.shape[1], hf_model.config.hidden_size), runtime.stream_dtype,
+                                 offload_dir, "fp")
+        for i in range(0, ids.shape[0], batch_size):
+            hidden[i:i + batch_size] = run(ids[i:i + batch_size]).to("cpu", runtime.stream_dtype)
     finally:
+        if handle is not None:
+            handle.remove()
         for module, dev in moved:
             module.to(dev)
     return hidden, calls
