@@ -20,6 +20,7 @@ import torch
 from effqat_plugin import EQATConfig
 
 from arch_cases import CASES, COMMON, build_tiny_model
+from test_converters_helpers import assert_tensors_same
 
 from gptqmodel import BACKEND, GPTQModel  # noqa: E402  (after effqat_plugin: env set)
 
@@ -125,10 +126,7 @@ def test_architecture(case, tmp_path, stories260k_dir):
     # gptq_v2 -> gptq -> gptq_v2 is lossless
     convert(out, tmp_path / "v1", to="gptq")
     convert(tmp_path / "v1", tmp_path / "v2", to="gptq_v2")
-    back = read_folder(tmp_path / "v2")
-    assert back.keys() == tensors.keys()
-    for k, v in tensors.items():
-        assert torch.equal(back[k], v), k
+    assert_tensors_same(read_folder(tmp_path / "v2"), tensors)
 
 
 # -- the guard and MoE bookkeeping, on in-memory models (no folders) ----------------------------------
