@@ -11,6 +11,7 @@ import copy
 import logging
 import math
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
@@ -43,6 +44,8 @@ class LayerReport:
     seconds: float
     peak_memory_mb: float
     steps: int
+    experts: int = 0  # MoE experts with quantized linears in this layer
+    experts_without_tokens: int = 0  # of those, how many no training token was routed to (left at min/max init)
 
 
 @dataclass
@@ -87,24 +90,83 @@ def _layer_output(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+@dataclass
+class LayerCall:
+    """What one decoder layer is called with besides its hidden states: extra positional arguments
+    and keyword arguments (attention mask, position ids, rotary cos/sin, ...)."""
+
+    args: tuple
+    kwargs: dict
+
+
+@torch.no_grad()
+def capture_layer_calls(hf_model: nn.Module, layout: ModelLayout, ids: torch.Tensor, device) -> List[LayerCall]:
+    """The arguments the model's own forward passes to *each* decoder layer, captured at batch size 1
+    so that they broadcast over any batch.
+
+    Layers are not all called alike: Gemma 2/3 alternate sliding-window and full-attention masks and
+    use another rotary base on local layers; other models build per-layer position inputs. Replaying
+    layer 0's arguments for every layer would silently train later layers on the wrong inputs, so
+    every layer's ``forward`` is briefly replaced by a recorder that passes its hidden states through
+    unchanged: the model's loop computes each layer's real arguments without running (or even
+    materializing) any layer weights.
+    """
+    layers = layout.layers
+    calls: List[Optional[LayerCall]] = [None] * len(layers)
+    last = len(layers) - 1
+
+    def recorder(index):
+        def forward(*args, **kwargs):
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            calls[index] = LayerCall(args=tuple(args[1:]), kwargs=dict(kwargs))
+            if index == last:
+                raise _StopForward
+            return hidden
+        return forward
+
+    saved = [layer.__dict__.get("forward") for layer in layers]  # e.g. accelerate's instance hooks
+    for i, layer in enumerate(layers):
+        layer.forward = recorder(i)
+    try:
+        hf_model(input_ids=ids[:1].to(device), use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        for layer, old in zip(layers, saved):
+            if old is None:
+                del layer.forward
+            else:
+                layer.forward = old
+    missing = [i for i, c in enumerate(calls) if c is None]
+    if missing:
+        raise RuntimeError(f"decoder layers {missing} were not called by {type(hf_model).__name__}.forward; "
+                           "cannot capture their inputs")
+    for call in calls:
+        for key in ("past_key_value", "past_key_values"):
+            call.kwargs.pop(key, None)
+        call.kwargs["use_cache"] = False
+    return [LayerCall(_to_device(c.args, "cpu"), _to_device(c.kwargs, "cpu")) for c in calls]
+
+
 @torch.no_grad()
 def capture_layer_inputs(hf_model: nn.Module, layout: ModelLayout, ids: torch.Tensor, batch_size: int,
-                         runtime: Runtime, offload_dir: Optional[str] = None) -> Tuple[torch.Tensor, dict]:
-    """Hidden states entering decoder layer 0 for every sample, and the kwargs the layer is called
-    with (attention mask, position ids, rotary embeddings, ...), captured once at batch size 1 so that
-    they broadcast over any batch."""
+                         runtime: Runtime, offload_dir: Optional[str] = None) -> Tuple[torch.Tensor, List[LayerCall]]:
+    """Hidden states entering decoder layer 0 for every sample, and the arguments each decoder layer
+    is called with (``capture_layer_calls``)."""
     layer0 = layout.layers[0]
     captured: Dict[str, object] = {}
 
     def hook(_module, args, kwargs):
         captured["hidden"] = args[0] if args else kwargs["hidden_states"]
-        captured["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
         raise _StopForward
 
-    handle = layer0.register_forward_pre_hook(hook, with_kwargs=True)
     device = runtime.device
     moved = _move_non_layer_modules(hf_model, layout, device)
+    handle = None
     try:
+        calls = capture_layer_calls(hf_model, layout, ids, device)
+        handle = layer0.register_forward_pre_hook(hook, with_kwargs=True)
+
         def run(batch):
             try:
                 hf_model(input_ids=batch.to(device), use_cache=False)
@@ -112,20 +174,16 @@ def capture_layer_inputs(hf_model: nn.Module, layout: ModelLayout, ids: torch.Te
                 pass
             return captured["hidden"]
 
-        run(ids[:1])
-        layer_kwargs = dict(captured["kwargs"])
         hidden = allocate_stream((ids.shape[0], ids.shape[1], hf_model.config.hidden_size), runtime.stream_dtype,
                                  offload_dir, "fp")
         for i in range(0, ids.shape[0], batch_size):
             hidden[i:i + batch_size] = run(ids[i:i + batch_size]).to("cpu", runtime.stream_dtype)
     finally:
-        handle.remove()
+        if handle is not None:
+            handle.remove()
         for module, dev in moved:
             module.to(dev)
-    for key in ("past_key_value", "past_key_values"):
-        layer_kwargs.pop(key, None)
-    layer_kwargs["use_cache"] = False
-    return hidden, _to_device(layer_kwargs, "cpu")
+    return hidden, calls
 
 
 def modules_outside_layers(hf_model, layout: ModelLayout) -> List[nn.Module]:
@@ -147,6 +205,41 @@ def _move_non_layer_modules(hf_model, layout: ModelLayout, device) -> List[Tuple
             for name, b in module.named_buffers(recurse=False):
                 module._buffers[name] = b.to(device)
     return moved
+
+
+_EXPERT = re.compile(r"^(.*\.experts\.\d+)\.")
+
+
+class RoutedTokenCounter:
+    """Counts the calibration rows that reach each quantized linear of a layer during training.
+
+    An MoE expert the router never picks receives no gradient, so its weights, scales and zero
+    points keep their min/max initialization; ``experts_without_tokens`` makes that visible.
+    """
+
+    def __init__(self, modules: Dict[str, nn.Module]):
+        self.rows = dict.fromkeys(modules, 0)
+        self._handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in modules.items()]
+
+    def _hook(self, name):
+        def count(_module, args):
+            x = args[0]
+            self.rows[name] += x.numel() // max(x.shape[-1], 1)
+        return count
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def experts(self) -> Tuple[int, int]:
+        """(experts, experts none of whose linears saw a token)."""
+        seen: Dict[str, int] = {}
+        for name, rows in self.rows.items():
+            m = _EXPERT.match(name)
+            if m:
+                seen[m.group(1)] = seen.get(m.group(1), 0) + rows
+        return len(seen), sum(1 for rows in seen.values() if rows == 0)
 
 
 def _cosine(step: int, total: int, min_ratio: float) -> float:
@@ -198,7 +291,7 @@ class BlockAP:
     def _run_layers(self, all_ids, n_train, quant_lr, weight_lr, store, work_dir, offload_dir) -> BlockAPResult:
         cfg, rt = self.cfg, self.rt
         n_layers = len(self.layout.layers)
-        fp_stream, self.layer_kwargs = capture_layer_inputs(self.model, self.layout, all_ids,
+        fp_stream, self.layer_calls = capture_layer_inputs(self.model, self.layout, all_ids,
                                                             cfg.block_batch_size, rt, offload_dir)
         quant_stream = allocate_stream(fp_stream.shape, fp_stream.dtype, offload_dir, "quant")
         quant_stream.copy_(fp_stream)
@@ -220,35 +313,39 @@ class BlockAP:
             result.qweights.update(qweights)
             result.reports.append(report)
             val = "n/a" if report.val_loss is None else f"{report.val_loss:.3e}"
-            log.info("Block-AP layer %d/%d: train loss %.3e, val loss %s, %.1fs, peak memory %.0f MB%s",
+            moe = (f", experts without calibration tokens {report.experts_without_tokens}/{report.experts}"
+                   if report.experts else "")
+            log.info("Block-AP layer %d/%d: train loss %.3e, val loss %s, %.1fs, peak memory %.0f MB%s%s",
                      index + 1, n_layers, report.train_loss, val, report.seconds,
-                     report.peak_memory_mb, " (restored)" if index < done else "")
+                     report.peak_memory_mb, moe, " (restored)" if index < done else "")
         return result
 
     # -- one layer -------------------------------------------------------------------------------
 
-    def _forward(self, layer, x):
-        kwargs = _to_device(self.layer_kwargs, self.rt.device)
+    def _forward(self, index: int, layer, x):
+        """Layer ``index`` (or its trainable copy) on ``x`` with the arguments the model gives it."""
+        call = self.layer_calls[index]
+        args, kwargs = _to_device((call.args, call.kwargs), self.rt.device)
         with self.rt.autocast():
-            return _layer_output(layer(x, **kwargs))
+            return _layer_output(layer(x, *args, **kwargs))
 
     @torch.no_grad()
-    def _propagate(self, layer, stream: torch.Tensor) -> torch.Tensor:
+    def _propagate(self, index: int, layer, stream: torch.Tensor) -> torch.Tensor:
         """Run ``layer`` over the stream in place: samples are independent, so each batch's output
         overwrites its own input (halves stream memory; the input stream is not needed afterwards)."""
         bs = self.cfg.block_batch_size
         for i in range(0, stream.shape[0], bs):
             x = stream[i:i + bs].to(self.rt.device, torch.float32)
-            stream[i:i + bs] = self._forward(layer, x).to("cpu", stream.dtype)
+            stream[i:i + bs] = self._forward(index, layer, x).to("cpu", stream.dtype)
         return stream
 
-    def _loss_on(self, layer, inputs, targets, start, stop) -> float:
+    def _loss_on(self, index: int, layer, inputs, targets, start, stop) -> float:
         total, count = 0.0, 0
         bs = self.cfg.block_batch_size
         with torch.no_grad():
             for i in range(start, stop, bs):
                 j = min(i + bs, stop)
-                y = self._forward(layer, inputs[i:j].to(self.rt.device, torch.float32))
+                y = self._forward(index, layer, inputs[i:j].to(self.rt.device, torch.float32))
                 total += F.mse_loss(y.float(), targets[i:j].to(self.rt.device, torch.float32)).item() * (j - i)
                 count += j - i
         return total / max(count, 1)
@@ -260,10 +357,10 @@ class BlockAP:
         rt.reset_peak()
         original = self.layout.layers[index]
         layer = copy.deepcopy(original).to(rt.device, torch.float32)
-        fp_out = self._propagate(layer, fp_in)  # targets = original layer on the fp stream
+        fp_out = self._propagate(index, layer, fp_in)  # targets = original layer on the fp stream
 
         fq: Dict[str, FakeQuantLinear] = {}
-        for name in self.layout.linear_names:
+        for name in self.layout.names_in(index):
             fq[name] = FakeQuantLinear(layer.get_submodule(name), cfg.bits, cfg.group_size).to(rt.device)
             set_submodule(layer, name, fq[name])
         quant_params = [p for m in fq.values() for p in m.quant_parameters()]
@@ -285,6 +382,7 @@ class BlockAP:
         best = (float("inf"), None, -1)
         bad_epochs, step, train_loss = 0, 0, float("nan")
         bar = tqdm(total=steps, desc=f"layer {index}", leave=False, disable=not self.show_progress)
+        routed = RoutedTokenCounter(fq)
         for epoch in range(cfg.block_epochs):
             epoch_loss, seen = 0.0, 0
             for i in range(0, n_train, bs):
@@ -294,7 +392,7 @@ class BlockAP:
                     group["lr"] = lr * factor
                 x = q_in[i:j].to(rt.device, torch.float32)
                 target = fp_out[i:j].to(rt.device, torch.float32)
-                loss = F.mse_loss(self._forward(layer, x).float(), target)
+                loss = F.mse_loss(self._forward(index, layer, x).float(), target)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"Block-AP layer {index}: loss became {loss.item()} at step {step}; "
                                              "lower the learning rates (--block-quant-lr/--block-weight-lr)")
@@ -311,7 +409,8 @@ class BlockAP:
                 step += 1
                 bar.update(1)
             train_loss = epoch_loss / max(seen, 1)
-            monitor = self._loss_on(layer, q_in, fp_out, n_train, n_total) if has_val else train_loss
+            routed.remove()  # one pass over the training samples is counted; validation rows are not
+            monitor = self._loss_on(index, layer, q_in, fp_out, n_train, n_total) if has_val else train_loss
             bar.set_postfix(train=f"{train_loss:.2e}", val=f"{monitor:.2e}" if has_val else "-")
             if monitor < best[0]:
                 keep = copy.deepcopy(layer.state_dict()) if cfg.block_early_stop else None
@@ -328,16 +427,18 @@ class BlockAP:
         # freeze: integers + fp16 scales; the quant stream then sees exactly what the checkpoint computes
         prefix = self.layout.layer_name(index)
         qweights = {f"{prefix}.{name}": m.freeze(torch.float16) for name, m in fq.items()}
-        state = self._trained_state(layer)
+        state = self._trained_state(index, layer)
         del layer, opt
         fp_out_done, q_out, val_loss = self._finish_layer(index, original, state, qweights, fp_out, q_in, n_train)
+        experts, idle = routed.experts()
         report = LayerReport(index=index, train_loss=train_loss, val_loss=val_loss, best_epoch=best[2],
-                             seconds=time.time() - t0, peak_memory_mb=rt.peak_memory_mb(), steps=step)
+                             seconds=time.time() - t0, peak_memory_mb=rt.peak_memory_mb(), steps=step,
+                             experts=experts, experts_without_tokens=idle)
         return fp_out_done, q_out, qweights, report, state
 
-    def _trained_state(self, layer: nn.Module) -> Dict[str, torch.Tensor]:
+    def _trained_state(self, index: int, layer: nn.Module) -> Dict[str, torch.Tensor]:
         """The trained parameters outside the quantized linears (norms, other biases), fp32 on CPU."""
-        linear_prefixes = tuple(n + "." for n in self.layout.linear_names)
+        linear_prefixes = tuple(n + "." for n in self.layout.names_in(index))
         return {k: v.detach().to("cpu", torch.float32).clone() for k, v in layer.state_dict().items()
                 if not k.startswith(linear_prefixes) and v.is_floating_point()}
 
@@ -346,7 +447,7 @@ class BlockAP:
         layer = copy.deepcopy(original).to(self.rt.device, torch.float32)
         layer.load_state_dict(state, strict=False)
         prefix = self.layout.layer_name(index)
-        for name in self.layout.linear_names:
+        for name in self.layout.names_in(index):
             qw = qweights[f"{prefix}.{name}"]
             plain = nn.Linear(qw.in_features, qw.out_features, bias=qw.bias is not None).to(self.rt.device)
             plain.weight.data = qw.dequantize(torch.float32).to(self.rt.device)
@@ -358,17 +459,17 @@ class BlockAP:
     def _finish_layer(self, index, original, state, qweights, fp_out, q_in, n_train):
         layer = self._quantized_layer(index, original, state, qweights)
         n_total = q_in.shape[0]
-        val_loss = self._loss_on(layer, q_in, fp_out, n_train, n_total) if n_total > n_train else None
-        q_out = self._propagate(layer, q_in)
+        val_loss = self._loss_on(index, layer, q_in, fp_out, n_train, n_total) if n_total > n_train else None
+        q_out = self._propagate(index, layer, q_in)
         self._write_back(original, layer)
         return fp_out, q_out, val_loss
 
     def replay_layer(self, index: int, fp_in: torch.Tensor, q_in: torch.Tensor, saved):
         """Recompute both streams through an already-finished layer (resume) exactly as the first run did."""
         original = self.layout.layers[index]
-        fp_out = self._propagate(copy.deepcopy(original).to(self.rt.device, torch.float32), fp_in)
+        fp_out = self._propagate(index, copy.deepcopy(original).to(self.rt.device, torch.float32), fp_in)
         layer = self._quantized_layer(index, original, saved.state, saved.qweights)
-        q_out = self._propagate(layer, q_in)
+        q_out = self._propagate(index, layer, q_in)
         self._write_back(original, layer)
         return fp_out, q_out
 

@@ -33,7 +33,13 @@ def _empty_model(config, dtype):
     except ImportError:  # older layout
         from transformers.modeling_utils import no_init_weights
     with no_init_weights():
-        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    # MoE experts fused into 3-D tensors (transformers 5) are split into per-expert linears, the way
+    # GPTQModel.load does before quantizing, so that checkpoints name e.g. mlp.experts.3.up_proj
+    import defuser
+
+    defuser.convert_model(model, cleanup_original=True)
+    return model
 
 
 def install_packed_linears(hf_model: nn.Module, qweights, train_zeros: bool, device) -> None:

@@ -18,7 +18,7 @@ from .block_ap import BlockAP, BlockAPResult
 from .config import EQATConfig
 from .data import CalibrationError, normalize_calibration
 from .e2e_qp import E2EQP, E2EReport
-from .layout import ModelLayout, resolve_layout
+from .layout import ModelLayout, check_fully_quantized, resolve_layout
 from .loading import install_packed_linears
 from .qweight import QuantizedWeight
 from .runtime import Runtime, resolve_runtime, seed_everything
@@ -52,6 +52,8 @@ class EQATResult:
                 "quant_lr": self.block_ap.quant_lr,
                 "weight_lr": self.block_ap.weight_lr,
                 "layers": [asdict(r) for r in self.block_ap.reports],
+                # MoE: experts no calibration token was routed to keep their min/max initialization
+                "experts_without_tokens": sum(r.experts_without_tokens for r in self.block_ap.reports),
             },
             "e2e_qp": None if self.e2e is None else asdict(self.e2e),
             "seconds": round(self.seconds, 2),
@@ -90,11 +92,14 @@ def run_eqat(hf_model: nn.Module, cfg: EQATConfig, calibration, tokenizer=None, 
     seed_everything(cfg.seed)
     rt: Runtime = resolve_runtime(cfg.compute_device, cfg.amp_dtype)
     layout = layout or resolve_layout(hf_model, definition, cfg)
-    for name in layout.linear_names:
-        lin = layout.layers[0].get_submodule(name)
-        if cfg.group_size != -1 and cfg.group_size > lin.in_features:
-            raise ValueError(f"group_size={cfg.group_size} is larger than in_features={lin.in_features} "
-                             f"of {name}; use a smaller group or -1")
+    for index, layer in enumerate(layout.layers):
+        for name in layout.names_in(index):
+            lin = layer.get_submodule(name)
+            if cfg.group_size != -1 and cfg.group_size > lin.in_features:
+                raise ValueError(f"group_size={cfg.group_size} is larger than in_features={lin.in_features} "
+                                 f"of {layout.layer_name(index)}.{name}; use a smaller group or -1")
+    model_type = getattr(hf_model.config, "model_type", "")
+    check_fully_quantized(layout, layout.quantized_names(), model_type)  # before hours of Block-AP
     ids = normalize_calibration(calibration, tokenizer=tokenizer, seq_len=seq_len)
     if ids.shape[0] < 1 or ids.shape[1] < 2:
         raise CalibrationError(f"calibration must have at least 1 sample of >= 2 tokens, got {tuple(ids.shape)}")
@@ -110,6 +115,7 @@ def run_eqat(hf_model: nn.Module, cfg: EQATConfig, calibration, tokenizer=None, 
     hf_model.eval()
     block = BlockAP(hf_model, layout, cfg, rt, show_progress).run(train_ids, val_ids, work_dir=work_dir,
                                                                 offload_dir=offload_dir)
+    check_fully_quantized(layout, block.qweights.keys(), model_type)  # what Block-AP really quantized
     e2e = None
     install_packed_linears(hf_model, block.qweights, cfg.e2e_train_zeros,
                            next(hf_model.parameters()).device)
