@@ -286,15 +286,22 @@ def carried_files(src_or_files) -> list[Path]:
     return out
 
 
-def copy_files(files: Iterable[Path], dst: Path, quant_cfg: dict | None):
+def copy_files(files: Iterable[Path], dst: Path, hf_quant_cfg: dict | None):
+    """Copy carried files; ``config.json`` gets ``quantization_config = hf_quant_cfg`` (or loses a
+    stale one when the target format has none, e.g. EQAT, which transformers cannot load)."""
     for p in files:
         target = dst / p.name
-        if p.name == "config.json" and quant_cfg is not None:
+        if p.name == "config.json":
             with open(p, encoding="utf-8") as f:
-                cfg = json.load(f)
-            if "quantization_config" in cfg:
-                # A stale source quantization_config would contradict the new format.
-                cfg["quantization_config"] = quant_cfg
+                try:
+                    cfg = json.load(f)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{p} is not valid JSON: {e}") from None
+            if hf_quant_cfg is not None or "quantization_config" in cfg:
+                if hf_quant_cfg is None:
+                    cfg.pop("quantization_config", None)
+                else:
+                    cfg["quantization_config"] = hf_quant_cfg
                 with open(target, "w", encoding="utf-8") as f:
                     json.dump(cfg, f, indent=2)
                 continue

@@ -43,9 +43,22 @@ def _packed_bytes(fmt: QuantFormat, bits: int, s: ModuleSpec) -> int:
     return itemsize * (shp["qweight"][0] * shp["qweight"][1] + shp["qzeros"][0] * shp["qzeros"][1])
 
 
-def decide(fmt: QuantFormat, specs: list[ModuleSpec], bits: int, group: int, source_format: str):
+def is_ragged(s: ModuleSpec) -> bool:
+    """Dims some GPTQ kernels refuse: in/out not multiples of 32, or in not a multiple of the group."""
+    g = s.group_size
+    return bool(s.in_features % 32 or s.out_features % 32 or (g > 0 and s.n_groups > 1 and s.in_features % g))
+
+
+def decide(fmt: QuantFormat, specs: list[ModuleSpec], bits: int, group: int, source_format: str,
+           v1_encoding: str = "signflip"):
     """Folder bits / group, per-module stored widths and ``dynamic`` overrides for writing ``fmt``."""
-    ctx = WriteContext(fmt=fmt.name, bits=bits, group_size=group, source_format=source_format)
+    from .fmt_gptq import V1_ENCODINGS
+
+    if v1_encoding not in V1_ENCODINGS:
+        raise ValueError(f"v1_encoding must be one of {V1_ENCODINGS}, got {v1_encoding!r}")
+    ctx = WriteContext(fmt=fmt.name, bits=bits, group_size=group, source_format=source_format,
+                       v1_encoding=v1_encoding)
+    ctx.ragged = [s.name for s in specs if is_ragged(s)]
     specs = [dataclasses.replace(s, bits=s.true_bits, logical_bits=0) for s in specs]
     fmt.check_folder(ctx, specs)
     stored = {}
@@ -108,7 +121,8 @@ def _meta(ctx: WriteContext, fmt: QuantFormat, user_meta: dict | None) -> dict:
     if ctx.wider:
         meta["wider_modules"] = ctx.wider
     if fmt.name == "gptq":
-        meta["v1_zero_points"] = "word-wide (GPTQModel convention)"
+        meta["v1_zero_points"] = ("sign-flipped zero-point-0 groups: per-field and word-wide readers agree"
+                                  if ctx.v1_encoding == "signflip" else "word-wide (GPTQModel convention)")
     return meta
 
 
@@ -136,12 +150,12 @@ def _warn(ctx: WriteContext, fmt: QuantFormat):
             "because the %s runtime cannot hold them at %d bits: %s; cost %d extra bytes",
             len(ctx.wider), fmt.name, ctx.bits, ", ".join(sorted(ctx.wider)),
             sum(v["extra_bytes"] for v in ctx.wider.values()))
-    if fmt.name == "gptq" and ctx.v1_borrow_fields:
+    if fmt.name == "gptq" and ctx.v1_borrow_fields:  # only with v1_encoding="plain"
         log.warning(
             "gptq (v1) output: %d of %d zero-point fields follow a zero point of 0 and borrow across "
             "fields in GPTQModel's word-wide v1 convention. GPTQModel loads them exactly, but per-field "
             "readers (vLLM's and exllama's GPTQ kernels, AutoGPTQ) would misread these %d zero points; "
-            "use --to gptq_v2 for those runtimes or to avoid the ambiguity",
+            "drop --v1-encoding plain (the default sign-flip encoding has no borrows) or use --to gptq_v2",
             ctx.v1_borrow_fields, ctx.v1_total_fields, ctx.v1_borrow_fields)
 
 
@@ -170,7 +184,7 @@ def _write(dst: Path, fmt: QuantFormat, ctx: WriteContext, stored: dict, items: 
         qcfg = fmt.quantize_config(ctx, _meta(ctx, fmt, meta))
         if qcfg is not None:
             write_json(tmp / "quantize_config.json", qcfg)
-        copy_files(carried_files(config_src), tmp, qcfg if fmt.name != "eqat" else None)
+        copy_files(carried_files(config_src), tmp, fmt.hf_quantization_config(ctx, qcfg) if qcfg else None)
         written = sum((tmp / f).stat().st_size for f in files)
     _warn(ctx, fmt)
     return {"files": files, "bytes_written": written}
@@ -178,7 +192,8 @@ def _write(dst: Path, fmt: QuantFormat, ctx: WriteContext, stored: dict, items: 
 
 # ----------------------------------------------------------------------------------------------
 def convert(src, dst, *, to: str, bits=None, group_size=None, overwrite=False, dry_run=False,
-            max_shard_size="4GB", v1_zeros: str = "auto", fast: bool = True) -> dict:
+            max_shard_size="4GB", v1_zeros: str = "auto", fast: bool = True,
+            v1_encoding: str = "signflip") -> dict:
     """Convert a quantized folder (EQAT / GPTQ v1 / GPTQ v2 / BitBLAS) to format ``to``.
 
     ``bits`` / ``group_size`` are needed only when neither the folder's config, its tensor shapes nor
@@ -192,7 +207,7 @@ def convert(src, dst, *, to: str, bits=None, group_size=None, overwrite=False, d
     src = Path(src)
     plan = plan_folder(src, bits=bits, group_size=group_size, v1_zeros=v1_zeros)
     specs = list(plan.specs.values())
-    ctx, stored = decide(dst_fmt, specs, plan.bits, plan.group_size, plan.fmt.name)
+    ctx, stored = decide(dst_fmt, specs, plan.bits, plan.group_size, plan.fmt.name, v1_encoding)
     if not dry_run:
         check_destination(src, dst, overwrite)
     folder = plan.folder
@@ -260,7 +275,7 @@ def folder_bits_group(qweights: Mapping[str, QuantizedWeight]) -> tuple[int, int
 
 def save_quantized(dst, *, fmt: str, qweights: Mapping[str, QuantizedWeight],
                    tensors: Mapping[str, torch.Tensor], config_dir_or_files, meta: dict | None = None,
-                   overwrite: bool = False, max_shard_size: str = "4GB") -> dict:
+                   overwrite: bool = False, max_shard_size: str = "4GB", v1_encoding: str = "signflip") -> dict:
     """Write in-memory quantized modules + other tensors as a ``fmt`` folder; returns a report."""
     f = get_format(fmt)
     if not qweights:
@@ -271,7 +286,8 @@ def save_quantized(dst, *, fmt: str, qweights: Mapping[str, QuantizedWeight],
         raise ValueError(f"tensors clash with quantized module tensors: {clash[:3]}")
     bits, group = folder_bits_group(qweights)
     specs = [_spec_of(n, q) for n, q in qweights.items()]
-    ctx, stored = decide(f, specs, bits, group, source_format=(meta or {}).get("source_format", "effqat"))
+    ctx, stored = decide(f, specs, bits, group, source_format=(meta or {}).get("source_format", "effqat"),
+                         v1_encoding=v1_encoding)
     check_destination(None, dst, overwrite)
 
     def items():

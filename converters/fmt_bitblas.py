@@ -62,6 +62,9 @@ class BitblasFormat(QuantFormat):
     def quantize_config(self, ctx, meta):
         return self.gptq_family_config(ctx, meta, "bitblas", desc_act=False)
 
+    def hf_quantization_config(self, ctx, qcfg):
+        return self.gptq_family_hf_config(ctx, qcfg)   # transformers -> BitblasLinear (CUDA only)
+
     def stored_bits(self, spec: ModuleSpec) -> int:
         if spec.bits not in BITBLAS_BITS:
             raise QuantFormatError(

@@ -193,3 +193,37 @@ def permute_fields(words: torch.Tensor, bits: int, positions: list[int], inverse
         np.left_shift(tmp, np.uint32(dst), out=tmp)
         np.bitwise_or(out, tmp, out=out)
     return torch.from_numpy(out.view(np.int32))
+
+
+# --- whole-group code flips (GPTQ v1 sign-flip encoding) -------------------------------------
+
+def group_flip_mask(flip_go: torch.Tensor, bits: int, in_features: int, group_size: int) -> torch.Tensor:
+    """int32 words ``[ceil(in/pf), out]`` with every field of a flipped group set to all ones.
+
+    ``flip_go`` is bool ``[n_groups, out]``; input row ``i`` belongs to group ``i // group_size``
+    (no act-order). XOR-ing a qweight packed along ``in`` (2/4/8-bit) with this mask turns each code
+    ``W`` of a flipped group into ``maxq - W`` and leaves the padded fields of a ragged last word
+    zero. When the group is a whole number of words the mask is built per word row, not per value.
+    """
+    pf = 32 // bits
+    rows = words_for(in_features, bits, pf)
+    g = in_features if group_size == -1 else group_size
+    f = flip_go.numpy()
+    if g % pf == 0:
+        per = g // pf
+        m = np.repeat(f, per, axis=0)[:rows]
+        out = np.where(m, np.uint32(0xFFFFFFFF), np.uint32(0))
+        tail = rows * pf - in_features
+        if tail:
+            out[-1] &= np.uint32((1 << (bits * (pf - tail))) - 1)
+        return torch.from_numpy(out.view(np.int32))
+    maxq = (1 << bits) - 1
+    gid = np.arange(in_features) // g
+    codes = np.where(f[gid], np.uint8(maxq), np.uint8(0))
+    return pack_words(torch.from_numpy(codes), bits, pf, dim=0)
+
+
+def xor_words(words: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``words ^ mask`` on int32 tensors (numpy, single-threaded)."""
+    a = _as_int32(words).contiguous().numpy()
+    return torch.from_numpy(np.bitwise_xor(a, _as_int32(mask).contiguous().numpy()))

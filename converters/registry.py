@@ -69,6 +69,8 @@ class WriteContext:
     source_format: str = ""
     dynamic: dict = field(default_factory=dict)
     wider: dict = field(default_factory=dict)   # module -> {"bits": asked, "stored_bits": b, "extra_bytes": n}
+    v1_encoding: str = "signflip"   # gptq (v1) output: 'signflip' (per-field safe) or 'plain'
+    ragged: list = field(default_factory=list)  # modules some GPTQ kernels refuse (see hf_backend)
     v1_borrow_fields: int = 0
     v1_total_fields: int = 0
     desc_act: bool = False
@@ -141,6 +143,27 @@ class QuantFormat:
             "dynamic": ctx.dynamic or None,
             "meta": meta,
         }
+
+    def hf_quantization_config(self, ctx: WriteContext, qcfg: dict | None) -> dict | None:
+        """``config.json``'s ``quantization_config``: what transformers' loader reads, or None.
+
+        ``AutoModelForCausalLM.from_pretrained`` decides from this key alone whether a folder is
+        quantized; without it every packed tensor is "unexpected" and the linears are random.
+        """
+        return None
+
+    def gptq_family_hf_config(self, ctx: WriteContext, qcfg: dict) -> dict:
+        """The quantize config plus a loading ``backend`` transformers' GPTQ integration honours.
+
+        transformers (through optimum and gptqmodel) picks one kernel for every module from bits /
+        group / device only; on CPU its 4-bit pick (``TorchCpuAvx512Linear``) refuses modules whose
+        in_features are not a multiple of the group or whose out_features are not a multiple of 32
+        (stories260k's 172-wide MLP). Folders with such modules name GPTQModel's ``torch`` kernel,
+        which takes every shape; all others keep ``auto`` (the fastest kernel for the device).
+        """
+        out = dict(qcfg)
+        out["backend"] = "torch" if ctx.ragged else "auto"
+        return out
 
     def fetch_checked(self, get: Getter, spec: ModuleSpec, fmt_label: str):
         """qweight / qzeros / scales of one module, present and of the shapes bits/group imply."""

@@ -60,7 +60,15 @@ def test_all_pairs_ragged_stories_shapes(tmp_path, bits):
                 assert_same(qws, q2)
                 assert_tensors_same(tensors, t2)
             assert (mid / "tokenizer.json").read_bytes() == (cfg / "tokenizer.json").read_bytes()
-            assert json.loads((mid / "config.json").read_text()) == json.loads((cfg / "config.json").read_text())
+            out_cfg = json.loads((mid / "config.json").read_text())
+            hf_q = out_cfg.pop("quantization_config", None)
+            assert out_cfg == json.loads((cfg / "config.json").read_text())
+            if b == "eqat":
+                assert hf_q is None  # transformers cannot load EQAT: no stale GPTQ config either
+            else:  # transformers' loader reads this, GPTQModel the quantize_config.json
+                q = read_qcfg(mid)
+                assert {k: hf_q[k] for k in q} == q
+                assert hf_q["backend"] == "torch"  # 172-wide MLP: the kernel that takes every shape
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
@@ -188,9 +196,14 @@ def test_v1_reader_conventions(tmp_path, bits):
     assert any(not qws[k].equal(q3[k]) for k in qws)
     rep = convert(d, tmp_path / "v2", to="gptq_v2", dry_run=True)
     assert rep["v1_zeros_read_as"] == "field" and not (tmp_path / "v2").exists()
-    # our own v1 output (GPTQModel word-wide convention) is read back word-wide
-    w = tmp_path / "word"
+    # our own v1 output: sign-flip encoding (default, nothing borrows) and the plain word-wide one
+    w = tmp_path / "flip"
     rep = convert(d, w, to="gptq")
+    assert rep["v1_borrow_fields"] == 0 and rep["v1_total_fields"] > 0
+    assert_same(qws, load_quantized(w)[1])
+    assert_same(qws, load_quantized(w, v1_zeros="field")[1])  # either reading convention is exact
+    w = tmp_path / "word"
+    rep = convert(d, w, to="gptq", v1_encoding="plain")
     assert rep["v1_borrow_fields"] > 0
     assert_same(qws, load_quantized(w)[1])
 
@@ -199,11 +212,19 @@ def test_v1_borrow_warning_logged(tmp_path, caplog):
     qws, tensors = stories_model(2, 64, seed=2, layers=1)
     with caplog.at_level(logging.WARNING, logger="effqat.converters"):
         rep = save_quantized(tmp_path / "v1", fmt="gptq", qweights=qws, tensors=tensors,
-                             config_dir_or_files=config_files(tmp_path))
+                             config_dir_or_files=config_files(tmp_path), v1_encoding="plain")
     n = rep["v1_borrow_fields"]
     assert n > 0
     msg = " ".join(r.getMessage() for r in caplog.records)
     assert f"{n} of {rep['v1_total_fields']}" in msg and "gptq_v2" in msg and "vLLM" in msg
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="effqat.converters"):
+        rep = save_quantized(tmp_path / "v1f", fmt="gptq", qweights=qws, tensors=tensors,
+                             config_dir_or_files=config_files(tmp_path))
+    assert rep["v1_borrow_fields"] == 0 and "borrow" not in caplog.text
+    with pytest.raises(ValueError, match="v1_encoding"):
+        save_quantized(tmp_path / "bad", fmt="gptq", qweights=qws, tensors=tensors,
+                       config_dir_or_files=config_files(tmp_path), v1_encoding="nope")
 
 
 def test_bitblas_refusals(tmp_path):
