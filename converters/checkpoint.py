@@ -51,6 +51,35 @@ def parse_size(size) -> int:
     return value
 
 
+def safetensors_error(path: Path, err: Exception) -> ValueError:
+    """One clear line for a file safetensors cannot read (truncated, corrupt header, not safetensors)."""
+    msg = str(err).replace("Error while deserializing header: ", "")
+    return ValueError(f"{path}: corrupt or truncated safetensors file ({msg})")
+
+
+@contextmanager
+def open_safetensors(path: Path):
+    """``safe_open`` whose failures (``SafetensorError``, I/O errors) become one ValueError naming the file."""
+    try:
+        f = safe_open(path, framework="pt")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} does not exist") from None
+    except Exception as e:  # safetensors_rust.SafetensorError is a bare Exception subclass
+        raise safetensors_error(path, e) from None
+    with f:
+        yield f
+
+
+def check_safetensors_folder(path) -> "SafetensorsFolder":
+    """Read every shard header (no tensor data) of a model folder and check index / shards agree.
+
+    For folders loaded by other libraries (transformers' ``from_pretrained`` of an fp model, say),
+    whose own errors are tracebacks: truncated or corrupt shards, an index naming a missing shard or
+    tensors, duplicate tensors all become one ValueError / FileNotFoundError naming the file.
+    """
+    return SafetensorsFolder(path)
+
+
 class SafetensorsFolder:
     """Key -> shard map of a folder; tensors are read lazily, one shard kept open at a time."""
 
@@ -75,13 +104,17 @@ class SafetensorsFolder:
         self.key_to_file: dict[str, str] = {}
         if INDEX_NAME in files:
             with open(self.path / INDEX_NAME, encoding="utf-8") as f:
-                index = json.load(f)
-            wm = index.get("weight_map")
-            if not isinstance(wm, dict) or not wm:
-                raise ValueError(f"{self.path / INDEX_NAME} has no weight_map")
+                try:
+                    index = json.load(f)
+                except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                    raise ValueError(f"{self.path / INDEX_NAME} is not valid JSON: {e}") from None
+            wm = index.get("weight_map") if isinstance(index, dict) else None
+            if not isinstance(wm, dict) or not wm or not all(isinstance(v, str) for v in wm.values()):
+                raise ValueError(f"{self.path / INDEX_NAME} has no valid weight_map")
             missing = sorted({v for v in wm.values() if v not in files})
             if missing:
-                raise FileNotFoundError(f"index names missing shard file(s): {', '.join(missing)}")
+                raise FileNotFoundError(
+                    f"{self.path / INDEX_NAME} names missing shard file(s): {', '.join(missing[:5])}")
             self.key_to_file = dict(wm)
             self.shards = list(dict.fromkeys(wm.values()))
             extra = [f for f in st if f not in self.shards]
@@ -95,7 +128,7 @@ class SafetensorsFolder:
         self.dtypes: dict[str, str] = {}
         seen: dict[str, str] = {}
         for shard in self.shards:
-            with safe_open(self.path / shard, framework="pt") as f:
+            with open_safetensors(self.path / shard) as f:
                 for k in f.keys():
                     if k in seen and seen[k] != shard:
                         raise ValueError(
@@ -109,7 +142,7 @@ class SafetensorsFolder:
         if self.key_to_file:
             absent = [k for k in self.key_to_file if k not in seen]
             if absent:
-                raise ValueError(f"index lists tensors missing from the shards: {absent[:5]}")
+                raise ValueError(f"{self.path / INDEX_NAME} lists tensors missing from the shards: {absent[:5]}")
         self.key_to_file = seen
         self.keys = list(seen)
         self._open_name = None
@@ -127,8 +160,12 @@ class SafetensorsFolder:
         if self._open_name != shard:
             self.close()
             f = open(self.path / shard, "rb")
-            n = struct.unpack("<Q", f.read(8))[0]
-            header = json.loads(f.read(n))
+            try:  # checked by safe_open in __init__; the file may have changed since
+                n = struct.unpack("<Q", f.read(8))[0]
+                header = json.loads(f.read(n))
+            except (struct.error, ValueError, UnicodeDecodeError) as e:
+                f.close()
+                raise safetensors_error(self.path / shard, e) from None
             self._open, self._open_name, self._header, self._base = f, shard, header, 8 + n
         info = self._header[key]
         dtype = ST_DTYPES.get(info["dtype"])
@@ -139,7 +176,7 @@ class SafetensorsFolder:
         self._open.seek(self._base + start)
         got = self._open.readinto(memoryview(buf.numpy()))
         if got != end - start:
-            raise ValueError(f"{key}: truncated shard {shard}")
+            raise ValueError(f"{self.path / shard}: truncated safetensors file ({key} is cut short)")
         return buf.view(dtype).reshape(info["shape"])
 
     def close(self):

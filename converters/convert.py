@@ -88,10 +88,19 @@ def decide(fmt: QuantFormat, specs: list[ModuleSpec], bits: int, group: int, sou
     return ctx, stored
 
 
+def _in_file(plan, m: str, e: QuantFormatError) -> QuantFormatError:
+    """Prefix a module error with the shard file that holds the module."""
+    shard = plan.folder.key_to_file.get(f"{m}.qweight", "")
+    return QuantFormatError(f"{plan.folder.path / shard}: {e}")
+
+
 def read_module(plan, m: str) -> QuantizedWeight:
     """Read one module of a planned folder; narrow it back to its quantized width if stored wider."""
     spec = plan.specs[m]
-    qw = plan.fmt.read(lambda suf: plan.folder.get(f"{m}.{suf}"), spec, plan.params)
+    try:
+        qw = plan.fmt.read(lambda suf: plan.folder.get(f"{m}.{suf}"), spec, plan.params)
+    except QuantFormatError as e:
+        raise _in_file(plan, m, e) from None
     if spec.logical_bits and spec.logical_bits != qw.bits:
         qw = QuantizedWeight(int_weight=qw.int_weight, zeros=qw.zeros, scales=qw.scales,
                              bits=spec.logical_bits, group_size=qw.group_size, g_idx=qw.g_idx,
@@ -103,7 +112,10 @@ def _fast_module(plan, dst_fmt: QuantFormat, m: str, stored_bits: int, ctx: Writ
     spec = plan.specs[m]
     if spec.true_bits not in (2, 4, 8) or stored_bits != spec.bits:
         return None
-    words = plan.fmt.read_words(lambda suf: plan.folder.get(f"{m}.{suf}"), spec, plan.params)
+    try:
+        words = plan.fmt.read_words(lambda suf: plan.folder.get(f"{m}.{suf}"), spec, plan.params)
+    except QuantFormatError as e:
+        raise _in_file(plan, m, e) from None
     if words is None:
         return None
     return dst_fmt.write_words(words, spec, stored_bits, ctx)

@@ -150,6 +150,52 @@ def _candidates(fmt: QuantFormat, name, shapes, bits_list, groups):
     return out
 
 
+_LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+# (module-name suffix, which config size in_features / out_features must equal; None = unchecked)
+_CONFIG_DIMS = (
+    (re.compile(r"\.self_attn\.[qkv]_proj$"), "hidden_size", None),
+    (re.compile(r"\.self_attn\.o_proj$"), None, "hidden_size"),
+    (re.compile(r"\.mlp\.(gate|up)_proj$"), "hidden_size", "intermediate_size"),
+    (re.compile(r"\.mlp\.down_proj$"), "intermediate_size", "hidden_size"),
+)
+
+
+def check_against_config(path: Path, specs: dict, folder: SafetensorsFolder) -> None:
+    """Refuse tensors whose shapes contradict ``config.json`` (wrong config or corrupt tensors).
+
+    Metadata only and deliberately narrow, so it never refuses a valid model: layer indices below
+    ``num_hidden_layers``; the embedding / lm_head width; and the Llama-family linears whose dims the
+    config states outright (``self_attn.{q,k,v}_proj`` in, ``o_proj`` out, ``mlp.{gate,up,down}_proj``
+    against ``hidden_size`` / ``intermediate_size``; MoE experts, fused and other names unchecked).
+    """
+    cfg = _read_json(path / "config.json")
+    if not isinstance(cfg, dict):
+        return
+    if isinstance(cfg.get("text_config"), dict):  # multimodal wrappers keep the LM config here
+        cfg = {**cfg, **cfg["text_config"]}
+    where = path / "config.json"
+    n_layers = cfg.get("num_hidden_layers")
+    if isinstance(n_layers, int):
+        for k in folder.keys:
+            m = _LAYER_RE.search(k)
+            if m and int(m.group(1)) >= n_layers and ".mtp." not in k:
+                raise ValueError(f"{where}: num_hidden_layers={n_layers} but the weights hold {k}")
+    hidden = cfg.get("hidden_size")
+    for k in ("model.embed_tokens.weight", "lm_head.weight"):
+        shp = folder.shapes.get(k)
+        if isinstance(hidden, int) and shp is not None and len(shp) == 2 and shp[1] != hidden:
+            raise ValueError(f"{where}: hidden_size={hidden} but {k} has shape {list(shp)}")
+    for name, spec in specs.items():
+        for rx, in_key, out_key in _CONFIG_DIMS:
+            if not rx.search(name) or ".experts." in name or ".shared_expert" in name:
+                continue
+            for key, got, side in ((in_key, spec.in_features, "in"), (out_key, spec.out_features, "out")):
+                want = cfg.get(key) if key else None
+                if isinstance(want, int) and got != want:
+                    raise ValueError(f"{where}: {key}={want} but the tensors of {name} give "
+                                     f"{side}_features={got} (wrong config.json or corrupt tensors)")
+
+
 def plan_folder(src, bits=None, group_size=None, v1_zeros: str | None = None) -> FolderPlan:
     path = Path(src)
     folder = SafetensorsFolder(path)
@@ -247,4 +293,5 @@ def plan_folder(src, bits=None, group_size=None, v1_zeros: str | None = None) ->
                                    group_size=g, has_bias=f"{m}.bias" in folder.shapes,
                                    has_g_idx=f"{m}.g_idx" in folder.shapes, in_known=known,
                                    logical_bits=logical)
+    check_against_config(path, plan.specs, folder)
     return plan

@@ -18,7 +18,7 @@ import torch
 from effqat_plugin.qweight import QuantFormatError
 
 from . import packing
-from .registry import (ModuleSpec, QuantFormat, WriteContext, check_codes, g_idx_is_default,
+from .registry import (ModuleSpec, QuantFormat, WriteContext, check_codes, check_finite_scales, g_idx_is_default,
                        make_qweight, register)
 
 BITBLAS_BITS = (2, 4, 8)
@@ -126,6 +126,7 @@ class BitblasFormat(QuantFormat):
         if any(tuple(t.shape) != exp[k] or (k != "scales" and t.dtype != torch.int8)
                for k, t in (("qweight", qweight), ("qzeros", qzeros), ("scales", scales))):
             return None  # the general path reports the precise error
+        check_finite_scales(spec.name, scales)
         words = qweight.contiguous().view(torch.int32)
         pos = self._lop3(bits)
         if pos is not None:

@@ -178,6 +178,7 @@ class QuantFormat:
                 raise QuantFormatError(
                     f"{name}.{k} has shape {tuple(t.shape)}, expected {exp[k]} for {fmt_label} at "
                     f"bits={spec.bits}, group_size={spec.group_size}: wrong --bits/--group-size or corrupt tensors")
+        check_finite_scales(name, tensors["scales"])
         return tensors["qweight"], tensors["qzeros"], tensors["scales"]
 
     # --- capabilities ------------------------------------------------------------------------
@@ -227,6 +228,14 @@ def get_format(name: str) -> QuantFormat:
         return FORMATS[name]
     except KeyError:
         raise ValueError(f"unknown format {name!r}; known: {', '.join(sorted(FORMATS))}") from None
+
+
+def check_finite_scales(name: str, scales: torch.Tensor) -> None:
+    """NaN / Inf step sizes make every weight of their group NaN / Inf: refuse them on read."""
+    if scales.is_floating_point():
+        bad = int((~torch.isfinite(scales)).sum())
+        if bad:
+            raise QuantFormatError(f"{name}.scales holds {bad} NaN/Inf value(s): corrupt checkpoint")
 
 
 def check_codes(qw: QuantizedWeight, name: str) -> None:

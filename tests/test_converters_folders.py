@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from effqat_plugin.converters import FORMATS, convert, load_quantized, packing, save_quantized
 from effqat_plugin.qweight import QuantFormatError
 
-from test_converters_helpers import (assert_same, assert_tensors_same, config_files, rand_qweight, read_qcfg,
+from test_converters_helpers import (BITBLAS_DIMS, assert_same, assert_tensors_same, config_files, rand_qweight, read_qcfg,
                                      stories_model)
 
 ALL = ["eqat", "gptq", "gptq_v2", "bitblas"]
@@ -27,7 +27,7 @@ def small_bitblas_model(bits, group, seed=0):
         "model.layers.0.mlp.up_proj": rand_qweight(256, 128, bits, group, seed + 1, bias=True),
         "model.layers.0.mlp.down_proj": rand_qweight(128, 256, bits, group, seed + 2),
     }
-    tensors = {"model.embed_tokens.weight": torch.randn(512, 64).half(), "lm_head.weight": torch.randn(512, 64).half(),
+    tensors = {"model.embed_tokens.weight": torch.randn(512, 128).half(), "lm_head.weight": torch.randn(512, 128).half(),
                "model.norm.weight": torch.ones(128, dtype=torch.bfloat16)}
     return qws, tensors
 
@@ -75,7 +75,7 @@ def test_all_pairs_ragged_stories_shapes(tmp_path, bits):
 @pytest.mark.parametrize("group", [32, 64, 128])
 def test_all_pairs_with_bitblas(tmp_path, bits, group):
     qws, tensors = small_bitblas_model(bits, group, seed=bits + group)
-    cfg = config_files(tmp_path)
+    cfg = config_files(tmp_path, **BITBLAS_DIMS)
     src = tmp_path / "bb"
     save_quantized(src, fmt="bitblas", qweights=qws, tensors=tensors, config_dir_or_files=cfg)
     q = read_qcfg(src)
@@ -235,7 +235,8 @@ def test_bitblas_refusals(tmp_path):
     with pytest.raises(QuantFormatError, match="divisible"):
         convert(src, tmp_path / "bb", to="bitblas")
     q3, t3 = small_bitblas_model(3, 64)
-    save_quantized(tmp_path / "s3", fmt="gptq_v2", qweights=q3, tensors=t3, config_dir_or_files=cfg)
+    save_quantized(tmp_path / "s3", fmt="gptq_v2", qweights=q3, tensors=t3,
+                   config_dir_or_files=config_files(tmp_path, **BITBLAS_DIMS))
     with pytest.raises(QuantFormatError, match="3-bit"):
         convert(tmp_path / "s3", tmp_path / "bb3", to="bitblas")
     with pytest.raises(QuantFormatError, match="3-bit"):
@@ -362,11 +363,11 @@ def test_cli(tmp_path, capsys):
 def test_fast_word_path_writes_identical_bytes(tmp_path, bits):
     """The packed-word fast path and the unpack/repack path produce byte-identical folders."""
     qws, tensors = small_bitblas_model(bits, 64, seed=bits)
-    qws["model.layers.0.mlp.gate_proj"] = rand_qweight(172, 128, bits, 64, 9)  # ragged out (not for bitblas)
-    cfg = config_files(tmp_path)
+    qws["model.layers.0.mlp.extra_proj"] = rand_qweight(172, 128, bits, 64, 9)  # ragged out (not for bitblas)
+    cfg = config_files(tmp_path, **BITBLAS_DIMS)
     for a in ALL:
         src = tmp_path / a
-        q = qws if a != "bitblas" else {k: v for k, v in qws.items() if "gate" not in k}
+        q = qws if a != "bitblas" else {k: v for k, v in qws.items() if "extra" not in k}
         save_quantized(src, fmt=a, qweights=q, tensors=tensors, config_dir_or_files=cfg)
         for b in ALL:
             if b == "bitblas" and a != "bitblas":

@@ -56,18 +56,24 @@ def stories_model(bits, group, seed=0, layers=5, linears=None):
     return qws, tensors
 
 
-def config_files(tmp: Path, intermediate_size: int | None = None) -> Path:
-    """A folder with stories260k's config / tokenizer files (no weights), optionally another MLP width."""
-    d = tmp / ("cfg" if intermediate_size is None else f"cfg{intermediate_size}")
+def config_files(tmp: Path, intermediate_size: int | None = None, **overrides) -> Path:
+    """A folder with stories260k's config / tokenizer files (no weights), optionally other sizes."""
+    if intermediate_size is not None:
+        overrides["intermediate_size"] = intermediate_size
+    tag = "".join(f"-{k}{v}" for k, v in sorted(overrides.items()))
+    d = tmp / f"cfg{tag}"
     if not d.exists():
         d.mkdir()
         for n in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
             shutil.copy(STORIES / n, d / n)
-        if intermediate_size is not None:
+        if overrides:
             c = json.loads((d / "config.json").read_text())
-            c["intermediate_size"] = intermediate_size
+            c.update(overrides)
             (d / "config.json").write_text(json.dumps(c, indent=2))
     return d
+
+
+BITBLAS_DIMS = {"hidden_size": 128, "intermediate_size": 256}   # config of small_bitblas_model
 
 
 def llama_linears(inter: int) -> dict:
