@@ -98,7 +98,7 @@ def read_module(plan, m: str) -> QuantizedWeight:
     """Read one module of a planned folder; narrow it back to its quantized width if stored wider."""
     spec = plan.specs[m]
     try:
-        qw = plan.fmt.read(lambda suf: plan.folder.get(f"{m}.{suf}"), spec, plan.params)
+        qw = plan.fmt.read(plan.getter(m), spec, plan.params)
     except QuantFormatError as e:
         raise _in_file(plan, m, e) from None
     if spec.logical_bits and spec.logical_bits != qw.bits:
@@ -113,7 +113,7 @@ def _fast_module(plan, dst_fmt: QuantFormat, m: str, stored_bits: int, ctx: Writ
     if spec.true_bits not in (2, 4, 8) or stored_bits != spec.bits:
         return None
     try:
-        words = plan.fmt.read_words(lambda suf: plan.folder.get(f"{m}.{suf}"), spec, plan.params)
+        words = plan.fmt.read_words(plan.getter(m), spec, plan.params)
     except QuantFormatError as e:
         raise _in_file(plan, m, e) from None
     if words is None:
@@ -234,8 +234,8 @@ def convert(src, dst, *, to: str, bits=None, group_size=None, overwrite=False, d
 
     owner = {}
     for m in plan.specs:
-        for suf in plan.fmt.suffixes:
-            owner[f"{m}.{suf}"] = m
+        for k in plan.module_keys(m):
+            owner[k] = m
 
     def items():
         done = set()

@@ -48,6 +48,30 @@ class FolderPlan:
     group_size: int = 0
     inferred_from: str = ""
 
+    def key(self, module: str, suffix: str) -> str:
+        """The stored name of ``module.suffix`` (an older alias such as BitBLAS ``.zeros`` if that is it)."""
+        return stored_key(self.folder, self.fmt, module, suffix)
+
+    def getter(self, module: str):
+        return lambda suf: self.folder.get(self.key(module, suf))
+
+    def module_keys(self, module: str) -> list:
+        keys = [self.key(module, s) for s in self.fmt.suffixes]
+        return [k for k in keys if k in self.folder.shapes]
+
+
+def stored_key(folder: SafetensorsFolder, fmt: QuantFormat, module: str, suffix: str) -> str:
+    k = f"{module}.{suffix}"
+    if k in folder.shapes:
+        for alt in fmt.aliases.get(suffix, ()):
+            if f"{module}.{alt}" in folder.shapes:
+                raise QuantFormatError(f"{module}: both {k} and {module}.{alt} are stored; keep one")
+        return k
+    for alt in fmt.aliases.get(suffix, ()):
+        if f"{module}.{alt}" in folder.shapes:
+            return f"{module}.{alt}"
+    return k
+
 
 def _read_json(p: Path):
     if not p.is_file():
@@ -98,7 +122,7 @@ def detect_format(folder: SafetensorsFolder, qcfg: dict | None) -> str:
         fmt = str(qcfg.get("checkpoint_format") or qcfg.get("format") or "").lower()
         if method == "eqat" or fmt == "eqat":
             declared = "eqat"
-        elif fmt == "bitblas":
+        elif fmt == "bitblas" or method == "bitblas":  # GPTQModel 0.9.8-4.x: checkpoint_format; vLLM: method
             declared = "bitblas"
         elif method == "gptq":
             declared = "gptq_v2" if fmt == "gptq_v2" else "gptq"
@@ -123,7 +147,7 @@ def detect_format(folder: SafetensorsFolder, qcfg: dict | None) -> str:
 def _module_shapes(folder, name, fmt):
     shapes = {}
     for suf in fmt.suffixes:
-        k = f"{name}.{suf}"
+        k = stored_key(folder, fmt, name, suf)
         if k in folder.shapes:
             shapes[suf] = folder.shapes[k]
     for suf in ("qweight", "qzeros", "scales"):
@@ -216,8 +240,9 @@ def plan_folder(src, bits=None, group_size=None, v1_zeros: str | None = None) ->
     for m in mods:
         shapes = _module_shapes(folder, m, fmt)
         for suf in fmt.suffixes:
-            if f"{m}.{suf}" in folder.shapes:
-                owned.add(f"{m}.{suf}")
+            k = stored_key(folder, fmt, m, suf)
+            if k in folder.shapes:
+                owned.add(k)
         per_mod[m] = (shapes, _candidates(fmt, m, shapes, BITS_CANDIDATES, all_groups))
         if not per_mod[m][1]:
             raise QuantFormatError(

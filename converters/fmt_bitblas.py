@@ -29,6 +29,9 @@ class BitblasFormat(QuantFormat):
     name = "bitblas"
     description = "BitBLAS (int8 QuantCompress + LOP3 interleave, quantized zeros), GPTQModel format bitblas"
     suffixes = ("qweight", "qzeros", "scales", "bias")
+    # GPTQModel 0.9.8-4.x (which made the authors' ``ChenMnZ/*-EfficientQAT-*-BitBLAS`` repos) named
+    # the quantized zero points ``<module>.zeros`` (same int8 layout); 7.7 and our writer use qzeros.
+    aliases = {"qzeros": ("zeros",)}
 
     def qweight_dtype(self):
         return "I8"

@@ -84,6 +84,8 @@ class QuantFormat:
     description: str = ""
     # Suffixes this format stores per quantized module.
     suffixes: tuple = MODULE_SUFFIXES
+    # Older names a reader also accepts: {suffix: (alias, ...)}; writers use ``suffixes``.
+    aliases: dict = {}
 
     # --- metadata ----------------------------------------------------------------------------
     def qweight_dtype(self) -> str:

@@ -378,3 +378,36 @@ def test_fast_word_path_writes_identical_bytes(tmp_path, bits):
             assert_tensors_same(load_file(fast / "model.safetensors"), load_file(slow / "model.safetensors"))
             assert rf["v1_borrow_fields"] == rs["v1_borrow_fields"]
             assert_same(q, load_quantized(fast)[1])
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_authors_bitblas_repos_older_gptqmodel_names(tmp_path, bits):
+    """GPTQModel 0.9.8-4.x (the ChenMnZ/*-EfficientQAT-*-BitBLAS repos) stored ``<module>.zeros`` and
+    a quantize_config without ``format``; we read it and write 7.7's ``.qzeros``."""
+    qws, tensors = small_bitblas_model(bits, 64, seed=40 + bits)
+    cfg = config_files(tmp_path, **BITBLAS_DIMS)
+    old = tmp_path / "Llama-2-7b-EfficientQAT-w2g64-BitBLAS"
+    save_quantized(old, fmt="bitblas", qweights=qws, tensors=tensors, config_dir_or_files=cfg)
+    t = load_file(old / "model.safetensors")
+    t = {(k[: -len("qzeros")] + "zeros" if k.endswith(".qzeros") else k): v for k, v in t.items()}
+    save_file(t, str(old / "model.safetensors"))
+    (old / "quantize_config.json").write_text(json.dumps({
+        "bits": bits, "group_size": 64, "damp_percent": 0.01, "desc_act": False, "static_groups": False,
+        "sym": False, "true_sequential": True, "lm_head": False, "model_name_or_path": None,
+        "model_file_base_name": "model", "quant_method": "gptq", "checkpoint_format": "bitblas",
+        "meta": {"quantizer": "gptqmodel:0.9.8"}}))
+    fmt, q2, t2, _ = load_quantized(old)
+    assert fmt == "bitblas"
+    assert_same(qws, q2)
+    assert_tensors_same(tensors, t2)  # .zeros is not carried as a plain tensor
+    for to in ("gptq_v2", "bitblas"):
+        for fast in (True, False):
+            d = tmp_path / f"{to}-{fast}"
+            convert(old, d, to=to, fast=fast)
+            assert_same(qws, load_quantized(d)[1])
+            keys = load_file(d / "model.safetensors").keys()
+            assert not any(k.endswith(".zeros") for k in keys) and any(k.endswith(".qzeros") for k in keys)
+    t["model.layers.0.mlp.up_proj.qzeros"] = t["model.layers.0.mlp.up_proj.zeros"].clone()
+    save_file(t, str(old / "model.safetensors"))
+    with pytest.raises(QuantFormatError, match="both"):
+        load_quantized(old)
