@@ -122,6 +122,8 @@ def detect_format(folder: SafetensorsFolder, qcfg: dict | None) -> str:
         fmt = str(qcfg.get("checkpoint_format") or qcfg.get("format") or "").lower()
         if method == "eqat" or fmt == "eqat":
             declared = "eqat"
+        elif method == "awq":
+            declared = "awq"
         elif fmt == "bitblas" or method == "bitblas":  # GPTQModel 0.9.8-4.x: checkpoint_format; vLLM: method
             declared = "bitblas"
         elif method == "gptq":
@@ -137,6 +139,8 @@ def detect_format(folder: SafetensorsFolder, qcfg: dict | None) -> str:
         return "bitblas"
     if dt != "I32":
         raise ValueError(f"unsupported qweight dtype {dt}")
+    if declared == "awq" and with_gidx:
+        raise ValueError("folder config says awq but the modules carry g_idx (GPTQ/EQAT tensors)")
     if declared == "bitblas":
         raise ValueError("folder config says bitblas but qweight tensors are int32 (GPTQ/EQAT)")
     if 0 < with_gidx < len(mods) and declared is None:

@@ -1,4 +1,4 @@
-"""``effqat convert SRC DST --to gptq|gptq_v2|bitblas|eqat``: convert quantized checkpoints."""
+"""``effqat convert SRC DST --to gptq|gptq_v2|bitblas|eqat|awq``: convert quantized checkpoints."""
 from __future__ import annotations
 
 import json
@@ -8,13 +8,13 @@ import logging
 def add_parser(subparsers):
     p = subparsers.add_parser(
         "convert",
-        help="convert a quantized checkpoint (EQAT, GPTQ v1/v2, BitBLAS) to another format",
+        help="convert a quantized checkpoint (EQAT, GPTQ v1/v2, BitBLAS, AWQ) to another format",
         description="Convert an original EfficientQAT folder, a GPTQ v1/v2 folder or a BitBLAS folder "
                     "to another format, bit-exactly. The source format is detected from its tensors "
                     "and quantize_config.json.")
     p.add_argument("src", help="source folder (safetensors)")
     p.add_argument("dst", help="destination folder (must not exist unless --overwrite)")
-    p.add_argument("--to", required=True, choices=["gptq", "gptq_v2", "bitblas", "eqat"],
+    p.add_argument("--to", required=True, choices=["gptq", "gptq_v2", "bitblas", "eqat", "awq"],
                    help="target format")
     p.add_argument("--bits", type=int, choices=[2, 3, 4, 8], default=None,
                    help="bits, when neither the folder config, the tensor shapes nor the folder name tell")
