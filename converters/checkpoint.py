@@ -27,6 +27,7 @@ ST_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
              "I64": torch.int64, "BOOL": torch.bool}
 ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
 INDEX_NAME = "model.safetensors.index.json"
+WRITE_CHUNK = 64 << 20
 SINGLE_NAME = "model.safetensors"
 PICKLE_WEIGHT_RE = re.compile(r"(pytorch_model.*\.bin|.*\.(pt|pth|ckpt)|model.*\.bin|adapter_model\.bin)$")
 # Files never copied verbatim into a converted folder (weights, index, our own config).
@@ -263,7 +264,9 @@ def write_safetensors(path: Path, tensors: dict, metadata: dict | None = None):
         f.write(hb)
         for t in tensors.values():
             if t.numel():
-                f.write(memoryview(t.contiguous().view(-1).view(torch.uint8).numpy()))
+                mv = memoryview(t.contiguous().view(-1).view(torch.uint8).numpy())
+                for i in range(0, len(mv), WRITE_CHUNK):   # bounded syscalls: steadier under
+                    f.write(mv[i:i + WRITE_CHUNK])         # dirty-page throttling than one huge write
 
 
 def check_destination(src, dst, overwrite: bool) -> Path:

@@ -129,3 +129,21 @@ def test_eval_loader_on_truncated_fp_folder(tmp_path, stories260k_dir):
     (d / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="model.safetensors: corrupt or truncated"):
         load_for_eval(str(d))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_finite_check_on_bits(dtype):
+    import torch
+
+    from effqat_plugin.converters.registry import check_finite_scales
+    from effqat_plugin.qweight import QuantFormatError
+
+    dt = getattr(torch, dtype)
+    big = torch.finfo(dt).max
+    ok = torch.tensor([[0.0, -0.0, 1e-4, -3.5, big, -big]], dtype=dt)
+    check_finite_scales("m", ok)
+    for v in (float("nan"), float("inf"), float("-inf")):
+        bad = ok.clone()
+        bad[0, 2] = v
+        with pytest.raises(QuantFormatError, match="1 NaN/Inf"):
+            check_finite_scales("m", bad)
