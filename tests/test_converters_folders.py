@@ -323,7 +323,7 @@ def test_error_paths_leave_nothing(tmp_path):
     with pytest.raises(FileNotFoundError):
         convert(tmp_path / "nope", tmp_path / "out-nope", to="gptq")
     with pytest.raises(ValueError, match="unknown format"):
-        convert(src, tmp_path / "out-x", to="awq")
+        convert(src, tmp_path / "out-x", to="marlin")
     # same source and destination
     with pytest.raises(ValueError, match="differ"):
         convert(src, src, to="gptq", overwrite=True)
