@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import mmap
 import os
 import re
 import struct
@@ -149,15 +150,76 @@ class SafetensorsFolder:
         self._open_name = None
         self._open = None
         self._header = None
+        self.mmap_reads = False   # convert() turns this on: see get()
+        self._maps: dict = {}     # shard -> (file, mmap, uint8 tensor over it, header, data base)
 
     def shard_keys(self, shard: str) -> list[str]:
         return [k for k in self.keys if self.key_to_file[k] == shard]
 
+    def _mapped(self, shard: str):
+        m = self._maps.get(shard)
+        if m is None:
+            path = self.path / shard
+            f = open(path, "rb")
+            try:
+                n = struct.unpack("<Q", f.read(8))[0]
+                header = json.loads(f.read(n))
+                size = os.fstat(f.fileno()).st_size
+                end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+                if 8 + n + end > size:   # touching a page past EOF would be SIGBUS, not an error
+                    raise ValueError(f"data ends at {8 + n + end}, file has {size} bytes")
+                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            except (struct.error, ValueError, UnicodeDecodeError, OSError) as e:
+                f.close()
+                raise safetensors_error(path, e) from None
+            m = (f, mm, torch.frombuffer(mm, dtype=torch.uint8), header, 8 + n)
+            self._maps[shard] = m
+        return m
+
+    def _get_mapped(self, key: str, shard: str) -> torch.Tensor | None:
+        f, mm, buf, header, base = self._mapped(shard)
+        info = header[key]
+        dtype = ST_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise ValueError(f"{key}: unsupported safetensors dtype {info['dtype']}")
+        start, end = info["data_offsets"]
+        if (base + start) % torch.empty((), dtype=dtype).element_size():
+            return None   # unaligned data: the plain read path copies it
+        return buf[base + start: base + end].view(dtype).reshape(info["shape"])
+
+    def source_range(self, t: torch.Tensor):
+        """(fd, offset) when ``t`` is an untouched view of a mapped shard (write it by copy_file_range)."""
+        if not self._maps or not t.is_contiguous():
+            return None
+        p, nb = t.data_ptr(), t.numel() * t.element_size()
+        for f, mm, buf, header, base in self._maps.values():
+            p0 = buf.data_ptr()
+            if p0 <= p and p + nb <= p0 + buf.numel():
+                return f.fileno(), p - p0
+        return None
+
+    def release_maps(self):
+        """Drop the shard mappings (tensors still viewing them keep their pages alive until freed)."""
+        for f, mm, buf, header, base in self._maps.values():
+            f.close()
+        self._maps = {}
+
     def get(self, key: str) -> torch.Tensor | None:
-        """Read one tensor with plain file reads (no mmap: only tensors in flight count in RSS)."""
+        """Read one tensor.
+
+        Plain file reads by default (only tensors in flight count in RSS). With ``mmap_reads`` the
+        tensor is a zero-copy view of a private mapping of the shard: pages are read only if touched,
+        and :func:`write_safetensors` copies untouched views file-to-file in the kernel
+        (``copy_file_range``), so a conversion that keeps qweight bytes never moves them through
+        Python at all.
+        """
         shard = self.key_to_file.get(key)
         if shard is None:
             return None
+        if self.mmap_reads:
+            t = self._get_mapped(key, shard)
+            if t is not None:
+                return t
         if self._open_name != shard:
             self.close()
             f = open(self.path / shard, "rb")
@@ -196,8 +258,9 @@ class SafetensorsFolder:
 class ShardWriter:
     """Collects tensors and flushes a shard whenever the next tensor would pass ``max_bytes``."""
 
-    def __init__(self, folder: Path, max_bytes: int, metadata: dict | None = None):
+    def __init__(self, folder: Path, max_bytes: int, metadata: dict | None = None, source=None):
         self.folder = Path(folder)
+        self.source = source   # tensor -> (fd, offset) | None: bytes to copy from a source file
         self.max_bytes = max_bytes
         self.metadata = metadata or {"format": "pt"}
         self.buf: dict[str, torch.Tensor] = {}
@@ -222,7 +285,7 @@ class ShardWriter:
         if not self.buf:
             return
         tmp_name = f"part-{len(self.parts):05d}.safetensors"
-        write_safetensors(self.folder / tmp_name, self.buf, self.metadata)
+        write_safetensors(self.folder / tmp_name, self.buf, self.metadata, self.source)
         self.parts.append((tmp_name, list(self.buf)))
         self.buf = {}
         self.buf_bytes = 0
@@ -246,8 +309,13 @@ class ShardWriter:
         return names
 
 
-def write_safetensors(path: Path, tensors: dict, metadata: dict | None = None):
-    """Write a .safetensors file tensor by tensor (no whole-file bytes copy in memory)."""
+def write_safetensors(path: Path, tensors: dict, metadata: dict | None = None, source=None):
+    """Write a .safetensors file tensor by tensor (no whole-file bytes copy in memory).
+
+    ``source(t)`` may return ``(fd, offset)`` for a tensor whose bytes already sit in a source file;
+    they are then copied file-to-file by the kernel (``os.copy_file_range``) instead of through a
+    Python buffer.
+    """
     header, off = {}, 0
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
@@ -259,14 +327,48 @@ def write_safetensors(path: Path, tensors: dict, metadata: dict | None = None):
         off += nb
     hb = json.dumps(header, separators=(",", ":")).encode("utf-8")
     hb += b" " * (-len(hb) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(hb)))
-        f.write(hb)
+    with open(path, "wb", buffering=0) as f:
+        f.write(struct.pack("<Q", len(hb)) + hb)
         for t in tensors.values():
-            if t.numel():
-                mv = memoryview(t.contiguous().view(-1).view(torch.uint8).numpy())
-                for i in range(0, len(mv), WRITE_CHUNK):   # bounded syscalls: steadier under
-                    f.write(mv[i:i + WRITE_CHUNK])         # dirty-page throttling than one huge write
+            if not t.numel():
+                continue
+            rng = source(t) if source is not None else None
+            if rng is not None and _copy_range(rng[0], f.fileno(), rng[1], t.numel() * t.element_size()):
+                continue
+            mv = memoryview(t.contiguous().view(-1).view(torch.uint8).numpy())
+            for i in range(0, len(mv), WRITE_CHUNK):   # bounded syscalls: steadier under
+                _write_all(f, mv[i:i + WRITE_CHUNK])    # dirty-page throttling than one huge write
+
+
+def _write_all(f, mv):
+    while len(mv):
+        n = f.write(mv)
+        mv = mv[n:]
+
+
+def _copy_range(src_fd: int, dst_fd: int, offset: int, nbytes: int) -> bool:
+    """Append ``nbytes`` of ``src_fd`` at ``offset`` to ``dst_fd``; False if the kernel can't (then
+    nothing was written and the caller writes the bytes itself)."""
+    done = 0
+    try:
+        while done < nbytes:
+            n = os.copy_file_range(src_fd, dst_fd, nbytes - done, offset + done)
+            if n <= 0:
+                break
+            done += n
+    except OSError:
+        pass
+    if done == nbytes:
+        return True
+    if done:   # partial copy: finish with a plain read + write of the rest
+        with os.fdopen(os.dup(src_fd), "rb") as s:
+            s.seek(offset + done)
+            rest = s.read(nbytes - done)
+        if len(rest) != nbytes - done:
+            raise ValueError("source file shrank while converting")
+        os.write(dst_fd, rest)
+        return True
+    return False
 
 
 def check_destination(src, dst, overwrite: bool) -> Path:

@@ -172,11 +172,11 @@ def _warn(ctx: WriteContext, fmt: QuantFormat):
 
 
 def _write(dst: Path, fmt: QuantFormat, ctx: WriteContext, stored: dict, items: Iterable,
-           config_src, meta: dict | None, overwrite: bool, max_shard_size) -> dict:
+           config_src, meta: dict | None, overwrite: bool, max_shard_size, source=None) -> dict:
     """Drain ``items`` ((name, QuantizedWeight | Tensor)) into ``dst`` atomically."""
     max_bytes = parse_size(max_shard_size)
     with atomic_folder(dst, overwrite) as tmp:
-        sw = ShardWriter(tmp, max_bytes)
+        sw = ShardWriter(tmp, max_bytes, source=source)
         for name, obj in items:
             if isinstance(obj, dict):          # already in the target layout (fast path)
                 ctx.modules += 1
@@ -264,7 +264,15 @@ def convert(src, dst, *, to: str, bits=None, group_size=None, overwrite=False, d
             if k in plan.qcfg["meta"]:
                 meta[k] = plan.qcfg["meta"][k]
         meta["source_quantizer"] = plan.qcfg["meta"].get("quantizer")
-    out = _write(Path(dst), dst_fmt, ctx, stored, items(), src, meta, overwrite, max_shard_size)
+    # Source tensors become zero-copy views of the shards; those a conversion passes through
+    # unchanged (qweight between EQAT and GPTQ at 2/4/8 bits, scales, g_idx, embeddings, norms)
+    # are copied file-to-file by the kernel when the output shard is written.
+    folder.mmap_reads = True
+    try:
+        out = _write(Path(dst), dst_fmt, ctx, stored, items(), src, meta, overwrite, max_shard_size,
+                     source=folder.source_range)
+    finally:
+        folder.release_maps()
     extra.update(out)
     extra["seconds"] = round(time.time() - t0, 3)
     return _report(ctx, dst_fmt, extra)
