@@ -198,6 +198,29 @@ class SafetensorsFolder:
                 return f.fileno(), p - p0
         return None
 
+    def drop_pages(self, keys) -> None:
+        """Give back the mapped pages of these tensors once they are consumed (``MADV_DONTNEED``).
+
+        Reading a mapping keeps its pages resident (and counted in RSS) until the mapping goes; a
+        conversion touches every qweight it repacks, so without this peak RSS would grow to a whole
+        shard on top of the output being collected. Views still held (to be copied file-to-file
+        later) stay valid: a dropped page of a private, unmodified mapping is re-read from the file.
+        """
+        if not self._maps or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        page = mmap.PAGESIZE
+        for key in keys:
+            shard = self.key_to_file.get(key)
+            m = self._maps.get(shard)
+            if m is None:
+                continue
+            f, mm, buf, header, base = m
+            start, end = header[key]["data_offsets"]
+            lo = -(-(base + start) // page) * page
+            hi = (base + end) // page * page
+            if hi > lo:
+                mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
     def release_maps(self):
         """Drop the shard mappings (tensors still viewing them keep their pages alive until freed)."""
         for f, mm, buf, header, base in self._maps.values():

@@ -253,8 +253,10 @@ def convert(src, dst, *, to: str, bits=None, group_size=None, overwrite=False, d
                         tensors = _fast_module(plan, dst_fmt, m, stored[m], ctx)
                         if tensors is not None:
                             yield m, tensors
+                            folder.drop_pages(plan.module_keys(m))
                             continue
                     yield m, read_module(plan, m)
+                    folder.drop_pages(plan.module_keys(m))
         finally:
             folder.close()
 

@@ -17,6 +17,8 @@ Packing runs along a chosen axis (``dim=0``: along rows, as GPTQ ``qweight`` pac
 """
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 import torch
 
@@ -180,9 +182,7 @@ def lop3_positions(bits: int) -> list[int]:
     return pos
 
 
-def permute_fields(words: torch.Tensor, bits: int, positions: list[int], inverse: bool = False) -> torch.Tensor:
-    """Move each ``bits``-wide field ``o`` of every int32 word to bit ``positions[o]`` (or back)."""
-    w = _as_int32(words).contiguous().numpy().view(np.uint32)
+def _permute_loop(w: np.ndarray, bits: int, positions: tuple, inverse: bool) -> np.ndarray:
     mask = np.uint32((1 << bits) - 1)
     out = np.zeros_like(w)
     tmp = np.empty_like(w)  # one scratch buffer: no per-field allocations
@@ -192,6 +192,28 @@ def permute_fields(words: torch.Tensor, bits: int, positions: list[int], inverse
         np.bitwise_and(tmp, mask, out=tmp)
         np.left_shift(tmp, np.uint32(dst), out=tmp)
         np.bitwise_or(out, tmp, out=out)
+    return out
+
+
+@lru_cache(maxsize=16)
+def _permute_tables(bits: int, positions: tuple, inverse: bool):
+    """The permutation of every possible low / high 16-bit half (fields never straddle halves)."""
+    v = np.arange(1 << 16, dtype=np.uint32)
+    return _permute_loop(v, bits, positions, inverse), _permute_loop(v << np.uint32(16), bits, positions, inverse)
+
+
+def permute_fields(words: torch.Tensor, bits: int, positions: list[int], inverse: bool = False) -> torch.Tensor:
+    """Move each ``bits``-wide field ``o`` of every int32 word to bit ``positions[o]`` (or back).
+
+    A field permutation moves bits independently, so ``perm(w) = perm(low half) | perm(high half)``:
+    two lookups in 65536-entry tables instead of four passes per field (16 fields at 2 bits).
+    """
+    w = _as_int32(words).contiguous().numpy().view(np.uint32)
+    lo, hi = _permute_tables(bits, tuple(positions), inverse)
+    idx = np.bitwise_and(w, np.uint32(0xFFFF))
+    out = np.take(lo, idx)
+    np.right_shift(w, np.uint32(16), out=idx)
+    np.bitwise_or(out, np.take(hi, idx), out=out)
     return torch.from_numpy(out.view(np.int32))
 
 
