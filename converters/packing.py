@@ -211,9 +211,9 @@ def permute_fields(words: torch.Tensor, bits: int, positions: list[int], inverse
     w = _as_int32(words).contiguous().numpy().view(np.uint32)
     lo, hi = _permute_tables(bits, tuple(positions), inverse)
     idx = np.bitwise_and(w, np.uint32(0xFFFF))
-    out = np.take(lo, idx)
-    np.right_shift(w, np.uint32(16), out=idx)
-    np.bitwise_or(out, np.take(hi, idx), out=out)
+    out = np.take(lo, idx, mode="clip")   # indices are < 65536 by construction; 'clip' skips the
+    np.right_shift(w, np.uint32(16), out=idx)   # bounds check that makes the default 7x slower
+    np.bitwise_or(out, np.take(hi, idx, mode="clip"), out=out)
     return torch.from_numpy(out.view(np.int32))
 
 
