@@ -1,7 +1,10 @@
 """Safetensors folders: lazy shard-by-shard reading, size-capped shard writing, atomic output.
 
 Nothing here ever unpickles: only ``.safetensors`` files are opened; folders whose weights are
-``.bin`` / ``.pt`` / ``.pth`` / ``.ckpt`` are refused.
+``.bin`` / ``.pt`` / ``.pth`` / ``.ckpt`` are refused. Every file safetensors cannot read (truncated,
+corrupt header, index naming a missing shard) becomes one ValueError / FileNotFoundError naming it.
+Conversions read through private mappings and write unchanged tensors with ``copy_file_range``
+(see ``SafetensorsFolder.get``), so bytes that do not change never pass through Python.
 """
 from __future__ import annotations
 
