@@ -34,6 +34,9 @@ setup(
         "torch>=2.14.1,<2.15",
         "gptqmodel==7.7.*",
         "transformers>=5.20,<6",
+        # transformers' GPTQ loader (AutoModelForCausalLM on our gptq / gptq_v2 folders) goes through
+        # optimum's GPTQQuantizer, backed by gptqmodel
+        "optimum>=2.3,<3",
         "accelerate>=1.10,<2",
         "safetensors>=0.6",
         "huggingface_hub>=1.0,<3",

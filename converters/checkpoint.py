@@ -1,12 +1,16 @@
 """Safetensors folders: lazy shard-by-shard reading, size-capped shard writing, atomic output.
 
 Nothing here ever unpickles: only ``.safetensors`` files are opened; folders whose weights are
-``.bin`` / ``.pt`` / ``.pth`` / ``.ckpt`` are refused.
+``.bin`` / ``.pt`` / ``.pth`` / ``.ckpt`` are refused. Every file safetensors cannot read (truncated,
+corrupt header, index naming a missing shard) becomes one ValueError / FileNotFoundError naming it.
+Conversions read through private mappings and write unchanged tensors with ``copy_file_range``
+(see ``SafetensorsFolder.get``), so bytes that do not change never pass through Python.
 """
 from __future__ import annotations
 
 import json
 import logging
+import mmap
 import os
 import re
 import struct
@@ -27,6 +31,7 @@ ST_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
              "I64": torch.int64, "BOOL": torch.bool}
 ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
 INDEX_NAME = "model.safetensors.index.json"
+WRITE_CHUNK = 64 << 20
 SINGLE_NAME = "model.safetensors"
 PICKLE_WEIGHT_RE = re.compile(r"(pytorch_model.*\.bin|.*\.(pt|pth|ckpt)|model.*\.bin|adapter_model\.bin)$")
 # Files never copied verbatim into a converted folder (weights, index, our own config).
@@ -49,6 +54,35 @@ def parse_size(size) -> int:
     if value <= 0:
         raise ValueError(f"shard size must be positive, got {size!r}")
     return value
+
+
+def safetensors_error(path: Path, err: Exception) -> ValueError:
+    """One clear line for a file safetensors cannot read (truncated, corrupt header, not safetensors)."""
+    msg = str(err).replace("Error while deserializing header: ", "")
+    return ValueError(f"{path}: corrupt or truncated safetensors file ({msg})")
+
+
+@contextmanager
+def open_safetensors(path: Path):
+    """``safe_open`` whose failures (``SafetensorError``, I/O errors) become one ValueError naming the file."""
+    try:
+        f = safe_open(path, framework="pt")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} does not exist") from None
+    except Exception as e:  # safetensors_rust.SafetensorError is a bare Exception subclass
+        raise safetensors_error(path, e) from None
+    with f:
+        yield f
+
+
+def check_safetensors_folder(path) -> "SafetensorsFolder":
+    """Read every shard header (no tensor data) of a model folder and check index / shards agree.
+
+    For folders loaded by other libraries (transformers' ``from_pretrained`` of an fp model, say),
+    whose own errors are tracebacks: truncated or corrupt shards, an index naming a missing shard or
+    tensors, duplicate tensors all become one ValueError / FileNotFoundError naming the file.
+    """
+    return SafetensorsFolder(path)
 
 
 class SafetensorsFolder:
@@ -75,13 +109,17 @@ class SafetensorsFolder:
         self.key_to_file: dict[str, str] = {}
         if INDEX_NAME in files:
             with open(self.path / INDEX_NAME, encoding="utf-8") as f:
-                index = json.load(f)
-            wm = index.get("weight_map")
-            if not isinstance(wm, dict) or not wm:
-                raise ValueError(f"{self.path / INDEX_NAME} has no weight_map")
+                try:
+                    index = json.load(f)
+                except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                    raise ValueError(f"{self.path / INDEX_NAME} is not valid JSON: {e}") from None
+            wm = index.get("weight_map") if isinstance(index, dict) else None
+            if not isinstance(wm, dict) or not wm or not all(isinstance(v, str) for v in wm.values()):
+                raise ValueError(f"{self.path / INDEX_NAME} has no valid weight_map")
             missing = sorted({v for v in wm.values() if v not in files})
             if missing:
-                raise FileNotFoundError(f"index names missing shard file(s): {', '.join(missing)}")
+                raise FileNotFoundError(
+                    f"{self.path / INDEX_NAME} names missing shard file(s): {', '.join(missing[:5])}")
             self.key_to_file = dict(wm)
             self.shards = list(dict.fromkeys(wm.values()))
             extra = [f for f in st if f not in self.shards]
@@ -95,7 +133,7 @@ class SafetensorsFolder:
         self.dtypes: dict[str, str] = {}
         seen: dict[str, str] = {}
         for shard in self.shards:
-            with safe_open(self.path / shard, framework="pt") as f:
+            with open_safetensors(self.path / shard) as f:
                 for k in f.keys():
                     if k in seen and seen[k] != shard:
                         raise ValueError(
@@ -109,26 +147,114 @@ class SafetensorsFolder:
         if self.key_to_file:
             absent = [k for k in self.key_to_file if k not in seen]
             if absent:
-                raise ValueError(f"index lists tensors missing from the shards: {absent[:5]}")
+                raise ValueError(f"{self.path / INDEX_NAME} lists tensors missing from the shards: {absent[:5]}")
         self.key_to_file = seen
         self.keys = list(seen)
         self._open_name = None
         self._open = None
         self._header = None
+        self.mmap_reads = False   # convert() turns this on: see get()
+        self._maps: dict = {}     # shard -> (file, mmap, uint8 tensor over it, header, data base)
 
     def shard_keys(self, shard: str) -> list[str]:
         return [k for k in self.keys if self.key_to_file[k] == shard]
 
+    def _mapped(self, shard: str):
+        m = self._maps.get(shard)
+        if m is None:
+            path = self.path / shard
+            f = open(path, "rb")
+            try:
+                n = struct.unpack("<Q", f.read(8))[0]
+                header = json.loads(f.read(n))
+                size = os.fstat(f.fileno()).st_size
+                end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+                if 8 + n + end > size:   # touching a page past EOF would be SIGBUS, not an error
+                    raise ValueError(f"data ends at {8 + n + end}, file has {size} bytes")
+                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            except (struct.error, ValueError, UnicodeDecodeError, OSError) as e:
+                f.close()
+                raise safetensors_error(path, e) from None
+            m = (f, mm, torch.frombuffer(mm, dtype=torch.uint8), header, 8 + n)
+            self._maps[shard] = m
+        return m
+
+    def _get_mapped(self, key: str, shard: str) -> torch.Tensor | None:
+        f, mm, buf, header, base = self._mapped(shard)
+        info = header[key]
+        dtype = ST_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise ValueError(f"{key}: unsupported safetensors dtype {info['dtype']}")
+        start, end = info["data_offsets"]
+        if (base + start) % torch.empty((), dtype=dtype).element_size():
+            return None   # unaligned data: the plain read path copies it
+        return buf[base + start: base + end].view(dtype).reshape(info["shape"])
+
+    def source_range(self, t: torch.Tensor):
+        """(fd, offset) when ``t`` is an untouched view of a mapped shard (write it by copy_file_range)."""
+        if not self._maps or not t.is_contiguous():
+            return None
+        p, nb = t.data_ptr(), t.numel() * t.element_size()
+        for f, mm, buf, header, base in self._maps.values():
+            p0 = buf.data_ptr()
+            if p0 <= p and p + nb <= p0 + buf.numel():
+                return f.fileno(), p - p0
+        return None
+
+    def drop_pages(self, keys) -> None:
+        """Give back the mapped pages of these tensors once they are consumed (``MADV_DONTNEED``).
+
+        Reading a mapping keeps its pages resident (and counted in RSS) until the mapping goes; a
+        conversion touches every qweight it repacks, so without this peak RSS would grow to a whole
+        shard on top of the output being collected. Views still held (to be copied file-to-file
+        later) stay valid: a dropped page of a private, unmodified mapping is re-read from the file.
+        """
+        if not self._maps or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        page = mmap.PAGESIZE
+        for key in keys:
+            shard = self.key_to_file.get(key)
+            m = self._maps.get(shard)
+            if m is None:
+                continue
+            f, mm, buf, header, base = m
+            start, end = header[key]["data_offsets"]
+            lo = -(-(base + start) // page) * page
+            hi = (base + end) // page * page
+            if hi > lo:
+                mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
+    def release_maps(self):
+        """Drop the shard mappings (tensors still viewing them keep their pages alive until freed)."""
+        for f, mm, buf, header, base in self._maps.values():
+            f.close()
+        self._maps = {}
+
     def get(self, key: str) -> torch.Tensor | None:
-        """Read one tensor with plain file reads (no mmap: only tensors in flight count in RSS)."""
+        """Read one tensor.
+
+        Plain file reads by default (only tensors in flight count in RSS). With ``mmap_reads`` the
+        tensor is a zero-copy view of a private mapping of the shard: pages are read only if touched,
+        and :func:`write_safetensors` copies untouched views file-to-file in the kernel
+        (``copy_file_range``), so a conversion that keeps qweight bytes never moves them through
+        Python at all.
+        """
         shard = self.key_to_file.get(key)
         if shard is None:
             return None
+        if self.mmap_reads:
+            t = self._get_mapped(key, shard)
+            if t is not None:
+                return t
         if self._open_name != shard:
             self.close()
             f = open(self.path / shard, "rb")
-            n = struct.unpack("<Q", f.read(8))[0]
-            header = json.loads(f.read(n))
+            try:  # checked by safe_open in __init__; the file may have changed since
+                n = struct.unpack("<Q", f.read(8))[0]
+                header = json.loads(f.read(n))
+            except (struct.error, ValueError, UnicodeDecodeError) as e:
+                f.close()
+                raise safetensors_error(self.path / shard, e) from None
             self._open, self._open_name, self._header, self._base = f, shard, header, 8 + n
         info = self._header[key]
         dtype = ST_DTYPES.get(info["dtype"])
@@ -139,7 +265,7 @@ class SafetensorsFolder:
         self._open.seek(self._base + start)
         got = self._open.readinto(memoryview(buf.numpy()))
         if got != end - start:
-            raise ValueError(f"{key}: truncated shard {shard}")
+            raise ValueError(f"{self.path / shard}: truncated safetensors file ({key} is cut short)")
         return buf.view(dtype).reshape(info["shape"])
 
     def close(self):
@@ -158,8 +284,9 @@ class SafetensorsFolder:
 class ShardWriter:
     """Collects tensors and flushes a shard whenever the next tensor would pass ``max_bytes``."""
 
-    def __init__(self, folder: Path, max_bytes: int, metadata: dict | None = None):
+    def __init__(self, folder: Path, max_bytes: int, metadata: dict | None = None, source=None):
         self.folder = Path(folder)
+        self.source = source   # tensor -> (fd, offset) | None: bytes to copy from a source file
         self.max_bytes = max_bytes
         self.metadata = metadata or {"format": "pt"}
         self.buf: dict[str, torch.Tensor] = {}
@@ -184,7 +311,7 @@ class ShardWriter:
         if not self.buf:
             return
         tmp_name = f"part-{len(self.parts):05d}.safetensors"
-        write_safetensors(self.folder / tmp_name, self.buf, self.metadata)
+        write_safetensors(self.folder / tmp_name, self.buf, self.metadata, self.source)
         self.parts.append((tmp_name, list(self.buf)))
         self.buf = {}
         self.buf_bytes = 0
@@ -208,8 +335,13 @@ class ShardWriter:
         return names
 
 
-def write_safetensors(path: Path, tensors: dict, metadata: dict | None = None):
-    """Write a .safetensors file tensor by tensor (no whole-file bytes copy in memory)."""
+def write_safetensors(path: Path, tensors: dict, metadata: dict | None = None, source=None):
+    """Write a .safetensors file tensor by tensor (no whole-file bytes copy in memory).
+
+    ``source(t)`` may return ``(fd, offset)`` for a tensor whose bytes already sit in a source file;
+    they are then copied file-to-file by the kernel (``os.copy_file_range``) instead of through a
+    Python buffer.
+    """
     header, off = {}, 0
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
@@ -221,12 +353,48 @@ def write_safetensors(path: Path, tensors: dict, metadata: dict | None = None):
         off += nb
     hb = json.dumps(header, separators=(",", ":")).encode("utf-8")
     hb += b" " * (-len(hb) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(hb)))
-        f.write(hb)
+    with open(path, "wb", buffering=0) as f:
+        f.write(struct.pack("<Q", len(hb)) + hb)
         for t in tensors.values():
-            if t.numel():
-                f.write(memoryview(t.contiguous().view(-1).view(torch.uint8).numpy()))
+            if not t.numel():
+                continue
+            rng = source(t) if source is not None else None
+            if rng is not None and _copy_range(rng[0], f.fileno(), rng[1], t.numel() * t.element_size()):
+                continue
+            mv = memoryview(t.contiguous().view(-1).view(torch.uint8).numpy())
+            for i in range(0, len(mv), WRITE_CHUNK):   # bounded syscalls: steadier under
+                _write_all(f, mv[i:i + WRITE_CHUNK])    # dirty-page throttling than one huge write
+
+
+def _write_all(f, mv):
+    while len(mv):
+        n = f.write(mv)
+        mv = mv[n:]
+
+
+def _copy_range(src_fd: int, dst_fd: int, offset: int, nbytes: int) -> bool:
+    """Append ``nbytes`` of ``src_fd`` at ``offset`` to ``dst_fd``; False if the kernel can't (then
+    nothing was written and the caller writes the bytes itself)."""
+    done = 0
+    try:
+        while done < nbytes:
+            n = os.copy_file_range(src_fd, dst_fd, nbytes - done, offset + done)
+            if n <= 0:
+                break
+            done += n
+    except OSError:
+        pass
+    if done == nbytes:
+        return True
+    if done:   # partial copy: finish with a plain read + write of the rest
+        with os.fdopen(os.dup(src_fd), "rb") as s:
+            s.seek(offset + done)
+            rest = s.read(nbytes - done)
+        if len(rest) != nbytes - done:
+            raise ValueError("source file shrank while converting")
+        os.write(dst_fd, rest)
+        return True
+    return False
 
 
 def check_destination(src, dst, overwrite: bool) -> Path:
@@ -286,15 +454,22 @@ def carried_files(src_or_files) -> list[Path]:
     return out
 
 
-def copy_files(files: Iterable[Path], dst: Path, quant_cfg: dict | None):
+def copy_files(files: Iterable[Path], dst: Path, hf_quant_cfg: dict | None):
+    """Copy carried files; ``config.json`` gets ``quantization_config = hf_quant_cfg`` (or loses a
+    stale one when the target format has none, e.g. EQAT, which transformers cannot load)."""
     for p in files:
         target = dst / p.name
-        if p.name == "config.json" and quant_cfg is not None:
+        if p.name == "config.json":
             with open(p, encoding="utf-8") as f:
-                cfg = json.load(f)
-            if "quantization_config" in cfg:
-                # A stale source quantization_config would contradict the new format.
-                cfg["quantization_config"] = quant_cfg
+                try:
+                    cfg = json.load(f)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{p} is not valid JSON: {e}") from None
+            if hf_quant_cfg is not None or "quantization_config" in cfg:
+                if hf_quant_cfg is None:
+                    cfg.pop("quantization_config", None)
+                else:
+                    cfg["quantization_config"] = hf_quant_cfg
                 with open(target, "w", encoding="utf-8") as f:
                     json.dump(cfg, f, indent=2)
                 continue

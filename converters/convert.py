@@ -1,8 +1,10 @@
 """The Python API: ``convert`` (streaming, folder -> folder), ``save_quantized`` and ``load_quantized``.
 
-Every path goes reader -> :class:`QuantizedWeight` -> writer, one module at a time. ``convert`` reads
-one source shard at a time and flushes output shards at ``max_shard_size``, so memory stays around
-two shards whatever the model size. Output is built in a temporary sibling folder and renamed into
+Every path goes reader -> :class:`QuantizedWeight` -> writer, one module at a time (or, at 2/4/8
+bits, as whole packed words). ``convert`` reads the source through private mappings of its shards,
+gives back each module's pages once consumed, and flushes output shards at ``max_shard_size``;
+tensors that pass through unchanged are copied file-to-file by the kernel. Peak RSS stays under
+about 1.3x the largest shard (0.4x when qweight bytes do not change; ``scripts/bench_convert.py``). Output is built in a temporary sibling folder and renamed into
 place at the end; any error removes it and leaves ``dst`` untouched.
 """
 from __future__ import annotations
@@ -43,9 +45,22 @@ def _packed_bytes(fmt: QuantFormat, bits: int, s: ModuleSpec) -> int:
     return itemsize * (shp["qweight"][0] * shp["qweight"][1] + shp["qzeros"][0] * shp["qzeros"][1])
 
 
-def decide(fmt: QuantFormat, specs: list[ModuleSpec], bits: int, group: int, source_format: str):
+def is_ragged(s: ModuleSpec) -> bool:
+    """Dims some GPTQ kernels refuse: in/out not multiples of 32, or in not a multiple of the group."""
+    g = s.group_size
+    return bool(s.in_features % 32 or s.out_features % 32 or (g > 0 and s.n_groups > 1 and s.in_features % g))
+
+
+def decide(fmt: QuantFormat, specs: list[ModuleSpec], bits: int, group: int, source_format: str,
+           v1_encoding: str = "signflip"):
     """Folder bits / group, per-module stored widths and ``dynamic`` overrides for writing ``fmt``."""
-    ctx = WriteContext(fmt=fmt.name, bits=bits, group_size=group, source_format=source_format)
+    from .fmt_gptq import V1_ENCODINGS
+
+    if v1_encoding not in V1_ENCODINGS:
+        raise ValueError(f"v1_encoding must be one of {V1_ENCODINGS}, got {v1_encoding!r}")
+    ctx = WriteContext(fmt=fmt.name, bits=bits, group_size=group, source_format=source_format,
+                       v1_encoding=v1_encoding)
+    ctx.ragged = [s.name for s in specs if is_ragged(s)]
     specs = [dataclasses.replace(s, bits=s.true_bits, logical_bits=0) for s in specs]
     fmt.check_folder(ctx, specs)
     stored = {}
@@ -75,10 +90,19 @@ def decide(fmt: QuantFormat, specs: list[ModuleSpec], bits: int, group: int, sou
     return ctx, stored
 
 
+def _in_file(plan, m: str, e: QuantFormatError) -> QuantFormatError:
+    """Prefix a module error with the shard file that holds the module."""
+    shard = plan.folder.key_to_file.get(f"{m}.qweight", "")
+    return QuantFormatError(f"{plan.folder.path / shard}: {e}")
+
+
 def read_module(plan, m: str) -> QuantizedWeight:
     """Read one module of a planned folder; narrow it back to its quantized width if stored wider."""
     spec = plan.specs[m]
-    qw = plan.fmt.read(lambda suf: plan.folder.get(f"{m}.{suf}"), spec, plan.params)
+    try:
+        qw = plan.fmt.read(plan.getter(m), spec, plan.params)
+    except QuantFormatError as e:
+        raise _in_file(plan, m, e) from None
     if spec.logical_bits and spec.logical_bits != qw.bits:
         qw = QuantizedWeight(int_weight=qw.int_weight, zeros=qw.zeros, scales=qw.scales,
                              bits=spec.logical_bits, group_size=qw.group_size, g_idx=qw.g_idx,
@@ -90,7 +114,10 @@ def _fast_module(plan, dst_fmt: QuantFormat, m: str, stored_bits: int, ctx: Writ
     spec = plan.specs[m]
     if spec.true_bits not in (2, 4, 8) or stored_bits != spec.bits:
         return None
-    words = plan.fmt.read_words(lambda suf: plan.folder.get(f"{m}.{suf}"), spec, plan.params)
+    try:
+        words = plan.fmt.read_words(plan.getter(m), spec, plan.params)
+    except QuantFormatError as e:
+        raise _in_file(plan, m, e) from None
     if words is None:
         return None
     return dst_fmt.write_words(words, spec, stored_bits, ctx)
@@ -108,7 +135,8 @@ def _meta(ctx: WriteContext, fmt: QuantFormat, user_meta: dict | None) -> dict:
     if ctx.wider:
         meta["wider_modules"] = ctx.wider
     if fmt.name == "gptq":
-        meta["v1_zero_points"] = "word-wide (GPTQModel convention)"
+        meta["v1_zero_points"] = ("sign-flipped zero-point-0 groups: per-field and word-wide readers agree"
+                                  if ctx.v1_encoding == "signflip" else "word-wide (GPTQModel convention)")
     return meta
 
 
@@ -136,21 +164,21 @@ def _warn(ctx: WriteContext, fmt: QuantFormat):
             "because the %s runtime cannot hold them at %d bits: %s; cost %d extra bytes",
             len(ctx.wider), fmt.name, ctx.bits, ", ".join(sorted(ctx.wider)),
             sum(v["extra_bytes"] for v in ctx.wider.values()))
-    if fmt.name == "gptq" and ctx.v1_borrow_fields:
+    if fmt.name == "gptq" and ctx.v1_borrow_fields:  # only with v1_encoding="plain"
         log.warning(
             "gptq (v1) output: %d of %d zero-point fields follow a zero point of 0 and borrow across "
             "fields in GPTQModel's word-wide v1 convention. GPTQModel loads them exactly, but per-field "
             "readers (vLLM's and exllama's GPTQ kernels, AutoGPTQ) would misread these %d zero points; "
-            "use --to gptq_v2 for those runtimes or to avoid the ambiguity",
+            "drop --v1-encoding plain (the default sign-flip encoding has no borrows) or use --to gptq_v2",
             ctx.v1_borrow_fields, ctx.v1_total_fields, ctx.v1_borrow_fields)
 
 
 def _write(dst: Path, fmt: QuantFormat, ctx: WriteContext, stored: dict, items: Iterable,
-           config_src, meta: dict | None, overwrite: bool, max_shard_size) -> dict:
+           config_src, meta: dict | None, overwrite: bool, max_shard_size, source=None) -> dict:
     """Drain ``items`` ((name, QuantizedWeight | Tensor)) into ``dst`` atomically."""
     max_bytes = parse_size(max_shard_size)
     with atomic_folder(dst, overwrite) as tmp:
-        sw = ShardWriter(tmp, max_bytes)
+        sw = ShardWriter(tmp, max_bytes, source=source)
         for name, obj in items:
             if isinstance(obj, dict):          # already in the target layout (fast path)
                 ctx.modules += 1
@@ -170,7 +198,7 @@ def _write(dst: Path, fmt: QuantFormat, ctx: WriteContext, stored: dict, items: 
         qcfg = fmt.quantize_config(ctx, _meta(ctx, fmt, meta))
         if qcfg is not None:
             write_json(tmp / "quantize_config.json", qcfg)
-        copy_files(carried_files(config_src), tmp, qcfg if fmt.name != "eqat" else None)
+        copy_files(carried_files(config_src), tmp, fmt.hf_quantization_config(ctx, qcfg) if qcfg else None)
         written = sum((tmp / f).stat().st_size for f in files)
     _warn(ctx, fmt)
     return {"files": files, "bytes_written": written}
@@ -178,7 +206,8 @@ def _write(dst: Path, fmt: QuantFormat, ctx: WriteContext, stored: dict, items: 
 
 # ----------------------------------------------------------------------------------------------
 def convert(src, dst, *, to: str, bits=None, group_size=None, overwrite=False, dry_run=False,
-            max_shard_size="4GB", v1_zeros: str = "auto", fast: bool = True) -> dict:
+            max_shard_size="4GB", v1_zeros: str = "auto", fast: bool = True,
+            v1_encoding: str = "signflip") -> dict:
     """Convert a quantized folder (EQAT / GPTQ v1 / GPTQ v2 / BitBLAS) to format ``to``.
 
     ``bits`` / ``group_size`` are needed only when neither the folder's config, its tensor shapes nor
@@ -192,7 +221,7 @@ def convert(src, dst, *, to: str, bits=None, group_size=None, overwrite=False, d
     src = Path(src)
     plan = plan_folder(src, bits=bits, group_size=group_size, v1_zeros=v1_zeros)
     specs = list(plan.specs.values())
-    ctx, stored = decide(dst_fmt, specs, plan.bits, plan.group_size, plan.fmt.name)
+    ctx, stored = decide(dst_fmt, specs, plan.bits, plan.group_size, plan.fmt.name, v1_encoding)
     if not dry_run:
         check_destination(src, dst, overwrite)
     folder = plan.folder
@@ -207,8 +236,8 @@ def convert(src, dst, *, to: str, bits=None, group_size=None, overwrite=False, d
 
     owner = {}
     for m in plan.specs:
-        for suf in plan.fmt.suffixes:
-            owner[f"{m}.{suf}"] = m
+        for k in plan.module_keys(m):
+            owner[k] = m
 
     def items():
         done = set()
@@ -226,8 +255,10 @@ def convert(src, dst, *, to: str, bits=None, group_size=None, overwrite=False, d
                         tensors = _fast_module(plan, dst_fmt, m, stored[m], ctx)
                         if tensors is not None:
                             yield m, tensors
+                            folder.drop_pages(plan.module_keys(m))
                             continue
                     yield m, read_module(plan, m)
+                    folder.drop_pages(plan.module_keys(m))
         finally:
             folder.close()
 
@@ -237,7 +268,15 @@ def convert(src, dst, *, to: str, bits=None, group_size=None, overwrite=False, d
             if k in plan.qcfg["meta"]:
                 meta[k] = plan.qcfg["meta"][k]
         meta["source_quantizer"] = plan.qcfg["meta"].get("quantizer")
-    out = _write(Path(dst), dst_fmt, ctx, stored, items(), src, meta, overwrite, max_shard_size)
+    # Source tensors become zero-copy views of the shards; those a conversion passes through
+    # unchanged (qweight between EQAT and GPTQ at 2/4/8 bits, scales, g_idx, embeddings, norms)
+    # are copied file-to-file by the kernel when the output shard is written.
+    folder.mmap_reads = True
+    try:
+        out = _write(Path(dst), dst_fmt, ctx, stored, items(), src, meta, overwrite, max_shard_size,
+                     source=folder.source_range)
+    finally:
+        folder.release_maps()
     extra.update(out)
     extra["seconds"] = round(time.time() - t0, 3)
     return _report(ctx, dst_fmt, extra)
@@ -260,7 +299,7 @@ def folder_bits_group(qweights: Mapping[str, QuantizedWeight]) -> tuple[int, int
 
 def save_quantized(dst, *, fmt: str, qweights: Mapping[str, QuantizedWeight],
                    tensors: Mapping[str, torch.Tensor], config_dir_or_files, meta: dict | None = None,
-                   overwrite: bool = False, max_shard_size: str = "4GB") -> dict:
+                   overwrite: bool = False, max_shard_size: str = "4GB", v1_encoding: str = "signflip") -> dict:
     """Write in-memory quantized modules + other tensors as a ``fmt`` folder; returns a report."""
     f = get_format(fmt)
     if not qweights:
@@ -271,7 +310,8 @@ def save_quantized(dst, *, fmt: str, qweights: Mapping[str, QuantizedWeight],
         raise ValueError(f"tensors clash with quantized module tensors: {clash[:3]}")
     bits, group = folder_bits_group(qweights)
     specs = [_spec_of(n, q) for n, q in qweights.items()]
-    ctx, stored = decide(f, specs, bits, group, source_format=(meta or {}).get("source_format", "effqat"))
+    ctx, stored = decide(f, specs, bits, group, source_format=(meta or {}).get("source_format", "effqat"),
+                         v1_encoding=v1_encoding)
     check_destination(None, dst, overwrite)
 
     def items():

@@ -48,6 +48,30 @@ class FolderPlan:
     group_size: int = 0
     inferred_from: str = ""
 
+    def key(self, module: str, suffix: str) -> str:
+        """The stored name of ``module.suffix`` (an older alias such as BitBLAS ``.zeros`` if that is it)."""
+        return stored_key(self.folder, self.fmt, module, suffix)
+
+    def getter(self, module: str):
+        return lambda suf: self.folder.get(self.key(module, suf))
+
+    def module_keys(self, module: str) -> list:
+        keys = [self.key(module, s) for s in self.fmt.suffixes]
+        return [k for k in keys if k in self.folder.shapes]
+
+
+def stored_key(folder: SafetensorsFolder, fmt: QuantFormat, module: str, suffix: str) -> str:
+    k = f"{module}.{suffix}"
+    if k in folder.shapes:
+        for alt in fmt.aliases.get(suffix, ()):
+            if f"{module}.{alt}" in folder.shapes:
+                raise QuantFormatError(f"{module}: both {k} and {module}.{alt} are stored; keep one")
+        return k
+    for alt in fmt.aliases.get(suffix, ()):
+        if f"{module}.{alt}" in folder.shapes:
+            return f"{module}.{alt}"
+    return k
+
 
 def _read_json(p: Path):
     if not p.is_file():
@@ -98,7 +122,9 @@ def detect_format(folder: SafetensorsFolder, qcfg: dict | None) -> str:
         fmt = str(qcfg.get("checkpoint_format") or qcfg.get("format") or "").lower()
         if method == "eqat" or fmt == "eqat":
             declared = "eqat"
-        elif fmt == "bitblas":
+        elif method == "awq":
+            declared = "awq"
+        elif fmt == "bitblas" or method == "bitblas":  # GPTQModel 0.9.8-4.x: checkpoint_format; vLLM: method
             declared = "bitblas"
         elif method == "gptq":
             declared = "gptq_v2" if fmt == "gptq_v2" else "gptq"
@@ -113,6 +139,8 @@ def detect_format(folder: SafetensorsFolder, qcfg: dict | None) -> str:
         return "bitblas"
     if dt != "I32":
         raise ValueError(f"unsupported qweight dtype {dt}")
+    if declared == "awq" and with_gidx:
+        raise ValueError("folder config says awq but the modules carry g_idx (GPTQ/EQAT tensors)")
     if declared == "bitblas":
         raise ValueError("folder config says bitblas but qweight tensors are int32 (GPTQ/EQAT)")
     if 0 < with_gidx < len(mods) and declared is None:
@@ -123,7 +151,7 @@ def detect_format(folder: SafetensorsFolder, qcfg: dict | None) -> str:
 def _module_shapes(folder, name, fmt):
     shapes = {}
     for suf in fmt.suffixes:
-        k = f"{name}.{suf}"
+        k = stored_key(folder, fmt, name, suf)
         if k in folder.shapes:
             shapes[suf] = folder.shapes[k]
     for suf in ("qweight", "qzeros", "scales"):
@@ -150,6 +178,52 @@ def _candidates(fmt: QuantFormat, name, shapes, bits_list, groups):
     return out
 
 
+_LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+# (module-name suffix, which config size in_features / out_features must equal; None = unchecked)
+_CONFIG_DIMS = (
+    (re.compile(r"\.self_attn\.[qkv]_proj$"), "hidden_size", None),
+    (re.compile(r"\.self_attn\.o_proj$"), None, "hidden_size"),
+    (re.compile(r"\.mlp\.(gate|up)_proj$"), "hidden_size", "intermediate_size"),
+    (re.compile(r"\.mlp\.down_proj$"), "intermediate_size", "hidden_size"),
+)
+
+
+def check_against_config(path: Path, specs: dict, folder: SafetensorsFolder) -> None:
+    """Refuse tensors whose shapes contradict ``config.json`` (wrong config or corrupt tensors).
+
+    Metadata only and deliberately narrow, so it never refuses a valid model: layer indices below
+    ``num_hidden_layers``; the embedding / lm_head width; and the Llama-family linears whose dims the
+    config states outright (``self_attn.{q,k,v}_proj`` in, ``o_proj`` out, ``mlp.{gate,up,down}_proj``
+    against ``hidden_size`` / ``intermediate_size``; MoE experts, fused and other names unchecked).
+    """
+    cfg = _read_json(path / "config.json")
+    if not isinstance(cfg, dict):
+        return
+    if isinstance(cfg.get("text_config"), dict):  # multimodal wrappers keep the LM config here
+        cfg = {**cfg, **cfg["text_config"]}
+    where = path / "config.json"
+    n_layers = cfg.get("num_hidden_layers")
+    if isinstance(n_layers, int):
+        for k in folder.keys:
+            m = _LAYER_RE.search(k)
+            if m and int(m.group(1)) >= n_layers and ".mtp." not in k:
+                raise ValueError(f"{where}: num_hidden_layers={n_layers} but the weights hold {k}")
+    hidden = cfg.get("hidden_size")
+    for k in ("model.embed_tokens.weight", "lm_head.weight"):
+        shp = folder.shapes.get(k)
+        if isinstance(hidden, int) and shp is not None and len(shp) == 2 and shp[1] != hidden:
+            raise ValueError(f"{where}: hidden_size={hidden} but {k} has shape {list(shp)}")
+    for name, spec in specs.items():
+        for rx, in_key, out_key in _CONFIG_DIMS:
+            if not rx.search(name) or ".experts." in name or ".shared_expert" in name:
+                continue
+            for key, got, side in ((in_key, spec.in_features, "in"), (out_key, spec.out_features, "out")):
+                want = cfg.get(key) if key else None
+                if isinstance(want, int) and got != want:
+                    raise ValueError(f"{where}: {key}={want} but the tensors of {name} give "
+                                     f"{side}_features={got} (wrong config.json or corrupt tensors)")
+
+
 def plan_folder(src, bits=None, group_size=None, v1_zeros: str | None = None) -> FolderPlan:
     path = Path(src)
     folder = SafetensorsFolder(path)
@@ -170,8 +244,9 @@ def plan_folder(src, bits=None, group_size=None, v1_zeros: str | None = None) ->
     for m in mods:
         shapes = _module_shapes(folder, m, fmt)
         for suf in fmt.suffixes:
-            if f"{m}.{suf}" in folder.shapes:
-                owned.add(f"{m}.{suf}")
+            k = stored_key(folder, fmt, m, suf)
+            if k in folder.shapes:
+                owned.add(k)
         per_mod[m] = (shapes, _candidates(fmt, m, shapes, BITS_CANDIDATES, all_groups))
         if not per_mod[m][1]:
             raise QuantFormatError(
@@ -247,4 +322,5 @@ def plan_folder(src, bits=None, group_size=None, v1_zeros: str | None = None) ->
                                    group_size=g, has_bias=f"{m}.bias" in folder.shapes,
                                    has_g_idx=f"{m}.g_idx" in folder.shapes, in_known=known,
                                    logical_bits=logical)
+    check_against_config(path, plan.specs, folder)
     return plan

@@ -18,7 +18,7 @@ import torch
 from effqat_plugin.qweight import QuantFormatError
 
 from . import packing
-from .registry import (ModuleSpec, QuantFormat, WriteContext, check_codes, g_idx_is_default,
+from .registry import (ModuleSpec, QuantFormat, WriteContext, check_codes, check_finite_scales, g_idx_is_default,
                        make_qweight, register)
 
 BITBLAS_BITS = (2, 4, 8)
@@ -29,6 +29,9 @@ class BitblasFormat(QuantFormat):
     name = "bitblas"
     description = "BitBLAS (int8 QuantCompress + LOP3 interleave, quantized zeros), GPTQModel format bitblas"
     suffixes = ("qweight", "qzeros", "scales", "bias")
+    # GPTQModel 0.9.8-4.x (which made the authors' ``ChenMnZ/*-EfficientQAT-*-BitBLAS`` repos) named
+    # the quantized zero points ``<module>.zeros`` (same int8 layout); 7.7 and our writer use qzeros.
+    aliases = {"qzeros": ("zeros",)}
 
     def qweight_dtype(self):
         return "I8"
@@ -61,6 +64,9 @@ class BitblasFormat(QuantFormat):
 
     def quantize_config(self, ctx, meta):
         return self.gptq_family_config(ctx, meta, "bitblas", desc_act=False)
+
+    def hf_quantization_config(self, ctx, qcfg):
+        return self.gptq_family_hf_config(ctx, qcfg)   # transformers -> BitblasLinear (CUDA only)
 
     def stored_bits(self, spec: ModuleSpec) -> int:
         if spec.bits not in BITBLAS_BITS:
@@ -123,6 +129,7 @@ class BitblasFormat(QuantFormat):
         if any(tuple(t.shape) != exp[k] or (k != "scales" and t.dtype != torch.int8)
                for k, t in (("qweight", qweight), ("qzeros", qzeros), ("scales", scales))):
             return None  # the general path reports the precise error
+        check_finite_scales(spec.name, scales)
         words = qweight.contiguous().view(torch.int32)
         pos = self._lop3(bits)
         if pos is not None:

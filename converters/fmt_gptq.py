@@ -14,9 +14,15 @@ Zero points
   from the next field: the words are right for GPTQModel but per-field readers
   (``((w >> s) & mask) + 1``: vLLM's and exllama's GPTQ kernels, AutoGPTQ) misread the neighbour.
   3-bit is converted per field by GPTQModel (no borrow).
-  Our ``gptq`` writer reproduces GPTQModel's word-wide convention exactly (so the folder loads in
-  GPTQModel), counts the fields a per-field reader would misread, and logs a warning that suggests
-  ``gptq_v2``.
+* Our ``gptq`` writer (``v1_encoding="signflip"``, the default) makes the file mean the same to both
+  kinds of reader: for every group whose zero point is 0 it stores ``W' = maxq - W``, ``z' = maxq``,
+  ``s' = -s``. Then ``(W' - z') * s' = (-W) * (-s) = W * s`` exactly (fp16 negation is exact), no
+  stored field is ``0 - 1``, so nothing borrows, and word-wide readers (GPTQModel, transformers) and
+  per-field readers (AutoGPTQ, exllama, TGI, vLLM's older kernels) decode identical weights.
+  GPTQModel's kernels compute ``(W - z) * s`` and accept negative scales (tested: dequantized weights
+  and logits equal). ``v1_encoding="plain"`` writes GPTQModel's word-wide form unchanged (counts the
+  fields a per-field reader would misread and warns). Our reader turns flipped groups (``z == maxq``
+  with negative scales) back into ``z = 0``, so round trips are bit-exact.
 * Reading v1 written by other tools: the two conventions give the same zero points except right after
   a field whose stored value is all ones (zero point 0). The reader decides by provenance:
   ``meta.quantizer`` containing ``gptqmodel:<version>`` with version >= 0.9.0 (GPTQModel's own rule,
@@ -34,6 +40,8 @@ from packaging.version import InvalidVersion, Version
 
 from . import packing
 from .fmt_eqat import InPackedFormat
+from effqat_plugin.qweight import QuantizedWeight, default_g_idx
+
 from .registry import ModuleSpec, WriteContext, package_version, register
 
 log = logging.getLogger("effqat.converters")
@@ -72,6 +80,58 @@ def field_misreads(qzeros_v1: torch.Tensor, zeros_go: torch.Tensor, bits: int) -
     return int(np.count_nonzero(per_field != zeros_go.numpy()))
 
 
+V1_ENCODINGS = ("signflip", "plain")
+
+
+def flip_groups(qw: QuantizedWeight, flip_og: torch.Tensor, maxq: int | None = None) -> QuantizedWeight:
+    """Store ``(maxq - W, maxq - z, -s)`` for the groups where ``flip_og`` ([out, G] bool) is set.
+
+    Applied to groups with ``z = 0`` it gives the sign-flip encoding; it is its own inverse, so
+    applied to the flipped groups (``z = maxq``, negative scales) it gives back ``(W, 0, s)``.
+    """
+    if not bool(flip_og.any()):
+        return qw
+    maxq = (1 << qw.bits) - 1 if maxq is None else maxq   # a module stored wider keeps its own range
+    g_idx = qw.g_idx.long()
+    per_in = flip_og[:, g_idx]                                     # [out, in]
+    w = torch.where(per_in, (maxq - qw.int_weight.to(torch.int16)).to(torch.uint8), qw.int_weight)
+    z = torch.where(flip_og, (maxq - qw.zeros.to(torch.int16)).to(torch.uint8), qw.zeros)
+    s = torch.where(flip_og, -qw.scales, qw.scales)
+    return QuantizedWeight(int_weight=w, zeros=z, scales=s, bits=qw.bits, group_size=qw.group_size,
+                           g_idx=qw.g_idx, bias=qw.bias)
+
+
+def flipped_groups(zeros, scales, maxq) -> torch.Tensor:
+    """Groups written by the sign-flip encoding: zero point maxq and a negative (sign-bit) scale."""
+    return (zeros == maxq) & torch.signbit(scales)
+
+
+def _sign_bits(scales: torch.Tensor) -> np.ndarray:
+    """Sign bit of every scale as a numpy bool array (no float ops: fast on fp16)."""
+    if scales.element_size() == 2:
+        return scales.contiguous().view(torch.int16).numpy() < 0
+    return scales.contiguous().view(torch.int32).numpy() < 0
+
+
+def flip_words(words: dict, flip_go: np.ndarray, spec: ModuleSpec) -> dict:
+    """The sign flip on GPTQ-v2-layout words (qweight [in/pf, out], true-zero qzeros, scales [G, out]).
+
+    ``flip_go`` is a numpy bool ``[G, out]``. All numpy, single-threaded: torch's element-wise CPU
+    ops stall on a busy 2-core machine and made v1 output 3x slower than v2.
+    """
+    if not flip_go.any():
+        return words
+    b = spec.bits
+    out = dict(words)
+    out["qweight"] = packing.flip_group_words(words["qweight"], flip_go, b, spec.in_features,
+                                              spec.group_size if spec.n_groups > 1 else -1)
+    zmask = packing.pack_words(torch.from_numpy(flip_go.astype(np.uint8) * np.uint8((1 << b) - 1)),
+                               b, 32 // b, dim=1)
+    out["qzeros"] = packing.xor_words(words["qzeros"], zmask)
+    out["scales"] = packing.negate_where(words["scales"], flip_go)
+    return out
+
+
 class GptqFormat(InPackedFormat):
     """``gptq_v2`` when ``v2`` else ``gptq`` (v1)."""
 
@@ -95,6 +155,9 @@ class GptqFormat(InPackedFormat):
 
     def quantize_config(self, ctx, meta):
         return self.gptq_family_config(ctx, meta, self.name, ctx.desc_act)
+
+    def hf_quantization_config(self, ctx, qcfg):
+        return self.gptq_family_hf_config(ctx, qcfg)
 
     # -- capabilities -------------------------------------------------------------------------
     def stored_bits(self, spec: ModuleSpec) -> int:
@@ -142,10 +205,41 @@ class GptqFormat(InPackedFormat):
         ctx.v1_total_fields += zeros_go.numel()
         return words
 
+    def read(self, get, spec, params):
+        qw = super().read(get, spec, params)
+        if self.v2:
+            return qw
+        maxq = (1 << spec.true_bits) - 1
+        return flip_groups(qw, flipped_groups(qw.zeros, qw.scales, maxq), maxq)
+
+    def read_words(self, get, spec, params):
+        words = super().read_words(get, spec, params)
+        if words is None or self.v2:
+            return words
+        maxq = (1 << spec.bits) - 1
+        if words["g_idx"] is not None and not torch.equal(
+                words["g_idx"].to(torch.int32), default_g_idx(spec.in_features, spec.group_size
+                                                              if spec.n_groups > 1 else -1)):
+            return None  # act-order: the general path handles flipped groups
+        z = packing.unpack_words(words["qzeros"], spec.bits, 32 // spec.bits, spec.out_features, dim=1)
+        return flip_words(words, (z.numpy() == maxq) & _sign_bits(words["scales"]), spec)
+
+    def write_words(self, words, spec, stored_bits, ctx):
+        if not self.v2 and ctx.v1_encoding == "signflip" and stored_bits == spec.bits:
+            z = packing.unpack_words(words["qzeros"], spec.bits, 32 // spec.bits, spec.out_features, dim=1)
+            if words["g_idx"] is not None and not torch.equal(
+                    words["g_idx"].to(torch.int32), default_g_idx(spec.in_features, spec.group_size
+                                                                  if spec.n_groups > 1 else -1)):
+                return None
+            words = flip_words(words, z.numpy() == 0, spec)
+        return super().write_words(words, spec, stored_bits, ctx)
+
     def write(self, qw, stored_bits, ctx):
         if not torch.equal(qw.g_idx.to(torch.int32), torch.arange(qw.in_features, dtype=torch.int32)
                            // (qw.group_size if qw.group_size != -1 else qw.in_features)):
             ctx.desc_act = True
+        if not self.v2 and ctx.v1_encoding == "signflip":
+            qw = flip_groups(qw, qw.zeros == 0)
         return super().write(qw, stored_bits, ctx)
 
 

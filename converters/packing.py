@@ -17,6 +17,8 @@ Packing runs along a chosen axis (``dim=0``: along rows, as GPTQ ``qweight`` pac
 """
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 import torch
 
@@ -180,9 +182,7 @@ def lop3_positions(bits: int) -> list[int]:
     return pos
 
 
-def permute_fields(words: torch.Tensor, bits: int, positions: list[int], inverse: bool = False) -> torch.Tensor:
-    """Move each ``bits``-wide field ``o`` of every int32 word to bit ``positions[o]`` (or back)."""
-    w = _as_int32(words).contiguous().numpy().view(np.uint32)
+def _permute_loop(w: np.ndarray, bits: int, positions: tuple, inverse: bool) -> np.ndarray:
     mask = np.uint32((1 << bits) - 1)
     out = np.zeros_like(w)
     tmp = np.empty_like(w)  # one scratch buffer: no per-field allocations
@@ -192,4 +192,90 @@ def permute_fields(words: torch.Tensor, bits: int, positions: list[int], inverse
         np.bitwise_and(tmp, mask, out=tmp)
         np.left_shift(tmp, np.uint32(dst), out=tmp)
         np.bitwise_or(out, tmp, out=out)
+    return out
+
+
+@lru_cache(maxsize=16)
+def _permute_tables(bits: int, positions: tuple, inverse: bool):
+    """The permutation of every possible low / high 16-bit half (fields never straddle halves)."""
+    v = np.arange(1 << 16, dtype=np.uint32)
+    return _permute_loop(v, bits, positions, inverse), _permute_loop(v << np.uint32(16), bits, positions, inverse)
+
+
+def permute_fields(words: torch.Tensor, bits: int, positions: list[int], inverse: bool = False) -> torch.Tensor:
+    """Move each ``bits``-wide field ``o`` of every int32 word to bit ``positions[o]`` (or back).
+
+    A field permutation moves bits independently, so ``perm(w) = perm(low half) | perm(high half)``:
+    two lookups in 65536-entry tables instead of four passes per field (16 fields at 2 bits).
+    """
+    w = _as_int32(words).contiguous().numpy().view(np.uint32)
+    lo, hi = _permute_tables(bits, tuple(positions), inverse)
+    idx = np.bitwise_and(w, np.uint32(0xFFFF))
+    out = np.take(lo, idx, mode="clip")   # indices are < 65536 by construction; 'clip' skips the
+    np.right_shift(w, np.uint32(16), out=idx)   # bounds check that makes the default 7x slower
+    np.bitwise_or(out, np.take(hi, idx, mode="clip"), out=out)
     return torch.from_numpy(out.view(np.int32))
+
+
+# --- whole-group code flips (GPTQ v1 sign-flip encoding) -------------------------------------
+
+def group_flip_mask(flip_go: torch.Tensor, bits: int, in_features: int, group_size: int) -> torch.Tensor:
+    """int32 words ``[ceil(in/pf), out]`` with every field of a flipped group set to all ones.
+
+    ``flip_go`` is bool ``[n_groups, out]``; input row ``i`` belongs to group ``i // group_size``
+    (no act-order). XOR-ing a qweight packed along ``in`` (2/4/8-bit) with this mask turns each code
+    ``W`` of a flipped group into ``maxq - W`` and leaves the padded fields of a ragged last word
+    zero. When the group is a whole number of words the mask is built per word row, not per value.
+    """
+    pf = 32 // bits
+    rows = words_for(in_features, bits, pf)
+    g = in_features if group_size == -1 else group_size
+    f = flip_go.numpy()
+    if g % pf == 0:
+        per = g // pf
+        m = np.repeat(f, per, axis=0)[:rows]
+        out = np.where(m, np.uint32(0xFFFFFFFF), np.uint32(0))
+        tail = rows * pf - in_features
+        if tail:
+            out[-1] &= np.uint32((1 << (bits * (pf - tail))) - 1)
+        return torch.from_numpy(out.view(np.int32))
+    maxq = (1 << bits) - 1
+    gid = np.arange(in_features) // g
+    codes = np.where(f[gid], np.uint8(maxq), np.uint8(0))
+    return pack_words(torch.from_numpy(codes), bits, pf, dim=0)
+
+
+def xor_words(words: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``words ^ mask`` on int32 tensors (numpy, single-threaded)."""
+    a = _as_int32(words).contiguous().numpy()
+    return torch.from_numpy(np.bitwise_xor(a, _as_int32(mask).contiguous().numpy()))
+
+
+def flip_group_words(qweight: torch.Tensor, flip_go: np.ndarray, bits: int, in_features: int,
+                     group_size: int) -> torch.Tensor:
+    """``qweight ^ group_flip_mask(...)`` without building the full mask when groups are whole words.
+
+    Each group's word rows are XOR-ed with one ``[out]`` row of all-ones / zeros by broadcasting
+    (numpy, one pass over qweight); ragged or unaligned groups fall back to the full mask.
+    """
+    pf = 32 // bits
+    rows, out = qweight.shape
+    g = in_features if group_size == -1 else group_size
+    if g % pf == 0 and in_features % g == 0:
+        per = g // pf
+        m = np.where(flip_go, np.uint32(0xFFFFFFFF), np.uint32(0))          # [G, out]
+        w = _as_int32(qweight).contiguous().numpy().view(np.uint32).reshape(-1, per, out)
+        res = np.bitwise_xor(w, m[:, None, :])
+        return torch.from_numpy(res.reshape(rows, out).view(np.int32))
+    return xor_words(qweight, group_flip_mask(torch.from_numpy(np.ascontiguousarray(flip_go)), bits,
+                                              in_features, group_size))
+
+
+def negate_where(scales: torch.Tensor, flip: np.ndarray) -> torch.Tensor:
+    """``-scales`` where ``flip`` (same shape), by toggling the sign bit (fp16 / bf16 / fp32)."""
+    itype, sign = {2: (np.uint16, 0x8000), 4: (np.uint32, 0x80000000)}[scales.element_size()]
+    v = scales.contiguous().numpy().view(itype) if scales.dtype != torch.bfloat16 else \
+        scales.contiguous().view(torch.int16).numpy().view(itype)
+    res = np.bitwise_xor(v, np.where(flip, itype(sign), itype(0)))
+    out = torch.from_numpy(res.view(np.int16 if itype is np.uint16 else np.int32))
+    return out.view(scales.dtype)

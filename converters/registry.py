@@ -13,6 +13,7 @@ import importlib.metadata
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 
 from effqat_plugin.qweight import QuantFormatError, QuantizedWeight, default_g_idx, n_groups_for
@@ -69,6 +70,8 @@ class WriteContext:
     source_format: str = ""
     dynamic: dict = field(default_factory=dict)
     wider: dict = field(default_factory=dict)   # module -> {"bits": asked, "stored_bits": b, "extra_bytes": n}
+    v1_encoding: str = "signflip"   # gptq (v1) output: 'signflip' (per-field safe) or 'plain'
+    ragged: list = field(default_factory=list)  # modules some GPTQ kernels refuse (see hf_backend)
     v1_borrow_fields: int = 0
     v1_total_fields: int = 0
     desc_act: bool = False
@@ -82,6 +85,8 @@ class QuantFormat:
     description: str = ""
     # Suffixes this format stores per quantized module.
     suffixes: tuple = MODULE_SUFFIXES
+    # Older names a reader also accepts: {suffix: (alias, ...)}; writers use ``suffixes``.
+    aliases: dict = {}
 
     # --- metadata ----------------------------------------------------------------------------
     def qweight_dtype(self) -> str:
@@ -142,6 +147,27 @@ class QuantFormat:
             "meta": meta,
         }
 
+    def hf_quantization_config(self, ctx: WriteContext, qcfg: dict | None) -> dict | None:
+        """``config.json``'s ``quantization_config``: what transformers' loader reads, or None.
+
+        ``AutoModelForCausalLM.from_pretrained`` decides from this key alone whether a folder is
+        quantized; without it every packed tensor is "unexpected" and the linears are random.
+        """
+        return None
+
+    def gptq_family_hf_config(self, ctx: WriteContext, qcfg: dict) -> dict:
+        """The quantize config plus a loading ``backend`` transformers' GPTQ integration honours.
+
+        transformers (through optimum and gptqmodel) picks one kernel for every module from bits /
+        group / device only; on CPU its 4-bit pick (``TorchCpuAvx512Linear``) refuses modules whose
+        in_features are not a multiple of the group or whose out_features are not a multiple of 32
+        (stories260k's 172-wide MLP). Folders with such modules name GPTQModel's ``torch`` kernel,
+        which takes every shape; all others keep ``auto`` (the fastest kernel for the device).
+        """
+        out = dict(qcfg)
+        out["backend"] = "torch" if ctx.ragged else "auto"
+        return out
+
     def fetch_checked(self, get: Getter, spec: ModuleSpec, fmt_label: str):
         """qweight / qzeros / scales of one module, present and of the shapes bits/group imply."""
         name = spec.name
@@ -155,6 +181,7 @@ class QuantFormat:
                 raise QuantFormatError(
                     f"{name}.{k} has shape {tuple(t.shape)}, expected {exp[k]} for {fmt_label} at "
                     f"bits={spec.bits}, group_size={spec.group_size}: wrong --bits/--group-size or corrupt tensors")
+        check_finite_scales(name, tensors["scales"])
         return tensors["qweight"], tensors["qzeros"], tensors["scales"]
 
     # --- capabilities ------------------------------------------------------------------------
@@ -204,6 +231,29 @@ def get_format(name: str) -> QuantFormat:
         return FORMATS[name]
     except KeyError:
         raise ValueError(f"unknown format {name!r}; known: {', '.join(sorted(FORMATS))}") from None
+
+
+_EXP_MASK = {torch.float16: 0x7C00, torch.bfloat16: 0x7F80}
+
+
+def check_finite_scales(name: str, scales: torch.Tensor) -> None:
+    """NaN / Inf step sizes make every weight of their group NaN / Inf: refuse them on read.
+
+    fp16 / bf16 are checked on their bits (a value is NaN/Inf iff its exponent field is all ones,
+    i.e. ``bits & 0x7FFF >= exponent mask``): one AND and one max over int16 with numpy, about 20x
+    faster than ``torch.isfinite`` on CPU halves, which dominated conversion time.
+    """
+    if not scales.is_floating_point() or scales.numel() == 0:
+        return
+    mask = _EXP_MASK.get(scales.dtype)
+    if mask is not None:
+        v = scales.contiguous().view(torch.int16).numpy().view(np.uint16)
+        if int(np.bitwise_and(v, np.uint16(0x7FFF)).max()) < mask:
+            return
+    elif bool(torch.isfinite(scales).all()):
+        return
+    bad = int((~torch.isfinite(scales)).sum())
+    raise QuantFormatError(f"{name}.scales holds {bad} NaN/Inf value(s): corrupt checkpoint")
 
 
 def check_codes(qw: QuantizedWeight, name: str) -> None:

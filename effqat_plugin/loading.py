@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -16,13 +17,36 @@ import torch.nn as nn
 def is_quantized_folder(path: str) -> bool:
     if os.path.isfile(os.path.join(path, "quantize_config.json")):
         return True
-    from safetensors import safe_open
+    from .converters.checkpoint import open_safetensors
 
     for name in sorted(os.listdir(path)):
         if name.endswith(".safetensors"):
-            with safe_open(os.path.join(path, name), "pt") as f:
+            with open_safetensors(Path(path) / name) as f:
                 return any(k.endswith(".qweight") for k in f.keys())
     return False
+
+
+def check_linear_shapes(hf_model: nn.Module, qweights, path) -> None:
+    """Every quantized module must replace an nn.Linear of the same shape in the config's model."""
+    for name, qw in qweights.items():
+        try:
+            lin = hf_model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"{path}: {name} is quantized in the checkpoint but config.json's model "
+                             "has no such module") from None
+        shape = (getattr(lin, "out_features", None), getattr(lin, "in_features", None))
+        if shape != (qw.out_features, qw.in_features):
+            raise ValueError(f"{path}: {name} is {qw.out_features}x{qw.in_features} in the checkpoint but "
+                             f"{shape[0]}x{shape[1]} in config.json's model (wrong config.json or corrupt tensors)")
+
+
+def check_tensor_shapes(hf_model: nn.Module, tensors, path) -> None:
+    """Non-quantized tensors (embeddings, norms, lm_head) must have the shapes config.json implies."""
+    state = hf_model.state_dict()
+    for k, t in tensors.items():
+        if k in state and tuple(state[k].shape) != tuple(t.shape):
+            raise ValueError(f"{path}: {k} has shape {list(t.shape)} in the checkpoint but "
+                             f"{list(state[k].shape)} in config.json's model")
 
 
 def _empty_model(config, dtype):
@@ -71,8 +95,10 @@ def load_checkpoint(path: str, dtype: torch.dtype = torch.float32, train_zeros: 
     from .converters import load_quantized
     from .kernels import PackedQuantLinear
 
-    fmt, qweights, tensors, qcfg = load_quantized(path)
+    fmt, qweights, tensors, qcfg = load_quantized(path)   # checks shards, scales, config dims
     model = _empty_model(AutoConfig.from_pretrained(path), dtype)
+    check_linear_shapes(model, qweights, path)
+    check_tensor_shapes(model, tensors, path)
     install_packed_linears(model, qweights, train_zeros=train_zeros, device=torch.device("cpu"))
     missing, unexpected = model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v
                                                  for k, v in tensors.items()}, strict=False)
@@ -98,10 +124,19 @@ def load_for_eval(path: str, runtime: str = "effqat") -> nn.Module:
     """fp folders via transformers; quantized folders via our kernels or (GPTQ only) GPTQModel."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"model folder not found: {path}")
+    from .converters.checkpoint import check_safetensors_folder
+
+    check_safetensors_folder(path)  # truncated / corrupt shards, broken index: one clear error
     if not is_quantized_folder(path):
         from transformers import AutoModelForCausalLM
 
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        try:
+            return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        except RuntimeError as e:  # transformers reports shape mismatches as a RuntimeError + table
+            if "mismatch" in str(e):
+                raise ValueError(f"{path}: tensor shapes contradict config.json "
+                                 "(wrong config.json or corrupt weights)") from None
+            raise
     if runtime == "gptqmodel":
         from gptqmodel import BACKEND, GPTQModel
 

@@ -1,12 +1,15 @@
 #!/usr/bin/env python
 """Benchmark the converters on a synthetic original-EQAT checkpoint with Llama-2-7B shapes (w2g64).
 
-Writes the source once (random packed words: every 2-bit pattern is a valid code), then converts it
-to each target in a fresh subprocess and prints seconds, MB/s of packed input (qweight + qzeros +
-scales + g_idx of the quantized modules; also total input) and the child's peak RSS against the
-largest source shard.
+Writes the source once (random packed words: every bit pattern is a valid code), then for each target
+runs, each in a fresh subprocess, a plain copy of the source folder (the I/O floor: read + write every
+byte, no conversion) and the conversion, and prints both throughputs (MB of source per second), their
+ratio (conversion / copy: 1.0 means as fast as copying) and the conversion's peak RSS against the
+largest source shard. Copy and conversion run back to back so the ratio holds on a busy machine.
 
-    python scripts/bench_convert.py [--layers 32] [--shard-size 2GB] [--targets gptq gptq_v2 bitblas eqat]
+    python scripts/bench_convert.py [--layers 32] [--bits 2] [--shard-size 2GB]
+                                    [--targets gptq gptq_v2 bitblas eqat] [--repeat 1]
+    python scripts/bench_convert.py --bits 4 --targets awq gptq_v2
 """
 from __future__ import annotations
 
@@ -101,45 +104,77 @@ print(json.dumps({"seconds": sec, "rss_kb": hwm,
                   "files": len(rep["files"]), "bytes_written": rep["bytes_written"]}))
 """
 
+COPY_CHILD = r"""
+import json, os, shutil, sys, time
+src, dst = sys.argv[1], sys.argv[2]
+t = time.time()
+os.makedirs(dst)
+for name in sorted(os.listdir(src)):
+    shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
+print(json.dumps({"seconds": time.time() - t}))
+"""
+
+
+def _child(code: str, *args) -> dict:
+    os.sync()  # do not time the write-back of the previous step
+    r = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
+                       env=os.environ.copy())
+    if r.returncode:
+        raise RuntimeError(r.stderr.strip().splitlines()[-1] if r.stderr.strip() else str(r.returncode))
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--bits", type=int, default=2, choices=[2, 4, 8])
     ap.add_argument("--shard-size", default="2GB", help="source and output shard size")
     ap.add_argument("--targets", nargs="+", default=["gptq", "gptq_v2", "bitblas", "eqat"])
+    ap.add_argument("--repeat", type=int, default=1, help="copy+convert pairs per target (best kept)")
     ap.add_argument("--workdir", default=None, help="where to build (default: a temp folder, removed)")
     args = ap.parse_args(argv)
     from effqat_plugin.converters.checkpoint import parse_size
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="effqat-bench-"))
-    src = work / "Llama-2-7b-EfficientQAT-w2g64"
+    src = work / f"Llama-2-7b-EfficientQAT-w{args.bits}g64"
     try:
         t = time.time()
-        packed = build_source(src, args.layers, parse_size(args.shard_size))
+        if (src / "model.safetensors.index.json").exists() and args.workdir:   # reuse a kept source
+            packed = sum(n for n in json.loads((src / "packed.json").read_text()).values())
+        else:
+            packed = build_source(src, args.layers, parse_size(args.shard_size), bits=args.bits)
+            (src / "packed.json").write_text(json.dumps({"packed": packed}))
         shards = sorted(src.glob("*.safetensors"))
         total = sum(p.stat().st_size for p in shards)
         largest = max(p.stat().st_size for p in shards)
-        print(f"source: {args.layers} layers, {len(shards)} shards, {total / 1e6:.0f} MB total, "
+        print(f"source: {args.layers} layers w{args.bits}g64, {len(shards)} shards, {total / 1e6:.0f} MB total, "
               f"{packed / 1e6:.0f} MB packed quantized tensors, largest shard {largest / 1e6:.0f} MB "
               f"(built in {time.time() - t:.1f} s)")
-        print(f"{'target':8s} {'seconds':>8s} {'MB/s packed':>12s} {'MB/s total':>11s} {'peak RSS MB':>12s} "
-              f"{'RSS/shard':>9s}")
-        rows = []
+        print(f"{'target':8s} {'copy s':>7s} {'copy MB/s':>10s} {'conv s':>7s} {'conv MB/s':>10s} "
+              f"{'conv/copy':>9s} {'peak RSS MB':>12s} {'RSS/shard':>9s}")
         for tgt in args.targets:
-            dst = work / f"out-{tgt}"
-            os.sync()  # do not time the write-back of the previous step
-            r = subprocess.run([sys.executable, "-c", CHILD, str(src), str(dst), tgt, args.shard_size],
-                               capture_output=True, text=True, env=os.environ.copy())
-            if r.returncode:
-                print(f"{tgt:8s} FAILED: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}")
+            best = None
+            for _ in range(args.repeat):
+                cdst, dst = work / "out-copy", work / f"out-{tgt}"
+                try:
+                    c = _child(COPY_CHILD, src, cdst)["seconds"]
+                    shutil.rmtree(cdst, ignore_errors=True)
+                    res = _child(CHILD, src, dst, tgt, args.shard_size)
+                except RuntimeError as e:
+                    print(f"{tgt:8s} FAILED: {e}")
+                    break
+                finally:
+                    shutil.rmtree(cdst, ignore_errors=True)
+                    shutil.rmtree(dst, ignore_errors=True)
+                ratio = c / res["seconds"]
+                if best is None or ratio > best[0]:
+                    best = (ratio, c, res)
+            if best is None:
                 continue
-            res = json.loads(r.stdout.strip().splitlines()[-1])
+            ratio, c, res = best
             rss = res["rss_kb"] * 1024
-            row = (tgt, res["seconds"], packed / 1e6 / res["seconds"], total / 1e6 / res["seconds"],
-                   rss / 1e6, rss / largest)
-            rows.append(row)
-            print(f"{row[0]:8s} {row[1]:8.1f} {row[2]:12.0f} {row[3]:11.0f} {row[4]:12.0f} {row[5]:9.2f}")
-            shutil.rmtree(dst, ignore_errors=True)
+            print(f"{tgt:8s} {c:7.2f} {total / 1e6 / c:10.0f} {res['seconds']:7.2f} "
+                  f"{total / 1e6 / res['seconds']:10.0f} {ratio:9.2f} {rss / 1e6:12.0f} {rss / largest:9.2f}")
         return 0
     finally:
         if not args.workdir:

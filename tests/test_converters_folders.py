@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from effqat_plugin.converters import FORMATS, convert, load_quantized, packing, save_quantized
 from effqat_plugin.qweight import QuantFormatError
 
-from test_converters_helpers import (assert_same, assert_tensors_same, config_files, rand_qweight, read_qcfg,
+from test_converters_helpers import (BITBLAS_DIMS, assert_same, assert_tensors_same, config_files, rand_qweight, read_qcfg,
                                      stories_model)
 
 ALL = ["eqat", "gptq", "gptq_v2", "bitblas"]
@@ -27,7 +27,7 @@ def small_bitblas_model(bits, group, seed=0):
         "model.layers.0.mlp.up_proj": rand_qweight(256, 128, bits, group, seed + 1, bias=True),
         "model.layers.0.mlp.down_proj": rand_qweight(128, 256, bits, group, seed + 2),
     }
-    tensors = {"model.embed_tokens.weight": torch.randn(512, 64).half(), "lm_head.weight": torch.randn(512, 64).half(),
+    tensors = {"model.embed_tokens.weight": torch.randn(512, 128).half(), "lm_head.weight": torch.randn(512, 128).half(),
                "model.norm.weight": torch.ones(128, dtype=torch.bfloat16)}
     return qws, tensors
 
@@ -60,14 +60,22 @@ def test_all_pairs_ragged_stories_shapes(tmp_path, bits):
                 assert_same(qws, q2)
                 assert_tensors_same(tensors, t2)
             assert (mid / "tokenizer.json").read_bytes() == (cfg / "tokenizer.json").read_bytes()
-            assert json.loads((mid / "config.json").read_text()) == json.loads((cfg / "config.json").read_text())
+            out_cfg = json.loads((mid / "config.json").read_text())
+            hf_q = out_cfg.pop("quantization_config", None)
+            assert out_cfg == json.loads((cfg / "config.json").read_text())
+            if b == "eqat":
+                assert hf_q is None  # transformers cannot load EQAT: no stale GPTQ config either
+            else:  # transformers' loader reads this, GPTQModel the quantize_config.json
+                q = read_qcfg(mid)
+                assert {k: hf_q[k] for k in q} == q
+                assert hf_q["backend"] == "torch"  # 172-wide MLP: the kernel that takes every shape
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
 @pytest.mark.parametrize("group", [32, 64, 128])
 def test_all_pairs_with_bitblas(tmp_path, bits, group):
     qws, tensors = small_bitblas_model(bits, group, seed=bits + group)
-    cfg = config_files(tmp_path)
+    cfg = config_files(tmp_path, **BITBLAS_DIMS)
     src = tmp_path / "bb"
     save_quantized(src, fmt="bitblas", qweights=qws, tensors=tensors, config_dir_or_files=cfg)
     q = read_qcfg(src)
@@ -188,9 +196,14 @@ def test_v1_reader_conventions(tmp_path, bits):
     assert any(not qws[k].equal(q3[k]) for k in qws)
     rep = convert(d, tmp_path / "v2", to="gptq_v2", dry_run=True)
     assert rep["v1_zeros_read_as"] == "field" and not (tmp_path / "v2").exists()
-    # our own v1 output (GPTQModel word-wide convention) is read back word-wide
-    w = tmp_path / "word"
+    # our own v1 output: sign-flip encoding (default, nothing borrows) and the plain word-wide one
+    w = tmp_path / "flip"
     rep = convert(d, w, to="gptq")
+    assert rep["v1_borrow_fields"] == 0 and rep["v1_total_fields"] > 0
+    assert_same(qws, load_quantized(w)[1])
+    assert_same(qws, load_quantized(w, v1_zeros="field")[1])  # either reading convention is exact
+    w = tmp_path / "word"
+    rep = convert(d, w, to="gptq", v1_encoding="plain")
     assert rep["v1_borrow_fields"] > 0
     assert_same(qws, load_quantized(w)[1])
 
@@ -199,11 +212,19 @@ def test_v1_borrow_warning_logged(tmp_path, caplog):
     qws, tensors = stories_model(2, 64, seed=2, layers=1)
     with caplog.at_level(logging.WARNING, logger="effqat.converters"):
         rep = save_quantized(tmp_path / "v1", fmt="gptq", qweights=qws, tensors=tensors,
-                             config_dir_or_files=config_files(tmp_path))
+                             config_dir_or_files=config_files(tmp_path), v1_encoding="plain")
     n = rep["v1_borrow_fields"]
     assert n > 0
     msg = " ".join(r.getMessage() for r in caplog.records)
     assert f"{n} of {rep['v1_total_fields']}" in msg and "gptq_v2" in msg and "vLLM" in msg
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="effqat.converters"):
+        rep = save_quantized(tmp_path / "v1f", fmt="gptq", qweights=qws, tensors=tensors,
+                             config_dir_or_files=config_files(tmp_path))
+    assert rep["v1_borrow_fields"] == 0 and "borrow" not in caplog.text
+    with pytest.raises(ValueError, match="v1_encoding"):
+        save_quantized(tmp_path / "bad", fmt="gptq", qweights=qws, tensors=tensors,
+                       config_dir_or_files=config_files(tmp_path), v1_encoding="nope")
 
 
 def test_bitblas_refusals(tmp_path):
@@ -214,7 +235,8 @@ def test_bitblas_refusals(tmp_path):
     with pytest.raises(QuantFormatError, match="divisible"):
         convert(src, tmp_path / "bb", to="bitblas")
     q3, t3 = small_bitblas_model(3, 64)
-    save_quantized(tmp_path / "s3", fmt="gptq_v2", qweights=q3, tensors=t3, config_dir_or_files=cfg)
+    save_quantized(tmp_path / "s3", fmt="gptq_v2", qweights=q3, tensors=t3,
+                   config_dir_or_files=config_files(tmp_path, **BITBLAS_DIMS))
     with pytest.raises(QuantFormatError, match="3-bit"):
         convert(tmp_path / "s3", tmp_path / "bb3", to="bitblas")
     with pytest.raises(QuantFormatError, match="3-bit"):
@@ -301,7 +323,7 @@ def test_error_paths_leave_nothing(tmp_path):
     with pytest.raises(FileNotFoundError):
         convert(tmp_path / "nope", tmp_path / "out-nope", to="gptq")
     with pytest.raises(ValueError, match="unknown format"):
-        convert(src, tmp_path / "out-x", to="awq")
+        convert(src, tmp_path / "out-x", to="marlin")
     # same source and destination
     with pytest.raises(ValueError, match="differ"):
         convert(src, src, to="gptq", overwrite=True)
@@ -341,11 +363,11 @@ def test_cli(tmp_path, capsys):
 def test_fast_word_path_writes_identical_bytes(tmp_path, bits):
     """The packed-word fast path and the unpack/repack path produce byte-identical folders."""
     qws, tensors = small_bitblas_model(bits, 64, seed=bits)
-    qws["model.layers.0.mlp.gate_proj"] = rand_qweight(172, 128, bits, 64, 9)  # ragged out (not for bitblas)
-    cfg = config_files(tmp_path)
+    qws["model.layers.0.mlp.extra_proj"] = rand_qweight(172, 128, bits, 64, 9)  # ragged out (not for bitblas)
+    cfg = config_files(tmp_path, **BITBLAS_DIMS)
     for a in ALL:
         src = tmp_path / a
-        q = qws if a != "bitblas" else {k: v for k, v in qws.items() if "gate" not in k}
+        q = qws if a != "bitblas" else {k: v for k, v in qws.items() if "extra" not in k}
         save_quantized(src, fmt=a, qweights=q, tensors=tensors, config_dir_or_files=cfg)
         for b in ALL:
             if b == "bitblas" and a != "bitblas":
@@ -356,3 +378,36 @@ def test_fast_word_path_writes_identical_bytes(tmp_path, bits):
             assert_tensors_same(load_file(fast / "model.safetensors"), load_file(slow / "model.safetensors"))
             assert rf["v1_borrow_fields"] == rs["v1_borrow_fields"]
             assert_same(q, load_quantized(fast)[1])
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_authors_bitblas_repos_older_gptqmodel_names(tmp_path, bits):
+    """GPTQModel 0.9.8-4.x (the ChenMnZ/*-EfficientQAT-*-BitBLAS repos) stored ``<module>.zeros`` and
+    a quantize_config without ``format``; we read it and write 7.7's ``.qzeros``."""
+    qws, tensors = small_bitblas_model(bits, 64, seed=40 + bits)
+    cfg = config_files(tmp_path, **BITBLAS_DIMS)
+    old = tmp_path / "Llama-2-7b-EfficientQAT-w2g64-BitBLAS"
+    save_quantized(old, fmt="bitblas", qweights=qws, tensors=tensors, config_dir_or_files=cfg)
+    t = load_file(old / "model.safetensors")
+    t = {(k[: -len("qzeros")] + "zeros" if k.endswith(".qzeros") else k): v for k, v in t.items()}
+    save_file(t, str(old / "model.safetensors"))
+    (old / "quantize_config.json").write_text(json.dumps({
+        "bits": bits, "group_size": 64, "damp_percent": 0.01, "desc_act": False, "static_groups": False,
+        "sym": False, "true_sequential": True, "lm_head": False, "model_name_or_path": None,
+        "model_file_base_name": "model", "quant_method": "gptq", "checkpoint_format": "bitblas",
+        "meta": {"quantizer": "gptqmodel:0.9.8"}}))
+    fmt, q2, t2, _ = load_quantized(old)
+    assert fmt == "bitblas"
+    assert_same(qws, q2)
+    assert_tensors_same(tensors, t2)  # .zeros is not carried as a plain tensor
+    for to in ("gptq_v2", "bitblas"):
+        for fast in (True, False):
+            d = tmp_path / f"{to}-{fast}"
+            convert(old, d, to=to, fast=fast)
+            assert_same(qws, load_quantized(d)[1])
+            keys = load_file(d / "model.safetensors").keys()
+            assert not any(k.endswith(".zeros") for k in keys) and any(k.endswith(".qzeros") for k in keys)
+    t["model.layers.0.mlp.up_proj.qzeros"] = t["model.layers.0.mlp.up_proj.zeros"].clone()
+    save_file(t, str(old / "model.safetensors"))
+    with pytest.raises(QuantFormatError, match="both"):
+        load_quantized(old)

@@ -44,13 +44,22 @@ def load_and_check(gm, folder, qws):
     return m
 
 
-@pytest.mark.parametrize("fmt,bits", [("gptq", 2), ("gptq_v2", 3), ("gptq", 4), ("gptq_v2", 8), ("gptq", 8)])
-def test_gptqmodel_loads_exactly(tmp_path, gptqmodel, fmt, bits):
+@pytest.mark.parametrize("fmt,bits,enc", [("gptq", 2, "signflip"), ("gptq", 2, "plain"), ("gptq_v2", 3, ""),
+                                          ("gptq", 3, "signflip"), ("gptq", 4, "signflip"),
+                                          ("gptq", 4, "plain"), ("gptq_v2", 8, ""), ("gptq", 8, "signflip")])
+def test_gptqmodel_loads_exactly(tmp_path, gptqmodel, fmt, bits, enc):
     qws, tensors = stories_model(bits, 64, seed=20 + bits)
     d = tmp_path / "m"
-    rep = save_quantized(d, fmt=fmt, qweights=qws, tensors=tensors, config_dir_or_files=config_files(tmp_path))
-    if fmt == "gptq" and bits in (2, 4):
+    rep = save_quantized(d, fmt=fmt, qweights=qws, tensors=tensors, config_dir_or_files=config_files(tmp_path),
+                         v1_encoding=enc or "signflip")
+    if enc == "plain" and bits in (2, 4):
         assert rep["v1_borrow_fields"] > 0  # the borrowed fields must still load exactly
+    if enc == "signflip":
+        # zero-point-0 groups are stored with negative scales; GPTQModel's kernel must take them
+        assert rep["v1_borrow_fields"] == 0
+        from safetensors.torch import load_file
+        assert any(bool((t < 0).any()) for k, t in load_file(d / "model.safetensors").items()
+                   if k.endswith(".scales"))
     if bits == 3:
         assert len(rep["wider_modules"]) == 15  # 172-wide MLP modules stored at 4 bits
     load_and_check(gptqmodel, d, qws)

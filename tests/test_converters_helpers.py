@@ -41,8 +41,9 @@ LLAMA_LINEARS = {
 }
 
 
-def stories_model(bits, group, seed=0, layers=5):
+def stories_model(bits, group, seed=0, layers=5, linears=None):
     """(qweights, other tensors) with the bundled stories260k shapes (hidden 64, intermediate 172)."""
+    linears = linears or LLAMA_LINEARS
     qws, tensors = {}, {}
     gen = torch.Generator().manual_seed(seed + 1000)
     tensors["model.embed_tokens.weight"] = torch.randn(512, 64, generator=gen).to(torch.float16)
@@ -50,19 +51,35 @@ def stories_model(bits, group, seed=0, layers=5):
     for i in range(layers):
         tensors[f"model.layers.{i}.input_layernorm.weight"] = torch.rand(64, generator=gen).to(torch.float16)
         tensors[f"model.layers.{i}.post_attention_layernorm.weight"] = torch.rand(64, generator=gen).to(torch.float16)
-        for j, (name, (o, n)) in enumerate(LLAMA_LINEARS.items()):
+        for j, (name, (o, n)) in enumerate(linears.items()):
             qws[f"model.layers.{i}.{name}"] = rand_qweight(o, n, bits, group, seed * 100 + i * 10 + j)
     return qws, tensors
 
 
-def config_files(tmp: Path) -> Path:
-    """A folder with stories260k's config / tokenizer files (no weights)."""
-    d = tmp / "cfg"
+def config_files(tmp: Path, intermediate_size: int | None = None, **overrides) -> Path:
+    """A folder with stories260k's config / tokenizer files (no weights), optionally other sizes."""
+    if intermediate_size is not None:
+        overrides["intermediate_size"] = intermediate_size
+    tag = "".join(f"-{k}{v}" for k, v in sorted(overrides.items()))
+    d = tmp / f"cfg{tag}"
     if not d.exists():
         d.mkdir()
         for n in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
             shutil.copy(STORIES / n, d / n)
+        if overrides:
+            c = json.loads((d / "config.json").read_text())
+            c.update(overrides)
+            (d / "config.json").write_text(json.dumps(c, indent=2))
     return d
+
+
+BITBLAS_DIMS = {"hidden_size": 128, "intermediate_size": 256}   # config of small_bitblas_model
+
+
+def llama_linears(inter: int) -> dict:
+    """stories260k's linears with an MLP of width ``inter`` (128: every kernel takes the shapes)."""
+    return {**LLAMA_LINEARS, "mlp.gate_proj": (inter, 64), "mlp.up_proj": (inter, 64),
+            "mlp.down_proj": (64, inter)}
 
 
 def assert_same(a: dict, b: dict):

@@ -19,6 +19,12 @@ def _codes_T(qw):
     return qw.int_weight.t().tolist()  # [in][out]
 
 
+def _ref_dequant(codes_io, zeros_go, scales_go, group):
+    """[in][out] weights (W - z) * s in Python floats from [in][out] codes, [G][out] zeros / scales."""
+    return [[(w - zeros_go[i // group][c]) * scales_go[i // group][c] for c, w in enumerate(row)]
+            for i, row in enumerate(codes_io)]
+
+
 def _ctx(fmt, bits, group):
     return WriteContext(fmt=fmt, bits=bits, group_size=group)
 
@@ -73,8 +79,8 @@ def test_eqat_and_gptq_module_layouts(bits, group):
         assert t2["qweight"].shape == (-(-n * bits // 32), o)
         assert ref_unpack_stream(t2["qweight"], bits, n, True) == _codes_T(qw)
         assert ref_unpack_stream(t2["qzeros"], bits, o, False) == z_go
-        # GPTQ v1: GPTQModel's word-wide "minus one" (per field at 3 bits)
-        ctx = _ctx("gptq", bits, group)
+        # GPTQ v1, plain: GPTQModel's word-wide "minus one" (per field at 3 bits)
+        ctx = WriteContext(fmt="gptq", bits=bits, group_size=group, v1_encoding="plain")
         t1 = get_format("gptq").write(qw, bits, ctx)
         assert torch.equal(t1["qweight"], t2["qweight"])
         if bits == 3:
@@ -88,13 +94,28 @@ def test_eqat_and_gptq_module_layouts(bits, group):
                          for row in ref_unpack_per_word(t1["qzeros"], bits, 32 // bits, o, False)]
             misread = sum(a != b for ra, rb in zip(per_field, z_go) for a, b in zip(ra, rb))
             assert misread == ctx.v1_borrow_fields
+        # GPTQ v1, sign-flip (default): a per-field reader (stored + 1, no mask, no carry) and a
+        # word-wide reader both decode exactly the weights (W - z) * s of the source
+        ctx = _ctx("gptq", bits, group)
+        tf = get_format("gptq").write(qw, bits, ctx)
+        assert ctx.v1_borrow_fields == 0
+        ref_w = _ref_dequant(_codes_T(qw), z_go, qw.scales.t().to(torch.float16).tolist(), group)
+        codes = ref_unpack_stream(tf["qweight"], bits, n, True)
+        stored = ref_unpack_stream(tf["qzeros"], bits, o, False)
+        sc = tf["scales"].tolist()
+        assert _ref_dequant(codes, [[v + 1 for v in row] for row in stored], sc, group) == ref_w
+        if bits != 3:
+            words = [[((v & 0xFFFFFFFF) + cst) & 0xFFFFFFFF for v in row] for row in tf["qzeros"].tolist()]
+            zw = ref_unpack_per_word(torch.tensor(words, dtype=torch.int64), bits, 32 // bits, o, False)
+            assert zw == [[v + 1 for v in row] for row in stored]  # no carry between fields
+        assert (sum(v < 0 for row in sc for v in row) > 0) == any(v == 0 for row in z_go for v in row)
         if qw.bias is not None:
             assert torch.equal(t["bias"], qw.bias) and torch.equal(t1["bias"], qw.bias)
 
 
 def test_v1_borrow_is_counted_and_nonzero_at_2bit():
     qw = rand_qweight(64, 128, 2, 32, seed=7)
-    ctx = _ctx("gptq", 2, 32)
+    ctx = WriteContext(fmt="gptq", bits=2, group_size=32, v1_encoding="plain")
     get_format("gptq").write(qw, 2, ctx)
     assert 0 < ctx.v1_borrow_fields < ctx.v1_total_fields == qw.zeros.numel()
 

@@ -1,4 +1,4 @@
-"""``effqat convert SRC DST --to gptq|gptq_v2|bitblas|eqat``: convert quantized checkpoints."""
+"""``effqat convert SRC DST --to gptq|gptq_v2|bitblas|eqat|awq``: convert quantized checkpoints."""
 from __future__ import annotations
 
 import json
@@ -8,13 +8,13 @@ import logging
 def add_parser(subparsers):
     p = subparsers.add_parser(
         "convert",
-        help="convert a quantized checkpoint (EQAT, GPTQ v1/v2, BitBLAS) to another format",
+        help="convert a quantized checkpoint (EQAT, GPTQ v1/v2, BitBLAS, AWQ) to another format",
         description="Convert an original EfficientQAT folder, a GPTQ v1/v2 folder or a BitBLAS folder "
                     "to another format, bit-exactly. The source format is detected from its tensors "
                     "and quantize_config.json.")
     p.add_argument("src", help="source folder (safetensors)")
     p.add_argument("dst", help="destination folder (must not exist unless --overwrite)")
-    p.add_argument("--to", required=True, choices=["gptq", "gptq_v2", "bitblas", "eqat"],
+    p.add_argument("--to", required=True, choices=["gptq", "gptq_v2", "bitblas", "eqat", "awq"],
                    help="target format")
     p.add_argument("--bits", type=int, choices=[2, 3, 4, 8], default=None,
                    help="bits, when neither the folder config, the tensor shapes nor the folder name tell")
@@ -25,6 +25,11 @@ def add_parser(subparsers):
     p.add_argument("--v1-zeros", choices=["auto", "word", "field"], default="auto",
                    help="how to read GPTQ v1 zero points: auto (by meta.quantizer), word (GPTQModel's "
                         "word-wide convention), field (per-field, AutoGPTQ)")
+    p.add_argument("--v1-encoding", choices=["signflip", "plain"], default="signflip",
+                   help="how --to gptq stores zero points of 0: signflip (default: groups with zero 0 "
+                        "are stored as (maxq-W, maxq, -s), same weights, read alike by GPTQModel and "
+                        "per-field readers such as AutoGPTQ/exllama/vLLM) or plain (GPTQModel's word-wide "
+                        "'zero - 1', which per-field readers misread)")
     p.add_argument("--json", action="store_true", help="print the full report as JSON")
     p.set_defaults(func=run)
     return p
@@ -36,7 +41,7 @@ def run(args) -> int:
 
     rep = convert(args.src, args.dst, to=args.to, bits=args.bits, group_size=args.group_size,
                   overwrite=args.overwrite, dry_run=args.dry_run, max_shard_size=args.max_shard_size,
-                  v1_zeros=args.v1_zeros)
+                  v1_zeros=args.v1_zeros, v1_encoding=args.v1_encoding)
     if args.json:
         print(json.dumps(rep, indent=2, default=str))
         return 0
@@ -49,7 +54,7 @@ def run(args) -> int:
               f"+{rep['wider_extra_bytes']} bytes: {', '.join(sorted(rep['wider_modules']))}")
     if rep["target_format"] == "gptq" and rep["v1_borrow_fields"]:
         print(f"  v1 zero points: {rep['v1_borrow_fields']} of {rep['v1_total_fields']} fields borrow "
-              "(GPTQModel reads them exactly; vLLM/exllama per-field readers would not) - consider --to gptq_v2")
+              "(GPTQModel reads them exactly; vLLM/exllama per-field readers would not) - drop --v1-encoding plain")
     if not rep.get("dry_run"):
         mb = rep["bytes_written"] / 1e6
         print(f"  wrote {len(rep['files'])} shard(s), {mb:.1f} MB in {rep['seconds']:.1f} s")
