@@ -160,9 +160,15 @@ class BlockAP:
     """Runs Block-AP over all decoder layers of ``hf_model`` in place."""
 
     def __init__(self, hf_model: nn.Module, layout: ModelLayout, cfg: EQATConfig, runtime: Runtime,
-                 show_progress: bool = True):
+                 show_progress: bool = True, layer_source=None, keep_qweights: bool = True):
+        """``layer_source``: optional object with ``materialize(i)`` / ``release(i)``, called around
+        each layer's turn, for models whose decoder layers are not resident (see ``streaming.py``).
+        ``keep_qweights=False``: finished layers' integers are not accumulated in the result (they
+        are in the work folder), so host memory does not grow with depth."""
         self.model, self.layout, self.cfg, self.rt = hf_model, layout, cfg, runtime
         self.show_progress = show_progress
+        self.layer_source = layer_source
+        self.keep_qweights = keep_qweights
 
     def steps_per_layer(self, n_train: int) -> int:
         return self.cfg.block_epochs * math.ceil(n_train / self.cfg.block_batch_size)
@@ -208,6 +214,8 @@ class BlockAP:
             log.info("Block-AP: resuming from %s, layers 0..%d already done", work_dir, done - 1)
         layers = tqdm(range(n_layers), desc="Block-AP layers", disable=not self.show_progress)
         for index in layers:
+            if self.layer_source is not None:
+                self.layer_source.materialize(index)
             if index < done:
                 saved = store.load(index)
                 fp_stream, quant_stream = self.replay_layer(index, fp_stream, quant_stream, saved)
@@ -217,7 +225,11 @@ class BlockAP:
                     index, fp_stream, quant_stream, n_train, quant_lr, weight_lr)
                 if store:
                     store.save(index, qweights, state, report)
-            result.qweights.update(qweights)
+            if self.layer_source is not None:
+                self.layer_source.release(index)
+            if self.keep_qweights:
+                result.qweights.update(qweights)
+            del qweights
             result.reports.append(report)
             val = "n/a" if report.val_loss is None else f"{report.val_loss:.3e}"
             log.info("Block-AP layer %d/%d: train loss %.3e, val loss %s, %.1fs, peak memory %.0f MB%s",

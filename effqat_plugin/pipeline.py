@@ -76,6 +76,24 @@ def collect_qweights(hf_model: nn.Module, names, scales_dtype=torch.float16) -> 
     return out
 
 
+def prepare_calibration(hf_model: nn.Module, layout: ModelLayout, cfg: EQATConfig, calibration,
+                        tokenizer=None, seq_len: Optional[int] = None):
+    """Check group size and calibration against the model; (ids, train_ids, val_ids)."""
+    for name in layout.linear_names:
+        lin = layout.layers[0].get_submodule(name)
+        if cfg.group_size != -1 and cfg.group_size > lin.in_features:
+            raise ValueError(f"group_size={cfg.group_size} is larger than in_features={lin.in_features} "
+                             f"of {name}; use a smaller group or -1")
+    ids = normalize_calibration(calibration, tokenizer=tokenizer, seq_len=seq_len)
+    if ids.shape[0] < 1 or ids.shape[1] < 2:
+        raise CalibrationError(f"calibration must have at least 1 sample of >= 2 tokens, got {tuple(ids.shape)}")
+    vocab = hf_model.config.vocab_size
+    if int(ids.max()) >= vocab or int(ids.min()) < 0:
+        raise CalibrationError(f"calibration token ids must lie in [0, {vocab}); got [{int(ids.min())}, {int(ids.max())}]")
+    train_ids, val_ids = split_calibration(ids, cfg.block_val_samples)
+    return ids, train_ids, val_ids
+
+
 def run_eqat(hf_model: nn.Module, cfg: EQATConfig, calibration, tokenizer=None, definition=None,
              seq_len: Optional[int] = None, layout: Optional[ModelLayout] = None,
              show_progress: bool = True, work_dir: Optional[str] = None,
@@ -90,18 +108,7 @@ def run_eqat(hf_model: nn.Module, cfg: EQATConfig, calibration, tokenizer=None, 
     seed_everything(cfg.seed)
     rt: Runtime = resolve_runtime(cfg.compute_device, cfg.amp_dtype)
     layout = layout or resolve_layout(hf_model, definition, cfg)
-    for name in layout.linear_names:
-        lin = layout.layers[0].get_submodule(name)
-        if cfg.group_size != -1 and cfg.group_size > lin.in_features:
-            raise ValueError(f"group_size={cfg.group_size} is larger than in_features={lin.in_features} "
-                             f"of {name}; use a smaller group or -1")
-    ids = normalize_calibration(calibration, tokenizer=tokenizer, seq_len=seq_len)
-    if ids.shape[0] < 1 or ids.shape[1] < 2:
-        raise CalibrationError(f"calibration must have at least 1 sample of >= 2 tokens, got {tuple(ids.shape)}")
-    vocab = hf_model.config.vocab_size
-    if int(ids.max()) >= vocab or int(ids.min()) < 0:
-        raise CalibrationError(f"calibration token ids must lie in [0, {vocab}); got [{int(ids.min())}, {int(ids.max())}]")
-    train_ids, val_ids = split_calibration(ids, cfg.block_val_samples)
+    ids, train_ids, val_ids = prepare_calibration(hf_model, layout, cfg, calibration, tokenizer, seq_len)
 
     source_dtype = next(hf_model.parameters()).dtype
     if rt.device.type == "cpu" and source_dtype != torch.float32:
