@@ -26,6 +26,7 @@ from .qweight import QuantizedWeight
 from .quantizer import FakeQuantLinear
 from .resume import LayerStore, run_fingerprint
 from .runtime import Runtime
+from .transfer import batches_to_device
 
 log = logging.getLogger("effqat.block_ap")
 
@@ -248,10 +249,8 @@ class BlockAP:
     def _propagate(self, layer, stream: torch.Tensor) -> torch.Tensor:
         """Run ``layer`` over the stream in place: samples are independent, so each batch's output
         overwrites its own input (halves stream memory; the input stream is not needed afterwards)."""
-        bs = self.cfg.block_batch_size
-        for i in range(0, stream.shape[0], bs):
-            x = stream[i:i + bs].to(self.rt.device, torch.float32)
-            stream[i:i + bs] = self._forward(layer, x).to("cpu", stream.dtype)
+        for i, j, x in batches_to_device(stream, self.cfg.block_batch_size, self.rt.device):
+            stream[i:j] = self._forward(layer, x).to("cpu", stream.dtype)
         return stream
 
     def _loss_on(self, layer, inputs, targets, start, stop) -> float:

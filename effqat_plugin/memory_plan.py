@@ -7,7 +7,8 @@ The terms follow what the code keeps resident (see ``streaming.py``, ``block_ap.
   on CUDA) unless they are memory-mapped files (``--offload-streams``), and the process itself.
   On CPU the layer in training also lives in host memory.
 * Block-AP, compute device: one layer's fp32 master weights, gradients and two AdamW moments
-  (16 bytes per parameter), its fp32 dequantized copy for propagation (4), and the training batch's
+  (16 bytes per parameter), its fp32 dequantized copy for propagation (4), the fake-quant autograd
+  intermediates (~48, measured on CPU; see ``LAYER_TRAIN_BYTES``), and the training batch's
   activations (the usual transformer-layer estimate, ``b*T*h*(34 + 5*heads*T/h)`` bytes in 16-bit, without
   the attention-matrix term on CUDA where SDPA's fused kernels never store it).
 * E2E-QP: the packed model (``bits`` per weight plus a 16-bit scale and a ``bits`` zero per group),
@@ -23,6 +24,11 @@ from dataclasses import dataclass
 
 GiB = 2**30
 PROCESS_BASE = 1.0 * GiB  # torch + transformers + gptqmodel imported, measured on CPU (bench_memory)
+# Bytes per parameter of the layer in training: fp32 master weights, gradients and two AdamW moments
+# (16), the fp32 dequantized copy used for propagation (4), and the fake-quant autograd intermediates
+# (W/s, rounded, clamped codes, ... saved for backward, fp32): ~48, fitted to bench_memory's CPU peak
+# at hidden 1024 (peak minus PROCESS_BASE over one layer's parameters). Not yet measured on CUDA.
+LAYER_TRAIN_BYTES = 68
 
 # Public configs of the models the README plans for (so no download is needed to plan them).
 PRESETS = {
@@ -89,7 +95,8 @@ def plan(shape: Shape, bits: int, group_size: int, n_samples: int, seq_len: int,
     outside = shape.outside_params * src
     stream_elem = 4 if cpu else 2
     streams = 2 * n_samples * seq_len * shape.hidden * stream_elem
-    layer_train = 20 * shape.layer_params + shape.activations(block_batch, seq_len, 4 if cpu else 2, scores=cpu)
+    layer_train = LAYER_TRAIN_BYTES * shape.layer_params + shape.activations(block_batch, seq_len, 4 if cpu else 2,
+                                                                        scores=cpu)
     # the resident layer plus its transient host copy (deepcopy before the move to the device)
     block_host = PROCESS_BASE + outside + 2 * shape.layer_params * src + (0 if offload_streams else streams)
     block_dev = 0

@@ -174,3 +174,16 @@ def test_bad_checkpoints_fail_with_one_line_and_leave_nothing(tmp_path, sharded_
     left = sorted(p.name for p in tmp_path.iterdir())
     assert left == ["missing", "pickled", "wrong"]  # no output, work or temp folders
     assert not any(p.name.startswith(".") for p in tmp_path.rglob("*"))
+
+
+def test_stream_batches_on_device_equal_plain_slices():
+    from effqat_plugin.transfer import batches_to_device
+
+    stream = torch.randn(7, 5, 3).to(torch.bfloat16)
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        got = list(batches_to_device(stream, 2, torch.device(device), start=1))
+        assert [(i, j) for i, j, _ in got] == [(1, 3), (3, 5), (5, 7)]
+        for i, j, x in got:
+            assert x.dtype == torch.float32 and x.device.type == device
+            assert torch.equal(x.cpu(), stream[i:j].float())
