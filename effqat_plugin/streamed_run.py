@@ -121,10 +121,8 @@ class StreamedQuantization:
     def save(self, out_dir: str, fmt: Optional[str] = None, overwrite: bool = False,
              max_shard_size: str = "4GB") -> dict:
         """Write the checkpoint from the work folder, one layer at a time."""
-        from .converters.incremental import save_quantized_stream, spec_from_shapes
-        from .integration import stage_config_files
+        from .converters.incremental import spec_from_shapes
 
-        fmt = fmt or self.cfg.save_format
         store = LayerStore.reopen(self.work_dir)
         specs = {}
         for index in range(len(self.layout.layers)):
@@ -132,14 +130,21 @@ class StreamedQuantization:
                 specs[name] = spec_from_shapes(name, s["bits"], s["group_size"], s["weight_shape"],
                                                s["zeros_shape"], s["has_bias"])
         self.result.seconds = time.time() - self._t0
+        return self._write(out_dir, fmt, overwrite, max_shard_size, specs, self._items(store))
+
+    def _write(self, out_dir, fmt, overwrite, max_shard_size, specs, items) -> dict:
+        from .converters.incremental import save_quantized_stream
+        from .integration import stage_config_files
+
+        fmt = fmt or self.cfg.save_format
         staging = stage_config_files(self.model, self.tokenizer, self.result.source_dtype)
         try:
-            report = save_quantized_stream(out_dir, fmt=fmt, specs=specs, items=self._items(store),
+            report = save_quantized_stream(out_dir, fmt=fmt, specs=specs, items=items,
                                            config_dir_or_files=staging, meta={"eqat": self.result.meta(self.cfg)},
                                            overwrite=overwrite, max_shard_size=max_shard_size)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        log.info("saved %s checkpoint to %s (written layer by layer)", fmt, out_dir)
+        log.info("saved %s checkpoint to %s (written module by module)", fmt, out_dir)
         return report
 
     # -- E2E-QP on the packed model ----------------------------------------------------------------
@@ -171,7 +176,6 @@ class StreamedQuantization:
     def e2e_and_save(self, out_dir: str, fmt: Optional[str] = None, overwrite: bool = False,
                      max_shard_size: str = "4GB") -> dict:
         from .e2e_qp import E2EQP
-        from .integration import save_eqat_checkpoint
         from .kernels import use_backend
 
         model = self.packed_model()
@@ -183,10 +187,30 @@ class StreamedQuantization:
             self.result.e2e = E2EQP(model, self.cfg, self.rt, self.show_progress).run(train_ids, val_ids)
         if on_device:
             model.to("cpu")
-        self.result.qweights = collect_qweights(model, self.quantized_names)
         self.result.seconds = time.time() - self._t0
         e2e = self.result.e2e
         log.info("EQAT done in %.1fs%s", self.result.seconds, "" if e2e is None or e2e.val_loss_after is None
                  else f", val ppl {math.exp(e2e.val_loss_after):.2f}")
-        return save_eqat_checkpoint(model, self.tokenizer, self.result, self.cfg, out_dir, fmt=fmt,
-                                    overwrite=overwrite, max_shard_size=max_shard_size)
+        return self._write(out_dir, fmt, overwrite, max_shard_size, self._packed_specs(model),
+                           self._packed_items(model))
+
+    def _packed_specs(self, model) -> dict:
+        from .converters.incremental import spec_from_shapes
+        from .qweight import n_groups_for
+
+        specs = {}
+        for name in self.quantized_names:
+            m = model.get_submodule(name)
+            specs[name] = spec_from_shapes(name, m.bits, m.group_size, (m.out_features, m.in_features),
+                                           (m.out_features, n_groups_for(m.in_features, m.group_size)),
+                                           m.bias is not None)
+        return specs
+
+    def _packed_items(self, model):
+        """As ``save_eqat_checkpoint`` orders them, one module unpacked at a time."""
+        from .integration import non_quantized_tensors
+
+        names = self.quantized_names
+        yield from non_quantized_tensors(model, names, self.result.source_dtype).items()
+        for name in names:
+            yield name, collect_qweights(model, [name])[name]
