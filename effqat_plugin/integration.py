@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from .config import EQATConfig
-from .layout import definition_for
+from .layout import definition_for, tied_output_keys
 
 log = logging.getLogger("effqat")
 
@@ -45,17 +45,6 @@ def _eqat_quantize(self, calibration=None, tokenizer=None, seq_len: Optional[int
                       offload_dir=offload_dir)
     self._eqat_result = result
     return {"eqat": result.meta(self.quantize_config)}
-
-
-def tied_output_keys(hf_model) -> set:
-    """State-dict keys of the output embedding when it is tied to the input one (not written)."""
-    if not getattr(hf_model.config, "tie_word_embeddings", False):
-        return set()
-    out_emb = hf_model.get_output_embeddings()
-    if out_emb is None:
-        return set()
-    return {k for k, _ in hf_model.named_parameters(remove_duplicate=False)
-            if k.endswith(".weight") and hf_model.get_submodule(k.rsplit(".", 1)[0]) is out_emb}
 
 
 def non_quantized_tensors(hf_model, quantized_names, dtype: torch.dtype):

@@ -89,7 +89,7 @@ class StreamedQuantization:
     # -- incremental write (no E2E-QP) -------------------------------------------------------------
     def _items(self, store: LayerStore):
         """Non-quantized tensors in state-dict order (as ``non_quantized_tensors``), then the modules."""
-        from .integration import tied_output_keys
+        from .layout import tied_output_keys
 
         dtype = self.result.source_dtype
         prefixes = tuple(n + "." for n in self.quantized_names)

@@ -68,7 +68,7 @@ class StreamedModel:
 
     # -- validation ------------------------------------------------------------------------------
     def _tied_keys(self) -> set:
-        from .integration import tied_output_keys
+        from .layout import tied_output_keys
 
         return tied_output_keys(self.model)
 

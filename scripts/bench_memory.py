@@ -60,29 +60,32 @@ def build_model(path: Path, hidden: int, layers: int, seed: int = 0) -> int:
     def rnd(*shape):
         return (torch.randn(*shape, generator=g) * 0.02).to(torch.bfloat16)
 
-    shards = [{"model.embed_tokens.weight": rnd(512, hidden)}]
     per_shard = 3
-    for i in range(layers):
-        if i % per_shard == 0:
-            shards.append({})
-        p = f"model.layers.{i}."
-        shard = shards[-1]
-        for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            shard[p + f"self_attn.{n}.weight"] = rnd(hidden, hidden)
-        shard[p + "mlp.gate_proj.weight"] = rnd(inter, hidden)
-        shard[p + "mlp.up_proj.weight"] = rnd(inter, hidden)
-        shard[p + "mlp.down_proj.weight"] = rnd(hidden, inter)
-        shard[p + "input_layernorm.weight"] = torch.ones(hidden, dtype=torch.bfloat16)
-        shard[p + "post_attention_layernorm.weight"] = torch.ones(hidden, dtype=torch.bfloat16)
-    shards.append({"model.norm.weight": torch.ones(hidden, dtype=torch.bfloat16), "lm_head.weight": rnd(512, hidden)})
-    n = len(shards)
+    n = 2 + -(-layers // per_shard)
     weight_map, total = {}, 0
-    for k, shard in enumerate(shards):
+
+    def write(k, shard):  # each shard goes to disk as soon as it is built
+        nonlocal total
         name = f"model-{k + 1:05d}-of-{n:05d}.safetensors"
         save_file(shard, str(path / name), metadata={"format": "pt"})
         for key, t in shard.items():
             weight_map[key] = name
             total += t.numel() * t.element_size()
+
+    write(0, {"model.embed_tokens.weight": rnd(512, hidden)})
+    for s in range(n - 2):
+        shard = {}
+        for i in range(s * per_shard, min(layers, (s + 1) * per_shard)):
+            p = f"model.layers.{i}."
+            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                shard[p + f"self_attn.{name}.weight"] = rnd(hidden, hidden)
+            shard[p + "mlp.gate_proj.weight"] = rnd(inter, hidden)
+            shard[p + "mlp.up_proj.weight"] = rnd(inter, hidden)
+            shard[p + "mlp.down_proj.weight"] = rnd(hidden, inter)
+            shard[p + "input_layernorm.weight"] = torch.ones(hidden, dtype=torch.bfloat16)
+            shard[p + "post_attention_layernorm.weight"] = torch.ones(hidden, dtype=torch.bfloat16)
+        write(s + 1, shard)
+    write(n - 1, {"model.norm.weight": torch.ones(hidden, dtype=torch.bfloat16), "lm_head.weight": rnd(512, hidden)})
     (path / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {"total_size": total}, "weight_map": weight_map}))
     return total
