@@ -7,8 +7,8 @@ The terms follow what the code keeps resident (see ``streaming.py``, ``block_ap.
   on CUDA) unless they are memory-mapped files (``--offload-streams``), and the process itself.
   On CPU the layer in training also lives in host memory.
 * Block-AP, compute device: one layer's fp32 master weights, gradients and two AdamW moments
-  (16 bytes per parameter), its fp32 dequantized copy for propagation (4), the fake-quant autograd
-  intermediates (~48, measured on CPU; see ``LAYER_TRAIN_BYTES``), and the training batch's
+  (16 bytes per parameter), its fp32 dequantized copy for propagation (4) (``LAYER_TRAIN_BYTES``,
+  checked against the CPU measurement), and the training batch's
   activations (the usual transformer-layer estimate, ``b*T*h*(34 + 5*heads*T/h)`` bytes in 16-bit, without
   the attention-matrix term on CUDA where SDPA's fused kernels never store it).
 * E2E-QP: the packed model (``bits`` per weight plus a 16-bit scale and a ``bits`` zero per group),
@@ -23,12 +23,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 GiB = 2**30
-PROCESS_BASE = 1.0 * GiB  # torch + transformers + gptqmodel imported, measured on CPU (bench_memory)
-# Bytes per parameter of the layer in training: fp32 master weights, gradients and two AdamW moments
-# (16), the fp32 dequantized copy used for propagation (4), and the fake-quant autograd intermediates
-# (W/s, rounded, clamped codes, ... saved for backward, fp32): ~48, fitted to bench_memory's CPU peak
-# at hidden 1024 (peak minus PROCESS_BASE over one layer's parameters). Not yet measured on CUDA.
-LAYER_TRAIN_BYTES = 68
+# Fitted to scripts/bench_memory.py on CPU (streamed quantize, hidden 1024 and 2048, 12 layers; peak
+# RSS 2.01 and 2.73 GiB): the slope between the two is 20 bytes per parameter of the layer in
+# training, which is what fp32 master weights, gradients and two AdamW moments (16) plus the fp32
+# dequantized copy used for propagation (4) predict; the intercept is the process itself (libraries,
+# allocator pools, autograd state). Not yet measured on CUDA.
+PROCESS_BASE = 1.75 * GiB
+LAYER_TRAIN_BYTES = 20
 
 # Public configs of the models the README plans for (so no download is needed to plan them).
 PRESETS = {
