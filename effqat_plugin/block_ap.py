@@ -191,6 +191,8 @@ class BlockAP:
                  "lr s/z %.3g, lr weights/norms %.3g", n_layers, n_train,
                  all_ids.shape[0] - n_train, train_ids.shape[1], self.steps_per_layer(n_train), quant_lr, weight_lr)
         store = None
+        if work_dir is None and not self.keep_qweights:
+            raise ValueError("keep_qweights=False needs a work_dir: finished layers live only there")
         if work_dir is not None:
             store = LayerStore(work_dir, run_fingerprint(self.model, self.layout, cfg, all_ids, n_train))
         try:
