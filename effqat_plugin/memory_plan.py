@@ -23,13 +23,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 GiB = 2**30
-# Fitted to scripts/bench_memory.py on CPU (streamed quantize, hidden 1024 and 2048, 12 layers; peak
-# RSS 2.01 and 2.73 GiB): the slope between the two is 20 bytes per parameter of the layer in
-# training, which is what fp32 master weights, gradients and two AdamW moments (16) plus the fp32
-# dequantized copy used for propagation (4) predict; the intercept is the process itself (libraries,
-# allocator pools, autograd state). Not yet measured on CUDA.
-PROCESS_BASE = 1.75 * GiB
-LAYER_TRAIN_BYTES = 20
+# Fitted to scripts/bench_memory.py on CPU (streamed quantize, 12 layers, hidden 1024 and 2048: peak
+# RSS 1.33 and 2.28 GiB): 26 bytes per layer parameter between the two, i.e. the two 16-bit host
+# copies counted below (4) plus 22 for the layer in training: fp32 master weights, gradients and two
+# AdamW moments (16), the fp32 dequantized copy used for propagation (4) and fake-quant temporaries;
+# the intercept, 1.0 GiB, is the process with its libraries imported (measured alone: 0.97 GiB).
+# Not yet measured on CUDA.
+PROCESS_BASE = 1.0 * GiB
+LAYER_TRAIN_BYTES = 22
 
 # Public configs of the models the README plans for (so no download is needed to plan them).
 PRESETS = {
