@@ -174,11 +174,12 @@ def _warn(ctx: WriteContext, fmt: QuantFormat):
 
 
 def _write(dst: Path, fmt: QuantFormat, ctx: WriteContext, stored: dict, items: Iterable,
-           config_src, meta: dict | None, overwrite: bool, max_shard_size, source=None) -> dict:
+           config_src, meta: dict | None, overwrite: bool, max_shard_size, source=None,
+           shard_writer=ShardWriter) -> dict:
     """Drain ``items`` ((name, QuantizedWeight | Tensor)) into ``dst`` atomically."""
     max_bytes = parse_size(max_shard_size)
     with atomic_folder(dst, overwrite) as tmp:
-        sw = ShardWriter(tmp, max_bytes, source=source)
+        sw = shard_writer(tmp, max_bytes, source=source)
         for name, obj in items:
             if isinstance(obj, dict):          # already in the target layout (fast path)
                 ctx.modules += 1

@@ -27,6 +27,7 @@ from .qweight import QuantizedWeight
 from .quantizer import FakeQuantLinear
 from .resume import LayerStore, run_fingerprint
 from .runtime import Runtime
+from .transfer import batches_to_device
 
 log = logging.getLogger("effqat.block_ap")
 
@@ -253,9 +254,15 @@ class BlockAP:
     """Runs Block-AP over all decoder layers of ``hf_model`` in place."""
 
     def __init__(self, hf_model: nn.Module, layout: ModelLayout, cfg: EQATConfig, runtime: Runtime,
-                 show_progress: bool = True):
+                 show_progress: bool = True, layer_source=None, keep_qweights: bool = True):
+        """``layer_source``: optional object with ``materialize(i)`` / ``release(i)``, called around
+        each layer's turn, for models whose decoder layers are not resident (see ``streaming.py``).
+        ``keep_qweights=False``: finished layers' integers are not accumulated in the result (they
+        are in the work folder), so host memory does not grow with depth."""
         self.model, self.layout, self.cfg, self.rt = hf_model, layout, cfg, runtime
         self.show_progress = show_progress
+        self.layer_source = layer_source
+        self.keep_qweights = keep_qweights
 
     def steps_per_layer(self, n_train: int) -> int:
         return self.cfg.block_epochs * math.ceil(n_train / self.cfg.block_batch_size)
@@ -277,6 +284,8 @@ class BlockAP:
                  "lr s/z %.3g, lr weights/norms %.3g", n_layers, n_train,
                  all_ids.shape[0] - n_train, train_ids.shape[1], self.steps_per_layer(n_train), quant_lr, weight_lr)
         store = None
+        if work_dir is None and not self.keep_qweights:
+            raise ValueError("keep_qweights=False needs a work_dir: finished layers live only there")
         if work_dir is not None:
             store = LayerStore(work_dir, run_fingerprint(self.model, self.layout, cfg, all_ids, n_train))
         try:
@@ -301,6 +310,8 @@ class BlockAP:
             log.info("Block-AP: resuming from %s, layers 0..%d already done", work_dir, done - 1)
         layers = tqdm(range(n_layers), desc="Block-AP layers", disable=not self.show_progress)
         for index in layers:
+            if self.layer_source is not None:
+                self.layer_source.materialize(index)
             if index < done:
                 saved = store.load(index)
                 fp_stream, quant_stream = self.replay_layer(index, fp_stream, quant_stream, saved)
@@ -310,7 +321,11 @@ class BlockAP:
                     index, fp_stream, quant_stream, n_train, quant_lr, weight_lr)
                 if store:
                     store.save(index, qweights, state, report)
-            result.qweights.update(qweights)
+            if self.layer_source is not None:
+                self.layer_source.release(index)
+            if self.keep_qweights:
+                result.qweights.update(qweights)
+            del qweights
             result.reports.append(report)
             val = "n/a" if report.val_loss is None else f"{report.val_loss:.3e}"
             moe = (f", experts without calibration tokens {report.experts_without_tokens}/{report.experts}"
@@ -333,10 +348,8 @@ class BlockAP:
     def _propagate(self, index: int, layer, stream: torch.Tensor) -> torch.Tensor:
         """Run ``layer`` over the stream in place: samples are independent, so each batch's output
         overwrites its own input (halves stream memory; the input stream is not needed afterwards)."""
-        bs = self.cfg.block_batch_size
-        for i in range(0, stream.shape[0], bs):
-            x = stream[i:i + bs].to(self.rt.device, torch.float32)
-            stream[i:i + bs] = self._forward(index, layer, x).to("cpu", stream.dtype)
+        for i, j, x in batches_to_device(stream, self.cfg.block_batch_size, self.rt.device):
+            stream[i:j] = self._forward(index, layer, x).to("cpu", stream.dtype)
         return stream
 
     def _loss_on(self, index: int, layer, inputs, targets, start, stop) -> float:

@@ -11,7 +11,7 @@ import sys
 
 from .env import prepare_runtime_env
 
-COMMANDS = ("quantize", "eval", "convert", "push", "pipeline", "e2e")
+COMMANDS = ("quantize", "eval", "convert", "push", "pipeline", "e2e", "plan")
 
 
 def build_parser() -> argparse.ArgumentParser:

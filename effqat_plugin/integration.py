@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from .config import EQATConfig
-from .layout import definition_for
+from .layout import definition_for, tied_output_keys
 
 log = logging.getLogger("effqat")
 
@@ -50,12 +50,7 @@ def _eqat_quantize(self, calibration=None, tokenizer=None, seq_len: Optional[int
 def non_quantized_tensors(hf_model, quantized_names, dtype: torch.dtype):
     """Every tensor of the state dict that is not part of a quantized linear, tied copies dropped."""
     prefixes = tuple(n + "." for n in quantized_names)
-    tied = set()
-    if getattr(hf_model.config, "tie_word_embeddings", False):
-        out_emb = hf_model.get_output_embeddings()
-        if out_emb is not None:
-            tied = {k for k, _ in hf_model.named_parameters(remove_duplicate=False)
-                    if k.endswith(".weight") and hf_model.get_submodule(k.rsplit(".", 1)[0]) is out_emb}
+    tied = tied_output_keys(hf_model)
     tensors = {}
     for key, value in hf_model.state_dict().items():
         if key.startswith(prefixes) or key in tied:
@@ -66,6 +61,25 @@ def non_quantized_tensors(hf_model, quantized_names, dtype: torch.dtype):
     return tensors
 
 
+def stage_config_files(hf_model, tokenizer, dtype: torch.dtype) -> str:
+    """A temporary folder with config.json (dtype = ``dtype``), generation config and tokenizer."""
+    staging = tempfile.mkdtemp(prefix=".effqat-config-")
+    config = hf_model.config
+    old_dtype = getattr(config, "dtype", None)
+    config.dtype = dtype
+    config.save_pretrained(staging)
+    config.dtype = old_dtype
+    gen = getattr(hf_model, "generation_config", None)
+    if gen is not None:
+        try:
+            gen.save_pretrained(staging)
+        except (ValueError, OSError) as e:  # invalid sampling combos refuse to save; not fatal
+            log.warning("generation_config not saved: %s", e)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(staging)
+    return staging
+
+
 def save_eqat_checkpoint(hf_model, tokenizer, result, cfg: EQATConfig, save_dir: str, fmt: Optional[str] = None,
                          overwrite: bool = False, max_shard_size: str = "4GB") -> dict:
     """Write the learned integers as a checkpoint `GPTQModel.from_quantized` loads (atomic)."""
@@ -74,21 +88,8 @@ def save_eqat_checkpoint(hf_model, tokenizer, result, cfg: EQATConfig, save_dir:
     fmt = fmt or cfg.save_format
     dtype = result.source_dtype
     tensors = non_quantized_tensors(hf_model, result.qweights.keys(), dtype)
-    staging = tempfile.mkdtemp(prefix=".effqat-config-")
+    staging = stage_config_files(hf_model, tokenizer, dtype)
     try:
-        config = hf_model.config
-        old_dtype = getattr(config, "dtype", None)
-        config.dtype = dtype
-        config.save_pretrained(staging)
-        config.dtype = old_dtype
-        gen = getattr(hf_model, "generation_config", None)
-        if gen is not None:
-            try:
-                gen.save_pretrained(staging)
-            except (ValueError, OSError) as e:  # invalid sampling combos refuse to save; not fatal
-                log.warning("generation_config not saved: %s", e)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
         meta = {"eqat": result.meta(cfg)}
         report = save_quantized(save_dir, fmt=fmt, qweights=result.qweights, tensors=tensors,
                                 config_dir_or_files=staging, meta=meta, overwrite=overwrite,

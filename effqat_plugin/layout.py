@@ -177,3 +177,14 @@ def set_submodule(root: nn.Module, dotted: str, new: nn.Module) -> None:
     parent_name, _, child = dotted.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, child, new)
+
+
+def tied_output_keys(hf_model) -> set:
+    """State-dict keys of the output embedding when it is tied to the input one (not written)."""
+    if not getattr(hf_model.config, "tie_word_embeddings", False):
+        return set()
+    out_emb = hf_model.get_output_embeddings()
+    if out_emb is None:
+        return set()
+    return {k for k, _ in hf_model.named_parameters(remove_duplicate=False)
+            if k.endswith(".weight") and hf_model.get_submodule(k.rsplit(".", 1)[0]) is out_emb}

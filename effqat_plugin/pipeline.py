@@ -78,6 +78,27 @@ def collect_qweights(hf_model: nn.Module, names, scales_dtype=torch.float16) -> 
     return out
 
 
+def prepare_calibration(hf_model: nn.Module, layout: ModelLayout, cfg: EQATConfig, calibration,
+                        tokenizer=None, seq_len: Optional[int] = None):
+    """Check group size, full coverage and calibration against the model (before hours of Block-AP);
+    (ids, train_ids, val_ids). Layers may still be on the meta device: only shapes are read."""
+    for index, layer in enumerate(layout.layers):
+        for name in layout.names_in(index):
+            lin = layer.get_submodule(name)
+            if cfg.group_size != -1 and cfg.group_size > lin.in_features:
+                raise ValueError(f"group_size={cfg.group_size} is larger than in_features={lin.in_features} "
+                                 f"of {layout.layer_name(index)}.{name}; use a smaller group or -1")
+    check_fully_quantized(layout, layout.quantized_names(), getattr(hf_model.config, "model_type", ""))
+    ids = normalize_calibration(calibration, tokenizer=tokenizer, seq_len=seq_len)
+    if ids.shape[0] < 1 or ids.shape[1] < 2:
+        raise CalibrationError(f"calibration must have at least 1 sample of >= 2 tokens, got {tuple(ids.shape)}")
+    vocab = hf_model.config.vocab_size
+    if int(ids.max()) >= vocab or int(ids.min()) < 0:
+        raise CalibrationError(f"calibration token ids must lie in [0, {vocab}); got [{int(ids.min())}, {int(ids.max())}]")
+    train_ids, val_ids = split_calibration(ids, cfg.block_val_samples)
+    return ids, train_ids, val_ids
+
+
 def run_eqat(hf_model: nn.Module, cfg: EQATConfig, calibration, tokenizer=None, definition=None,
              seq_len: Optional[int] = None, layout: Optional[ModelLayout] = None,
              show_progress: bool = True, work_dir: Optional[str] = None,
@@ -92,21 +113,8 @@ def run_eqat(hf_model: nn.Module, cfg: EQATConfig, calibration, tokenizer=None, 
     seed_everything(cfg.seed)
     rt: Runtime = resolve_runtime(cfg.compute_device, cfg.amp_dtype)
     layout = layout or resolve_layout(hf_model, definition, cfg)
-    for index, layer in enumerate(layout.layers):
-        for name in layout.names_in(index):
-            lin = layer.get_submodule(name)
-            if cfg.group_size != -1 and cfg.group_size > lin.in_features:
-                raise ValueError(f"group_size={cfg.group_size} is larger than in_features={lin.in_features} "
-                                 f"of {layout.layer_name(index)}.{name}; use a smaller group or -1")
+    ids, train_ids, val_ids = prepare_calibration(hf_model, layout, cfg, calibration, tokenizer, seq_len)
     model_type = getattr(hf_model.config, "model_type", "")
-    check_fully_quantized(layout, layout.quantized_names(), model_type)  # before hours of Block-AP
-    ids = normalize_calibration(calibration, tokenizer=tokenizer, seq_len=seq_len)
-    if ids.shape[0] < 1 or ids.shape[1] < 2:
-        raise CalibrationError(f"calibration must have at least 1 sample of >= 2 tokens, got {tuple(ids.shape)}")
-    vocab = hf_model.config.vocab_size
-    if int(ids.max()) >= vocab or int(ids.min()) < 0:
-        raise CalibrationError(f"calibration token ids must lie in [0, {vocab}); got [{int(ids.min())}, {int(ids.max())}]")
-    train_ids, val_ids = split_calibration(ids, cfg.block_val_samples)
 
     source_dtype = next(hf_model.parameters()).dtype
     if rt.device.type == "cpu" and source_dtype != torch.float32:

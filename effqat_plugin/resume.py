@@ -106,3 +106,31 @@ class LayerStore:
                 bias=tensors.get(f"q.{name}.bias"))
         state = {k[2:]: v for k, v in tensors.items() if k.startswith("s.")}
         return SavedLayer(qweights=qweights, state=state, report=LayerReport(**json.loads(meta["report"])))
+
+    @classmethod
+    def reopen(cls, work_dir: str) -> "LayerStore":
+        """The store of a finished (or running) Block-AP in ``work_dir``, for reading its layers back."""
+        store = cls.__new__(cls)
+        store.dir = work_dir
+        store.progress_path = os.path.join(work_dir, PROGRESS)
+        with open(store.progress_path) as f:
+            store.progress = json.load(f)
+        return store
+
+    def load_state(self, index: int) -> Dict[str, torch.Tensor]:
+        """Only the trained non-quantized parameters (norms) of layer ``index``; integers left on disk."""
+        with safe_open(self._file(index), "pt") as f:
+            return {k[2:]: f.get_tensor(k) for k in f.keys() if k.startswith("s.")}
+
+    def module_shapes(self, index: int) -> Dict[str, dict]:
+        """Per quantized linear of layer ``index``: bits, group size, int_weight / zeros shapes and
+        whether it has a bias, read from the file header alone (no tensor data)."""
+        with safe_open(self._file(index), "pt") as f:
+            layout = json.loads(f.metadata()["layout"])
+            keys = set(f.keys())
+            out = {}
+            for name, spec in layout.items():
+                out[name] = dict(spec, weight_shape=tuple(f.get_slice(f"q.{name}.int_weight").get_shape()),
+                                 zeros_shape=tuple(f.get_slice(f"q.{name}.zeros").get_shape()),
+                                 has_bias=f"q.{name}.bias" in keys)
+        return out

@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -170,11 +171,8 @@ class Pipeline:
         if not a.force and stage_done(out, key):
             self.note(stage, "skipped (up to date)", output=str(out))
             return out, key
-        import torch
-        from gptqmodel import GPTQModel
-
         from effqat_plugin import EQATConfig
-        from effqat_plugin.data import load_token_file, sample_from_model
+        from effqat_plugin.commands.quantize import streamed_quantization
 
         cfg = EQATConfig(bits=a.bits, group_size=a.group_size, save_format=MASTER_FORMAT,
                          block_epochs=a.block_epochs, block_batch_size=a.block_batch_size,
@@ -182,16 +180,17 @@ class Pipeline:
                          e2e_epochs=settings["e2e_epochs"], e2e_lr=a.e2e_lr, e2e_batch_size=a.e2e_batch_size,
                          lr_preset=a.lr_preset, seed=a.seed, compute_device=a.device)
         t0 = time.time()
-        model = GPTQModel.load(a.model, cfg, dtype=torch.float32)
-        if a.calib:
-            ids = load_token_file(a.calib, model.tokenizer, seq_len=a.seq_len, n_samples=a.n_samples)
+        # Layers streamed from the shards, checkpoint written layer by layer (streamed_run.py).
+        work_dir = os.path.normpath(str(out)) + ".effqat-work"
+        ids, run = streamed_quantization(a.model, cfg, work_dir, a.calib, a.n_samples, a.seq_len, a.seed,
+                                         show_progress=not a.quiet)
+        run.block_ap(ids)
+        if cfg.e2e_epochs > 0:
+            run.e2e_and_save(str(out), overwrite=True, fmt=MASTER_FORMAT)
         else:
-            bos = model.model.config.bos_token_id
-            ids = sample_from_model(model.model, a.n_samples, a.seq_len, seed=a.seed,
-                                    bos_token_id=1 if bos is None else int(bos))
-        model.quantize(ids, show_progress=not a.quiet)
-        model.save(str(out), overwrite=True, fmt=MASTER_FORMAT)
-        del model
+            run.save(str(out), overwrite=True, fmt=MASTER_FORMAT)
+        shutil.rmtree(work_dir, ignore_errors=True)
+        del run
         gc.collect()
         write_marker(out, stage, key, settings=settings, eqat=eqat_meta(out), **self.common_marker())
         self.note(stage, f"done in {time.time() - t0:.1f}s", output=str(out))

@@ -63,36 +63,22 @@ def config_from_args(args):
 
 
 def run(args) -> int:
-    import torch
-
-    from effqat_plugin.data import load_token_file, sample_from_model
-
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if os.path.exists(args.out_dir) and not args.overwrite:
         raise FileExistsError(f"output folder {args.out_dir} exists; pass --overwrite to replace it")
     if args.calib and not os.path.isfile(args.calib):
         raise FileNotFoundError(f"calibration file not found: {args.calib}")
     cfg = config_from_args(args)  # validates bits / group before the model is loaded
-    from gptqmodel import GPTQModel
-
-    from effqat_plugin.layout import definition_for
-    from transformers import AutoConfig
-
-    definition_for(AutoConfig.from_pretrained(args.model_dir).model_type)  # clear error for unknown archs
-    model = GPTQModel.load(args.model_dir, cfg, dtype=torch.float32)
-    if args.calib:
-        ids = load_token_file(args.calib, model.tokenizer, seq_len=args.seq_len, n_samples=args.n_samples)
-    else:
-        bos = model.model.config.bos_token_id
-        bos = 1 if bos is None else int(bos)
-        logging.getLogger("effqat").info("no --calib: sampling %d x %d tokens from the model itself (seed %d)",
-                                         args.n_samples, args.seq_len, args.seed)
-        ids = sample_from_model(model.model, args.n_samples, args.seq_len, seed=args.seed, bos_token_id=bos)
     work_dir = args.work_dir or os.path.normpath(args.out_dir) + ".effqat-work"
-    summary = model.quantize(ids, show_progress=not args.quiet, work_dir=work_dir,
-                             offload_dir=args.offload_streams)
-    report = model.save(args.out_dir, overwrite=args.overwrite)
+    ids, run = streamed_quantization(args.model_dir, cfg, work_dir, args.calib, args.n_samples, args.seq_len,
+                                     args.seed, show_progress=not args.quiet)
+    run.block_ap(ids, offload_dir=args.offload_streams)
+    if cfg.e2e_epochs > 0:
+        report = run.e2e_and_save(args.out_dir, overwrite=args.overwrite)
+    else:
+        report = run.save(args.out_dir, overwrite=args.overwrite)
     shutil.rmtree(work_dir, ignore_errors=True)
+    summary = {"eqat": run.result.meta(cfg)}
     e2e = summary["eqat"]["e2e_qp"]
     line = {"out_dir": args.out_dir, "format": args.save_format, "bits": args.bits, "group_size": args.group_size,
             "calibration": list(ids.shape)}
@@ -103,3 +89,50 @@ def run(args) -> int:
         line["save_report"] = report
     print(json.dumps(line, default=str))
     return 0
+
+
+def streamed_quantization(model_dir, cfg, work_dir, calib, n_samples, seq_len, seed, show_progress=True):
+    """Calibration ids and a :class:`StreamedQuantization` for ``model_dir`` (layers streamed from its
+    shards; the folder is checked before anything runs). Without ``calib`` the data-free default
+    samples from the model itself, which needs the whole model in memory once (fp32, freed before
+    Block-AP); pass a calibration file to keep host memory flat in depth."""
+    import torch
+
+    from effqat_plugin.data import load_token_file, sample_from_model
+    from effqat_plugin.evaluation import load_tokenizer_for
+    from effqat_plugin.layout import definition_for
+    from effqat_plugin.streamed_run import StreamedQuantization
+    from transformers import AutoConfig
+
+    model_dir = local_model_dir(model_dir)
+    definition_for(AutoConfig.from_pretrained(model_dir).model_type)  # clear error for unknown archs
+    tokenizer = load_tokenizer_for(model_dir)
+    run = StreamedQuantization(model_dir, cfg, work_dir, tokenizer=tokenizer, show_progress=show_progress)
+    if calib:
+        ids = load_token_file(calib, tokenizer, seq_len=seq_len, n_samples=n_samples)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        bos = run.model.config.bos_token_id
+        bos = 1 if bos is None else int(bos)
+        logging.getLogger("effqat").info("no --calib: sampling %d x %d tokens from the model itself (seed %d); "
+                                         "this loads the whole model once", n_samples, seq_len, seed)
+        full = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        ids = sample_from_model(full, n_samples, seq_len, seed=seed, bos_token_id=bos)
+        del full
+    return ids, run
+
+
+def local_model_dir(model_dir: str) -> str:
+    """``model_dir`` itself, or the local snapshot of a hub id (downloaded once, weights included)."""
+    if os.path.isdir(model_dir):
+        return model_dir
+    if os.path.exists(model_dir) or model_dir.count("/") != 1:
+        raise FileNotFoundError(f"model folder not found: {model_dir}")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(model_dir, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
+    except Exception as e:  # noqa: BLE001 - offline, unknown repo, gated: one line for the user
+        raise FileNotFoundError(f"model folder not found and hub download of {model_dir!r} failed: "
+                                f"{type(e).__name__}: {e}") from None

@@ -1,0 +1,75 @@
+"""`effqat plan MODEL`: host / device memory and disk per phase, from config.json alone."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+
+def add_parser(sub) -> None:
+    from effqat_plugin.memory_plan import PRESETS
+
+    p = sub.add_parser("plan", help="memory and disk a quantize run will need, from the model config alone",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("model", help="model folder, its config.json, a hub id (config only is fetched), or a preset: "
+                                 + ", ".join(PRESETS))
+    p.add_argument("--bits", type=int, default=2, choices=[2, 3, 4, 8])
+    p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--n-samples", type=int, default=4096, help="Block-AP calibration samples")
+    p.add_argument("--seq-len", type=int, default=2048, help="Block-AP tokens per sample")
+    p.add_argument("--block-batch-size", type=int, default=2)
+    p.add_argument("--e2e-samples", type=int, default=4096)
+    p.add_argument("--e2e-seq-len", type=int, default=4096)
+    p.add_argument("--e2e-batch-size", type=int, default=1, help="micro-batch on the device")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda")
+    p.add_argument("--offload-streams", action="store_true", help="plan with the streams in files on disk")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=run)
+
+
+def load_config(model: str) -> dict:
+    from effqat_plugin.memory_plan import PRESETS
+
+    if model.lower() in PRESETS:
+        return PRESETS[model.lower()]
+    path = os.path.join(model, "config.json") if os.path.isdir(model) else model
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            try:
+                return json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} is not valid JSON ({e})") from None
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(model).to_dict()
+    except Exception as e:  # noqa: BLE001 - offline or unknown id: one line for the user
+        raise FileNotFoundError(f"no config for {model!r}: not a folder, config.json, preset or reachable hub id "
+                                f"({type(e).__name__})") from None
+
+
+def run(args) -> int:
+    from effqat_plugin.memory_plan import GiB, Shape, plan
+
+    cfg = load_config(args.model)
+    try:
+        shape = Shape.from_config(cfg)
+    except (TypeError, KeyError) as e:
+        raise ValueError(f"{args.model}: config lacks a field the plan needs ({e})") from None
+    p = plan(shape, args.bits, args.group_size, args.n_samples, args.seq_len, args.block_batch_size,
+             args.e2e_samples, args.e2e_seq_len, args.e2e_batch_size, args.device, args.offload_streams)
+    if args.json:
+        print(json.dumps(p))
+        return 0
+    gib = lambda b: f"{b / GiB:8.1f}"  # noqa: E731
+    print(f"{args.model}: {p['params'] / 1e9:.2f}B parameters, 16-bit checkpoint {p['checkpoint_16bit'] / GiB:.1f} GiB; "
+          f"w{args.bits}g{args.group_size}, Block-AP {args.n_samples} x {args.seq_len}, "
+          f"E2E-QP {args.e2e_samples} x {args.e2e_seq_len} (micro-batch {args.e2e_batch_size}), device {args.device}")
+    print(f"{'phase':<10}{'host GiB':>10}{'device GiB':>12}{'disk GiB':>10}")
+    for phase in ("block_ap", "e2e_qp", "save"):
+        row = p[phase]
+        print(f"{phase:<10}{gib(row['host']):>10}{gib(row['device']):>12}{gib(row['disk']):>10}")
+    if not args.offload_streams:
+        print(f"Block-AP activation streams: {p['block_ap']['streams'] / GiB:.1f} GiB of host memory "
+              "(--offload-streams DIR moves them to disk)")
+    return 0

@@ -1,0 +1,129 @@
+"""Memory and disk a run will need, from the model's config alone (no weights loaded).
+
+The terms follow what the code keeps resident (see ``streaming.py``, ``block_ap.py``, ``e2e_qp.py``):
+
+* Block-AP, host: the modules outside the decoder layers in their source dtype, one decoder layer in
+  its source dtype, the two activation streams (N x T x hidden each; fp32 on CPU, the autocast dtype
+  on CUDA) unless they are memory-mapped files (``--offload-streams``), and the process itself.
+  On CPU the layer in training also lives in host memory.
+* Block-AP, compute device: one layer's fp32 master weights, gradients and two AdamW moments
+  (16 bytes per parameter), its fp32 dequantized copy for propagation (4) (``LAYER_TRAIN_BYTES``,
+  checked against the CPU measurement), and the training batch's
+  activations (the usual transformer-layer estimate, ``b*T*h*(34 + 5*heads*T/h)`` bytes in 16-bit, without
+  the attention-matrix term on CUDA where SDPA's fused kernels never store it).
+* E2E-QP: the packed model (``bits`` per weight plus a 16-bit scale and a ``bits`` zero per group),
+  the 16-bit non-layer modules, fp32 master step sizes with gradients and AdamW moments, and
+  checkpointed activations (one hidden state per layer boundary plus one layer's activations).
+* Saving: host holds one layer's packed tensors; disk gets the packed checkpoint.
+
+These are estimates; ``scripts/bench_memory.py`` measures the real peak on CPU.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+GiB = 2**30
+# Fitted to scripts/bench_memory.py on CPU (streamed quantize, 12 layers, hidden 1024 and 2048: peak
+# RSS 1.33 and 2.28 GiB): 26 bytes per layer parameter between the two, i.e. the two 16-bit host
+# copies counted below (4) plus 22 for the layer in training: fp32 master weights, gradients and two
+# AdamW moments (16), the fp32 dequantized copy used for propagation (4) and fake-quant temporaries;
+# the intercept, 1.0 GiB, is the process with its libraries imported (measured alone: 0.97 GiB).
+# Not yet measured on CUDA.
+PROCESS_BASE = 1.0 * GiB
+LAYER_TRAIN_BYTES = 22
+
+# Public configs of the models the README plans for (so no download is needed to plan them).
+PRESETS = {
+    "llama-2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=32, vocab_size=32000, tie_word_embeddings=False, dtype="float16"),
+    "llama-3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False, dtype="bfloat16"),
+    "llama-2-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                        num_key_value_heads=8, vocab_size=32000, tie_word_embeddings=False, dtype="float16"),
+}
+
+
+@dataclass
+class Shape:
+    hidden: int
+    inter: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    tied: bool
+    src_bytes: int
+
+    @classmethod
+    def from_config(cls, cfg) -> "Shape":
+        get = cfg.get if isinstance(cfg, dict) else (lambda k, d=None: getattr(cfg, k, d))
+        dtype = str(get("dtype") or get("torch_dtype") or "float16")
+        heads = int(get("num_attention_heads"))
+        return cls(hidden=int(get("hidden_size")), inter=int(get("intermediate_size")),
+                   layers=int(get("num_hidden_layers")), heads=heads,
+                   kv_heads=int(get("num_key_value_heads") or heads), vocab=int(get("vocab_size")),
+                   tied=bool(get("tie_word_embeddings", False)),
+                   src_bytes=4 if "32" in dtype else 2)
+
+    @property
+    def linear_params_per_layer(self) -> int:
+        h, kv = self.hidden, self.hidden // self.heads * self.kv_heads
+        return 2 * h * h + 2 * h * kv + 3 * h * self.inter
+
+    @property
+    def layer_params(self) -> int:
+        return self.linear_params_per_layer + 2 * self.hidden
+
+    @property
+    def outside_params(self) -> int:
+        return self.vocab * self.hidden * (1 if self.tied else 2) + self.hidden
+
+    def activations(self, batch: int, seq: int, elem_bytes: int = 2, scores: bool = True) -> int:
+        """Saved activations of one layer; ``scores=False`` for fused attention (SDPA flash / memory-
+        efficient kernels on CUDA), which never materializes the heads x T x T attention matrix."""
+        h = self.hidden
+        per_token = 34 + (5 * self.heads * seq / h if scores else 0)
+        return int(batch * seq * h * per_token * elem_bytes / 2)
+
+
+def plan(shape: Shape, bits: int, group_size: int, n_samples: int, seq_len: int, block_batch: int = 2,
+         e2e_samples: int = 4096, e2e_seq_len: int = 4096, e2e_batch: int = 1, device: str = "cuda",
+         offload_streams: bool = False) -> dict:
+    """Bytes per phase: {phase: {"host": b, "device": b, "disk": b}} plus totals for reference."""
+    cpu = device == "cpu"
+    src = shape.src_bytes
+    group = group_size if group_size > 0 else shape.hidden
+    lp = shape.linear_params_per_layer
+    outside = shape.outside_params * src
+    stream_elem = 4 if cpu else 2
+    streams = 2 * n_samples * seq_len * shape.hidden * stream_elem
+    layer_train = LAYER_TRAIN_BYTES * shape.layer_params + shape.activations(block_batch, seq_len, 4 if cpu else 2,
+                                                                        scores=cpu)
+    # the resident layer plus its transient host copy (deepcopy before the move to the device)
+    block_host = PROCESS_BASE + outside + 2 * shape.layer_params * src + (0 if offload_streams else streams)
+    block_dev = 0
+    if cpu:
+        block_host += layer_train
+    else:
+        block_dev = layer_train + 2 * block_batch * seq_len * shape.hidden * 4
+    work = shape.layers * (lp * 1 + 2 * (lp // group) * 2)  # uint8 codes + fp16 scales + uint8 zeros per layer
+    packed_per_layer = lp * bits / 8 + (lp / group) * (16 + bits) / 8
+    packed = int(shape.layers * packed_per_layer)
+    scales = shape.layers * lp // group
+    e2e_model = packed + outside + shape.layers * 2 * shape.hidden * src
+    e2e_train = scales * 16 + shape.layers * e2e_batch * e2e_seq_len * shape.hidden * 2 \
+        + shape.activations(e2e_batch, e2e_seq_len, 4 if cpu else 2, scores=cpu)
+    if cpu:
+        e2e = {"host": PROCESS_BASE + e2e_model + e2e_train, "device": 0, "disk": 0}
+    else:
+        e2e = {"host": PROCESS_BASE + e2e_model, "device": e2e_model + e2e_train, "disk": 0}
+    return {
+        "params": shape.layers * shape.layer_params + shape.outside_params,
+        "checkpoint_16bit": (shape.layers * shape.layer_params + shape.outside_params) * 2,
+        "block_ap": {"host": block_host, "device": block_dev,
+                     "disk": work + (streams if offload_streams else 0), "streams": streams},
+        "e2e_qp": e2e,
+        # one layer read back from the work folder (1-byte codes) and its packing temporaries (int64)
+        "save": {"host": PROCESS_BASE + outside + 9 * lp // 1, "device": 0,
+                 "disk": packed + outside},
+    }

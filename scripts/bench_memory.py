@@ -1,0 +1,179 @@
+"""Peak host memory of `effqat quantize` against model depth: is it flat in the number of layers?
+
+Builds synthetic Llamas from configs (bf16 safetensors written layer by layer into several shards, a
+word-level tokenizer, a tiny text calibration file), runs `effqat quantize` on each as a child process
+(under `nice -n 15`), and reports the kernel's peak RSS of each child (ru_maxrss from wait4), the
+24-layer / 12-layer ratio, and the marginal cost: extra peak RSS per extra checkpoint byte between the
+shallow and the deep model. Each named command (e.g. today's installed `effqat` and this checkout's)
+runs on the same models in the same run, so the numbers sit side by side.
+
+    python scripts/bench_memory.py --hidden 1024 2048 --layers 12 24 \\
+        --cmd old=/work/main/.venv/bin/effqat --cmd new="$PWD/.venv/bin/python -m effqat_plugin.cli"
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+WORDS = [f"w{i}" for i in range(500)]
+
+
+def write_tokenizer(path: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for w in WORDS:
+        vocab[w] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>",
+        "unk_token": "<unk>"}))
+
+
+def build_model(path: Path, hidden: int, layers: int, seed: int = 0) -> int:
+    """A random bf16 Llama written one shard per few layers (never whole in memory); returns bytes."""
+    from transformers import LlamaConfig
+
+    inter = (int(hidden * 2.75) + 63) // 64 * 64
+    heads = hidden // 64
+    cfg = LlamaConfig(vocab_size=512, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=256,
+                      tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, dtype="bfloat16")
+    path.mkdir(parents=True)
+    cfg.save_pretrained(path)
+    write_tokenizer(path)
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        return (torch.randn(*shape, generator=g) * 0.02).to(torch.bfloat16)
+
+    per_shard = 3
+    n = 2 + -(-layers // per_shard)
+    weight_map, total = {}, 0
+
+    def write(k, shard):  # each shard goes to disk as soon as it is built
+        nonlocal total
+        name = f"model-{k + 1:05d}-of-{n:05d}.safetensors"
+        save_file(shard, str(path / name), metadata={"format": "pt"})
+        for key, t in shard.items():
+            weight_map[key] = name
+            total += t.numel() * t.element_size()
+
+    write(0, {"model.embed_tokens.weight": rnd(512, hidden)})
+    for s in range(n - 2):
+        shard = {}
+        for i in range(s * per_shard, min(layers, (s + 1) * per_shard)):
+            p = f"model.layers.{i}."
+            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                shard[p + f"self_attn.{name}.weight"] = rnd(hidden, hidden)
+            shard[p + "mlp.gate_proj.weight"] = rnd(inter, hidden)
+            shard[p + "mlp.up_proj.weight"] = rnd(inter, hidden)
+            shard[p + "mlp.down_proj.weight"] = rnd(hidden, inter)
+            shard[p + "input_layernorm.weight"] = torch.ones(hidden, dtype=torch.bfloat16)
+            shard[p + "post_attention_layernorm.weight"] = torch.ones(hidden, dtype=torch.bfloat16)
+        write(s + 1, shard)
+    write(n - 1, {"model.norm.weight": torch.ones(hidden, dtype=torch.bfloat16), "lm_head.weight": rnd(512, hidden)})
+    (path / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}))
+    return total
+
+
+def write_calib(path: Path, n_lines: int = 64) -> None:
+    g = torch.Generator().manual_seed(1)
+    lines = [" ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (40,), generator=g)) for _ in range(n_lines)]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def peak_rss(argv: list, env: dict, log_path: Path) -> tuple:
+    """(peak RSS bytes of the child, seconds, exit code); stdout/stderr go to ``log_path``."""
+    t0 = time.time()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(["nice", "-n", "15"] + argv, env=env, stdout=log, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return usage.ru_maxrss * 1024, time.time() - t0, proc.returncode
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--hidden", type=int, nargs="+", default=[1024, 2048])
+    ap.add_argument("--layers", type=int, nargs=2, default=[12, 24], metavar=("SHALLOW", "DEEP"))
+    ap.add_argument("--cmd", action="append", default=None, metavar="NAME=COMMAND",
+                    help="an effqat command line to measure (repeatable); default: this checkout")
+    ap.add_argument("--n-samples", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=32)
+    ap.add_argument("--workdir", default=None, help="where models go (default: a temp folder, removed)")
+    ap.add_argument("--json", default=None, help="also write the rows here")
+    args = ap.parse_args()
+    cmds = {}
+    for spec in args.cmd or [f"new={sys.executable} -m effqat_plugin.cli"]:
+        name, _, line = spec.partition("=")
+        cmds[name] = shlex.split(line)
+    env = dict(os.environ, GPTQMODEL_CPU_WORKERS="2", TORCHDYNAMO_DISABLE="1", HF_HUB_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false")
+    root = Path(args.workdir or tempfile.mkdtemp(prefix="bench-memory-"))
+    calib = root / "calib.txt"
+    root.mkdir(parents=True, exist_ok=True)
+    write_calib(calib)
+    rows = []
+    try:
+        for hidden in args.hidden:
+            for layers in args.layers:
+                model = root / f"llama-h{hidden}-l{layers}"
+                if not model.exists():
+                    size = build_model(model, hidden, layers)
+                else:
+                    size = json.loads((model / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
+                for name, cmd in cmds.items():
+                    out = root / f"out-{name}-h{hidden}-l{layers}"
+                    shutil.rmtree(out, ignore_errors=True)
+                    argv = cmd + ["quantize", str(model), str(out), "--bits", "2", "--group-size", "64",
+                                  "--calib", str(calib), "--n-samples", str(args.n_samples), "--seq-len",
+                                  str(args.seq_len), "--block-epochs", "1", "--e2e-epochs", "0", "--quiet",
+                                  "--device", "cpu"]
+                    rss, secs, rc = peak_rss(argv, env, root / f"log-{name}-h{hidden}-l{layers}.txt")
+                    row = {"cmd": name, "hidden": hidden, "layers": layers, "ckpt_bytes": size,
+                           "peak_rss": rss, "seconds": round(secs, 1), "rc": rc}
+                    rows.append(row)
+                    print(f"{name:>6} h{hidden} l{layers}: checkpoint {size / 2**30:.2f} GiB, peak RSS "
+                          f"{rss / 2**30:.2f} GiB ({rss / size:.2f}x), {secs:.0f}s, rc {rc}", flush=True)
+                    shutil.rmtree(out, ignore_errors=True)
+                    shutil.rmtree(str(out) + ".effqat-work", ignore_errors=True)
+        shallow, deep = args.layers
+        print(f"\n| cmd | hidden | ckpt {shallow}L GiB | ckpt {deep}L GiB | peak RSS {shallow}L GiB | "
+              f"peak RSS {deep}L GiB | {deep}L/{shallow}L | RAM bytes per added ckpt byte |")
+        print("|---|---|---|---|---|---|---|---|")
+        for name in cmds:
+            for hidden in args.hidden:
+                a = next((r for r in rows if r["cmd"] == name and r["hidden"] == hidden and r["layers"] == shallow), None)
+                b = next((r for r in rows if r["cmd"] == name and r["hidden"] == hidden and r["layers"] == deep), None)
+                if not a or not b or a["rc"] or b["rc"]:
+                    print(f"| {name} | {hidden} | failed run (see logs in {root}) |")
+                    continue
+                print(f"| {name} | {hidden} | {a['ckpt_bytes'] / 2**30:.2f} | {b['ckpt_bytes'] / 2**30:.2f} | "
+                      f"{a['peak_rss'] / 2**30:.2f} | {b['peak_rss'] / 2**30:.2f} | "
+                      f"{b['peak_rss'] / a['peak_rss']:.2f} | "
+                      f"{(b['peak_rss'] - a['peak_rss']) / (b['ckpt_bytes'] - a['ckpt_bytes']):.3f} |")
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=2))
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
