@@ -47,7 +47,8 @@ class EQATResult:
             "base_model": self.extra.get("base_model"),
             "method": "EfficientQAT (Block-AP + E2E-QP), arXiv 2407.11062",
             "settings": cfg.eqat_settings(),
-            "calibration": {"train_samples": self.n_train, "val_samples": self.n_val, "seq_len": self.seq_len},
+            "calibration": {"train_samples": self.n_train, "val_samples": self.n_val, "seq_len": self.seq_len,
+                            "e2e_samples": self.extra.get("e2e_samples"), "e2e_seq_len": self.extra.get("e2e_seq_len")},
             "block_ap": {
                 "quant_lr": self.block_ap.quant_lr,
                 "weight_lr": self.block_ap.weight_lr,
@@ -79,12 +80,14 @@ def collect_qweights(hf_model: nn.Module, names, scales_dtype=torch.float16) -> 
 def run_eqat(hf_model: nn.Module, cfg: EQATConfig, calibration, tokenizer=None, definition=None,
              seq_len: Optional[int] = None, layout: Optional[ModelLayout] = None,
              show_progress: bool = True, work_dir: Optional[str] = None,
-             offload_dir: Optional[str] = None) -> EQATResult:
+             offload_dir: Optional[str] = None, e2e_data=None) -> EQATResult:
     """Quantize ``hf_model`` in place with EfficientQAT and return the learned integers.
 
     ``work_dir``: Block-AP persists each finished layer there and resumes from it when re-run with
     the same settings and data. ``offload_dir``: Block-AP's activation streams are memory-mapped
-    files there instead of host RAM.
+    files there instead of host RAM. ``e2e_data``: E2E-QP trains on these samples (any form
+    ``calibration`` accepts, any sequence length) instead of Block-AP's, as the paper trains E2E-QP on
+    other, larger data; its held-out loss is still measured on Block-AP's validation split.
     """
     t0 = time.time()
     seed_everything(cfg.seed)
@@ -102,6 +105,12 @@ def run_eqat(hf_model: nn.Module, cfg: EQATConfig, calibration, tokenizer=None, 
     if int(ids.max()) >= vocab or int(ids.min()) < 0:
         raise CalibrationError(f"calibration token ids must lie in [0, {vocab}); got [{int(ids.min())}, {int(ids.max())}]")
     train_ids, val_ids = split_calibration(ids, cfg.block_val_samples)
+    e2e_ids = train_ids
+    if e2e_data is not None and cfg.e2e_epochs > 0:
+        e2e_ids = normalize_calibration(e2e_data, tokenizer=tokenizer, seq_len=seq_len)
+        if int(e2e_ids.max()) >= vocab or int(e2e_ids.min()) < 0:
+            raise CalibrationError(f"E2E-QP data token ids must lie in [0, {vocab}); got "
+                                   f"[{int(e2e_ids.min())}, {int(e2e_ids.max())}]")
 
     source_dtype = next(hf_model.parameters()).dtype
     if rt.device.type == "cpu" and source_dtype != torch.float32:
@@ -120,7 +129,7 @@ def run_eqat(hf_model: nn.Module, cfg: EQATConfig, calibration, tokenizer=None, 
         from .kernels import use_backend
 
         with use_backend(cfg.kernel_backend):
-            e2e = E2EQP(hf_model, cfg, rt, show_progress).run(train_ids, val_ids)
+            e2e = E2EQP(hf_model, cfg, rt, show_progress).run(e2e_ids, val_ids)
         if on_device:
             hf_model.to("cpu")
     hf_model.train(was_training)
@@ -129,7 +138,9 @@ def run_eqat(hf_model: nn.Module, cfg: EQATConfig, calibration, tokenizer=None, 
                         n_val=0 if val_ids is None else val_ids.shape[0], seq_len=ids.shape[1],
                         seconds=time.time() - t0,
                         source_dtype=source_dtype if source_dtype in (torch.float16, torch.bfloat16) else torch.float16,
-                        extra={"base_model": getattr(hf_model.config, "_name_or_path", None) or None})
+                        extra={"base_model": getattr(hf_model.config, "_name_or_path", None) or None,
+                               "e2e_samples": int(e2e_ids.shape[0]) if e2e is not None else 0,
+                               "e2e_seq_len": int(e2e_ids.shape[1])})
     log.info("EQAT done in %.1fs: %d quantized linears at w%dg%d%s", result.seconds, len(qweights), cfg.bits,
              cfg.group_size, "" if e2e is None or e2e.val_loss_after is None
              else f", val ppl {math.exp(e2e.val_loss_after):.2f}")

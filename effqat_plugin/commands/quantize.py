@@ -30,6 +30,9 @@ def add_parser(sub) -> None:
     p.add_argument("--block-weight-lr", type=float, default=None, help="Block-AP lr for weights and norms")
     p.add_argument("--block-early-stop", type=int, default=0, help="patience in epochs (0 = off)")
     p.add_argument("--e2e-epochs", type=int, default=1, help="E2E-QP epochs over the calibration data (0 = off)")
+    p.add_argument("--e2e-data", metavar="FILE", default=None,
+                   help="E2E-QP trains on this file (same formats as --calib, --seq-len tokens per sample, "
+                        "all of it) instead of the Block-AP calibration, e.g. larger or other-domain text")
     p.add_argument("--e2e-lr", type=float, default=None)
     p.add_argument("--e2e-batch-size", type=int, default=4)
     p.add_argument("--train-zeros", action="store_true", help="E2E-QP also trains zero points")
@@ -72,6 +75,8 @@ def run(args) -> int:
         raise FileExistsError(f"output folder {args.out_dir} exists; pass --overwrite to replace it")
     if args.calib and not os.path.isfile(args.calib):
         raise FileNotFoundError(f"calibration file not found: {args.calib}")
+    if args.e2e_data and not os.path.isfile(args.e2e_data):
+        raise FileNotFoundError(f"E2E-QP data file not found: {args.e2e_data}")
     cfg = config_from_args(args)  # validates bits / group before the model is loaded
     from gptqmodel import GPTQModel
 
@@ -88,14 +93,18 @@ def run(args) -> int:
         logging.getLogger("effqat").info("no --calib: sampling %d x %d tokens from the model itself (seed %d)",
                                          args.n_samples, args.seq_len, args.seed)
         ids = sample_from_model(model.model, args.n_samples, args.seq_len, seed=args.seed, bos_token_id=bos)
+    e2e_ids = (load_token_file(args.e2e_data, model.tokenizer, seq_len=args.seq_len)
+               if args.e2e_data and args.e2e_epochs > 0 else None)
     work_dir = args.work_dir or os.path.normpath(args.out_dir) + ".effqat-work"
     summary = model.quantize(ids, show_progress=not args.quiet, work_dir=work_dir,
-                             offload_dir=args.offload_streams)
+                             offload_dir=args.offload_streams, e2e_data=e2e_ids)
     report = model.save(args.out_dir, overwrite=args.overwrite)
     shutil.rmtree(work_dir, ignore_errors=True)
     e2e = summary["eqat"]["e2e_qp"]
     line = {"out_dir": args.out_dir, "format": args.save_format, "bits": args.bits, "group_size": args.group_size,
             "calibration": list(ids.shape)}
+    if e2e_ids is not None:
+        line["e2e_data"] = list(e2e_ids.shape)
     if e2e and e2e.get("val_loss_after") is not None:
         line["val_ppl_before_e2e"] = round(math.exp(e2e["val_loss_before"]), 3)
         line["val_ppl"] = round(math.exp(e2e["val_loss_after"]), 3)
