@@ -3,8 +3,10 @@
 Perplexity at a given context length of fp, EQAT, GPTQ and BitBLAS folders on local text / token files
 or `datasets` names, plus lm-eval-harness tasks when lm-eval is installed (``--tasks paper`` = the
 EfficientQAT paper's WinoGrande, PIQA, HellaSwag, ARC-e, ARC-c, reporting acc). Prints a table (one
-row per folder), writes ``effqat_eval.json`` into each folder (its results + the table) with PNG
-plots of the table and of the per-layer Block-AP loss, and prints one JSON line per folder.
+row per folder) and one JSON line per folder, and writes ``effqat_eval.json`` (its results + the table)
+with PNG plots of the table and of the per-layer Block-AP loss: into each *quantized* checkpoint folder
+(results belong next to the weights they measure), or into ``--out DIR/<name>/`` for every model.
+An input fp model folder is never written to: without ``--out`` its results are only printed.
 """
 from __future__ import annotations
 
@@ -42,20 +44,40 @@ def add_parser(sub) -> None:
     p.add_argument("--name", action="append", default=[], help="row name per model (default: folder name)")
     p.add_argument("--json", dest="json_path", default=None,
                    help="write the JSON here instead of MODEL_DIR/effqat_eval.json (one model only)")
+    p.add_argument("--out", default=None,
+                   help="write each model's JSON and plots into OUT/<name>/ instead of next to quantized checkpoints")
     p.add_argument("--no-save", action="store_true", help="print only; write no JSON or plots")
     p.set_defaults(func=run)
 
 
 def _writable_target(model_dir: str) -> bool:
-    """Results go next to the checkpoint, except into folders we must not touch (our bundled assets)."""
+    """Results go next to a quantized checkpoint only: never into an fp (input) model folder, nor into
+    our bundled assets; those results are printed (or written under --out / --json)."""
     from effqat_plugin import __file__ as pkg_init
+    from effqat_plugin.loading import is_quantized_folder
 
     assets = Path(pkg_init).resolve().parent / "assets"
     p = Path(model_dir).resolve()
     if p == assets or assets in p.parents:
-        log.info("%s is a bundled asset; results are not written into it (use --json)", model_dir)
+        log.info("%s is a bundled asset; results are not written into it (use --out)", model_dir)
+        return False
+    if not is_quantized_folder(str(p)):
+        log.info("%s is not a quantized checkpoint; its results are not written into it (use --out)", model_dir)
         return False
     return os.access(p, os.W_OK)
+
+
+def _report_path(args, model_dir: str, name: str):
+    """Where this model's JSON goes (plots beside it), or None when nothing is written."""
+    if args.no_save:
+        return None
+    if args.json_path:
+        return args.json_path
+    if args.out:
+        from effqat_plugin.reports import EVAL_JSON
+
+        return str(Path(args.out) / name / EVAL_JSON)
+    return "" if _writable_target(model_dir) else None
 
 
 def run(args) -> int:
@@ -80,6 +102,17 @@ def run(args) -> int:
     if args.name and len(args.name) != len(args.model_dir):
         raise ValueError("give one --name per model folder")
     names = args.name or [Path(m).resolve().name for m in args.model_dir]
+    if args.out and len(set(names)) != len(names):
+        raise ValueError("--out needs distinct model names; give --name per model")
+    if args.out and args.json_path:
+        raise ValueError("give --out or --json, not both")
+    from effqat_plugin.loading import is_quantized_folder
+
+    dest = args.out or (os.path.dirname(os.path.abspath(args.json_path)) if args.json_path else None)
+    for m in args.model_dir:
+        mp = Path(m).resolve()
+        if dest and not is_quantized_folder(str(mp)) and (Path(dest).resolve() == mp or mp in Path(dest).resolve().parents):
+            raise ValueError(f"{dest} lies inside the input model folder {m}; results never go into an fp model folder")
 
     cache: dict = {}
     all_results = []
@@ -100,8 +133,9 @@ def run(args) -> int:
             line.update(data=ppl[0]["data"], samples=ppl[0]["samples"], seq_len=ppl[0]["seq_len"],
                         perplexity=round(ppl[0]["value"], 4))
         line["results"] = {c: round(r["value"], 6) for c, r in res.items()}
-        if not args.no_save and (args.json_path or _writable_target(m)):
-            out = write_folder_report(m, table, res, json_path=args.json_path)
+        target = _report_path(args, m, n)
+        if target is not None:
+            out = write_folder_report(m, table, res, json_path=target or None)
             line["json"], line["plots"] = out["json"], out["plots"]
         print(json.dumps(line))
     return 0
