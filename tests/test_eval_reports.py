@@ -166,3 +166,19 @@ def test_bundled_asset_is_never_written(stories260k_dir, data):
     before = sorted(p.name for p in stories260k_dir.iterdir())
     assert main(["eval", str(stories260k_dir), "--data", str(data / "heldout.safetensors"), "--seq-len", "48"]) == 0
     assert sorted(p.name for p in stories260k_dir.iterdir()) == before
+
+
+def test_both_runtimes_one_table_without_gptqmodel_log_lines(tmp_path, qfolder, stories260k_dir, data,  # noqa: F811
+                                                             capsys):
+    rc = main(["eval", str(stories260k_dir), str(qfolder), "--data", str(data / "heldout.safetensors"),
+               "--seq-len", "48", "--name", "fp32", "--name", "w2g64", "--runtime", "effqat,gptqmodel",
+               "--table-only", "--no-save"])
+    assert rc == 0
+    cap = capsys.readouterr()
+    lines = cap.out.strip().splitlines()
+    assert not any(ln.startswith("{") for ln in lines)  # --table-only: no JSON lines
+    assert lines[0].startswith("model") and set(lines[1]) <= {"-", " "}  # header, rule, then one row each
+    rows = {ln.rsplit(None, 1)[0].strip(): float(ln.rsplit(None, 1)[1]) for ln in lines[2:]}
+    assert set(rows) == {"fp32", "w2g64 (effqat)", "w2g64 (gptqmodel)"}
+    assert abs(rows["w2g64 (effqat)"] - rows["w2g64 (gptqmodel)"]) / rows["w2g64 (effqat)"] < 0.05
+    assert "GPT-QModel" not in cap.out + cap.err and "INFO " not in cap.out  # GPTQModel's banner / log lines

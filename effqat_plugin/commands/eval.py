@@ -33,8 +33,9 @@ def add_parser(sub) -> None:
     p.add_argument("--seq-len", type=int, default=256, help="context length (tokens per evaluated sequence)")
     p.add_argument("--n-samples", type=int, default=None, help="evaluate at most this many sequences")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--runtime", choices=["effqat", "gptqmodel"], default="effqat",
-                   help="run quantized folders on effqat's kernels, or (GPTQ) through GPTQModel's TORCH backend")
+    p.add_argument("--runtime", type=_runtimes, default="effqat",
+                   help="run quantized folders on effqat's kernels (effqat), through GPTQModel's TORCH backend "
+                        "(gptqmodel, GPTQ folders), or both (effqat,gptqmodel: one table row per runtime)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--tasks", default=None,
                    help="lm-eval-harness tasks, comma separated; 'paper' = winogrande,piqa,hellaswag,arc_easy,"
@@ -47,7 +48,16 @@ def add_parser(sub) -> None:
     p.add_argument("--out", default=None,
                    help="write each model's JSON and plots into OUT/<name>/ instead of next to quantized checkpoints")
     p.add_argument("--no-save", action="store_true", help="print only; write no JSON or plots")
+    p.add_argument("--table-only", action="store_true", help="print only the table (no JSON lines)")
     p.set_defaults(func=run)
+
+
+def _runtimes(spec: str):
+    out = [r.strip() for r in spec.split(",") if r.strip()]
+    bad = [r for r in out if r not in ("effqat", "gptqmodel")]
+    if not out or bad:
+        raise argparse.ArgumentTypeError(f"runtime {spec!r}: use effqat, gptqmodel or effqat,gptqmodel")
+    return list(dict.fromkeys(out))
 
 
 def _writable_target(model_dir: str) -> bool:
@@ -114,17 +124,25 @@ def run(args) -> int:
         if dest and not is_quantized_folder(str(mp)) and (Path(dest).resolve() == mp or mp in Path(dest).resolve().parents):
             raise ValueError(f"{dest} lies inside the input model folder {m}; results never go into an fp model folder")
 
+    runtimes = args.runtime if isinstance(args.runtime, list) else [args.runtime]
     cache: dict = {}
-    all_results = []
-    for m in args.model_dir:
-        res = evaluate_folder(m, data, seq_len=args.seq_len, n_samples=args.n_samples, batch_size=args.batch_size,
-                              runtime=args.runtime, device=args.device, tasks=tasks, text_column=args.text_column,
-                              lm_eval_limit=args.limit, num_fewshot=args.num_fewshot, cache=cache)
-        for r in res.values():
-            r["runtime"] = args.runtime
-        all_results.append(res)
-    table = make_table([{"name": n, "path": str(m), "values": {c: r["value"] for c, r in res.items()}}
-                        for n, m, res in zip(names, args.model_dir, all_results)])
+    all_results, rows = [], []
+    for n, m in zip(names, args.model_dir):
+        # fp folders run the same on every runtime: evaluated once; quantized ones once per runtime
+        per_rt = runtimes if is_quantized_folder(m) else runtimes[:1]
+        first = None
+        for rt in per_rt:
+            res = evaluate_folder(m, data, seq_len=args.seq_len, n_samples=args.n_samples,
+                                  batch_size=args.batch_size, runtime=rt, device=args.device, tasks=tasks,
+                                  text_column=args.text_column, lm_eval_limit=args.limit,
+                                  num_fewshot=args.num_fewshot, cache=cache)
+            for r in res.values():
+                r["runtime"] = rt
+            first = first or res
+            rows.append({"name": n if len(per_rt) == 1 else f"{n} ({rt})", "path": str(m),
+                         "values": {c: r["value"] for c, r in res.items()}})
+        all_results.append(first)  # JSON line / file: the first runtime's numbers
+    table = make_table(rows)
     print(format_table(table))
     for n, m, res in zip(names, args.model_dir, all_results):
         line = {"model": m, "name": n}
@@ -137,5 +155,6 @@ def run(args) -> int:
         if target is not None:
             out = write_folder_report(m, table, res, json_path=target or None)
             line["json"], line["plots"] = out["json"], out["plots"]
-        print(json.dumps(line))
+        if not args.table_only:
+            print(json.dumps(line))
     return 0
