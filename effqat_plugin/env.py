@@ -46,8 +46,12 @@ def quiet_third_party_logs() -> None:
     import torch  # noqa: F401  (its logging setup runs at import; adjust levels afterwards)
 
     for name in ("torch", "torch.utils._pytree", "torch.utils.cpp_extension", "transformers", "accelerate",
-                 "auto_round"):
+                 "auto_round", "tokenicer", "tokenicer.tokenicer"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    import warnings
+
+    # transformers 5.x deprecation notice for the KV-cache argument name (raised inside torch's Module call)
+    warnings.filterwarnings("ignore", message=r".*past_key_values.* is deprecated", category=FutureWarning)
     with contextlib.redirect_stdout(io.StringIO()):  # stray prints during GPTQModel's import
         import gptqmodel  # noqa: F401
     try:
