@@ -21,6 +21,9 @@ as a ratio to GPTQ's on the same machine in the same run.
         --text-calib ../shared/data/wikitext-2/valid.txt --text-eval ../shared/data/wikitext-2/test.txt \\
         --configs w2g64,w3g128,w4g128 --work runs/bench-smollm2
     python scripts/bench_quality.py            # stories260k, samples drawn from the model itself
+
+On a machine shared with other jobs, run it as ``OMP_NUM_THREADS=1 nice -n 15 ...``: with more
+threads than free cores, torch's OpenMP barriers spin and a Block-AP layer took 10x longer here.
 """
 from __future__ import annotations
 
