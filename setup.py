@@ -49,6 +49,8 @@ setup(
     extras_require={
         "test": ["pytest>=8"],
         "eval": ["lm-eval>=0.4.8"],
+        # scripts/get_smollm2.py (GGUF -> HF) and scripts/bench_quality.py's AutoRound rows
+        "bench": ["gguf==0.19.0", "auto-round==0.16.1"],
     },
     entry_points={"console_scripts": ["effqat=effqat_plugin.cli:main"]},
 )

@@ -17,7 +17,9 @@ __all__ = ["EQATConfig", "QuantizedWeight", "QuantFormatError", "__version__"]
 
 def __getattr__(name):
     if name == "EQATConfig":
-        from .config import EQATConfig  # registers the method with GPTQModel
+        from .config import EQATConfig
+        from .integration import register
 
+        register()  # here, at the package entry, so that config.py need not import its integration
         return EQATConfig
     raise AttributeError(f"module 'effqat_plugin' has no attribute {name!r}")

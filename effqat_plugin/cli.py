@@ -9,7 +9,7 @@ import argparse
 import importlib
 import sys
 
-from .env import prepare_runtime_env
+from .env import prepare_runtime_env, quiet_third_party_logs
 
 COMMANDS = ("quantize", "eval", "convert", "push", "pipeline", "e2e", "plan")
 
@@ -20,6 +20,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name in COMMANDS:
         module = importlib.import_module(f"effqat_plugin.commands.{name}")
         module.add_parser(sub)
+    for p in sub.choices.values():
+        p.add_argument("--verbose", action="store_true",
+                       help="also show GPTQModel's / torch's / transformers' own log lines")
     return parser
 
 
@@ -27,6 +30,8 @@ def main(argv=None) -> int:
     prepare_runtime_env()
     parser = build_parser()
     args = parser.parse_args(argv)
+    if not args.verbose:
+        quiet_third_party_logs()
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

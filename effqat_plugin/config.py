@@ -4,16 +4,15 @@ It subclasses GPTQModel's own config dataclass so `GPTQModel.load(path, EQATConf
 unchanged. GPTQModel's METHOD enum is closed, so the method recorded for loaders is GPTQ (the output
 *is* a GPTQ checkpoint); the EQAT identity and every setting lives in `quantize_config.json` `meta`.
 
-Learning-rate defaults: the paper's rates (Block-AP 1e-4 for s/z, 2e-5 (w2) / 1e-5 (w3/w4) for
-weights and norms; E2E-QP 2e-5 / 1e-5) assume the paper's data budget: 4096 x 2048 tokens x 2 epochs
-per block and 4096 x 4096 tokens for E2E-QP. With a smaller budget they barely move the parameters
-(see the method note), so by default (``lr_preset="auto"``) each rate is multiplied by
-``paper_tokens / run_tokens`` (never below 1x, at most ``max_lr_scale``, 128 by default). On the
-bundled 260K model with 256 x 256 calibration tokens this is the 128x cap, which measured best.
-Step sizes shrink by ``2^b - 1`` per bit width while Adam moves a parameter by about ``lr`` per step,
-so the auto preset also scales the step-size rates (Block-AP s/z and E2E-QP) by ``3 / (2^b - 1)``
-(1x at 2 bits, where the paper tuned them). ``lr_preset="paper"`` uses the paper's values unchanged;
-explicit ``*_lr`` arguments always win.
+Learning-rate defaults: the paper's rates (Block-AP 1e-4 for s/z at every bit width, 2e-5 (w2) /
+1e-5 (w3/w4) for weights and norms; E2E-QP 2e-5 / 1e-5) assume the paper's data budget: 4096 x 2048
+tokens x 2 epochs per block and 4096 x 4096 tokens for E2E-QP. ``lr_preset="auto"`` (default) gives
+exactly these rates at (or above) that budget. With a smaller budget they barely move the parameters
+(see the method note), so ``auto`` raises each rate by ``k = paper_tokens / run_tokens`` (at most
+``max_lr_scale``, 128 by default); for the step-size rates (Block-AP s/z, E2E-QP) the raise is
+``1 + (k - 1) * 3 / (2^b - 1)``, because step sizes shrink by ``2^b - 1`` per bit width while Adam
+moves a parameter by about ``lr`` per step. The formulas live in ``lr_rules.py``.
+``lr_preset="paper"`` uses the paper's values unchanged; explicit ``*_lr`` arguments always win.
 """
 from __future__ import annotations
 
@@ -121,8 +120,3 @@ class EQATConfig(BaseQuantizeConfig):
 
 
 __all__ = ["EQATConfig"]
-
-# Defining the config registers the method: GPTQModel models loaded with it take the EQAT path.
-from .integration import register  # noqa: E402
-
-register()

@@ -15,7 +15,9 @@ frozen. One trainer serves every entry point (the plugin's in-process run throug
 * held-out loss before / during / after training; resumable state (trainable tensors + AdamW moments
   + step) written atomically every ``save_every`` steps.
 
-Samples are visited in a fixed order (no shuffling), as the reference's calibration order.
+Samples are shuffled every epoch, as the reference's HF Trainer does: epoch ``e`` visits them in
+``randperm(N)`` drawn from a generator seeded with ``seed + e``, so the order depends only on the
+run's seed and the epoch (the same on every process, and again after a resume).
 """
 from __future__ import annotations
 
@@ -129,6 +131,21 @@ def trainable_step_sizes(model: nn.Module, train_zeros: bool) -> List[nn.Paramet
     if not params:
         raise ValueError("E2E-QP found no quantized linear layers in the model")
     return params
+
+
+class EpochShuffle(torch.utils.data.Sampler):
+    """Sample order of one epoch: a permutation seeded by ``seed + epoch`` (set ``epoch`` before
+    iterating). Deterministic, so every process and a resumed run walk the same order."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, int(seed), 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
 
 
 def warmup_cosine(step: int, total: int, warmup: int) -> float:
@@ -402,7 +419,8 @@ class E2EQP:
         was_training = model.training
         model.train()
 
-        loader = DataLoader(train_ds, batch_size=mb, shuffle=False,
+        order = EpochShuffle(len(train_ds), cfg.seed)
+        loader = DataLoader(train_ds, batch_size=mb, sampler=order,
                             collate_fn=lambda b: collate(b, opts.pad_token_id))
         import warnings
 
@@ -459,6 +477,7 @@ class E2EQP:
         stop_at = total if opts.stop_after is None else min(total, int(opts.stop_after))
         try:
             for epoch in range(start_step // steps_per_epoch, cfg.e2e_epochs):
+                order.epoch = epoch
                 skip = (step - epoch * steps_per_epoch) * accum
                 epoch_loader = acc.skip_first_batches(loader, skip) if skip else loader
                 it = iter(epoch_loader)

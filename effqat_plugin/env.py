@@ -13,3 +13,51 @@ def prepare_runtime_env() -> None:
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", str(max(2, cores)))
     # Writing offload temp paths into saved metadata is noise for our checkpoints.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+_QUIET = False
+
+
+def third_party_stdout():
+    """Context for calls into GPTQModel that ``print`` (e.g. ``from_quantized``): swallows their stdout
+    once :func:`quiet_third_party_logs` ran, passes it through otherwise (``--verbose``, library use)."""
+    import contextlib
+    import io
+
+    return contextlib.redirect_stdout(io.StringIO()) if _QUIET else contextlib.nullcontext()
+
+
+def quiet_third_party_logs() -> None:
+    """Keep GPTQModel's banner / INFO lines and torch's import-time warnings out of effqat's output
+    (``effqat ... --verbose`` skips this). Call before gptqmodel is imported: its start-up banner is
+    logged at import. Errors still show; effqat's own ``effqat.*`` loggers are untouched."""
+    import contextlib
+    import io
+    import logging
+
+    global _QUIET
+    _QUIET = True
+    try:
+        from logbar import LogBar  # GPTQModel's logger (a logging.Logger subclass writing to stdout)
+
+        LogBar.shared().setLevel(logging.ERROR)
+    except ImportError:  # pragma: no cover - gptqmodel always brings logbar
+        pass
+    import torch  # noqa: F401  (its logging setup runs at import; adjust levels afterwards)
+
+    for name in ("torch", "torch.utils._pytree", "torch.utils.cpp_extension", "transformers", "accelerate",
+                 "auto_round", "tokenicer", "tokenicer.tokenicer"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    import warnings
+
+    # transformers 5.x deprecation notice for the KV-cache argument name (raised inside torch's Module call)
+    warnings.filterwarnings("ignore", message=r".*past_key_values.* is deprecated", category=FutureWarning)
+    with contextlib.redirect_stdout(io.StringIO()):  # stray prints during GPTQModel's import
+        import gptqmodel  # noqa: F401
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass

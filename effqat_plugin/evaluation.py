@@ -206,7 +206,10 @@ def evaluate_folder(path: str, data: List[str], seq_len: int = 2048, n_samples: 
         require_lm_eval()  # fail before loading anything
     rt = resolve_runtime(device)
     if os.path.isdir(path):
-        model = load_for_eval(path, runtime)
+        from .env import third_party_stdout
+
+        with third_party_stdout():  # GPTQModel prints while loading
+            model = load_for_eval(path, runtime)
     else:
         from transformers import AutoModelForCausalLM
 

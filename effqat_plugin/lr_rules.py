@@ -1,5 +1,13 @@
 """Learning-rate rules of Block-AP and E2E-QP (kept free of GPTQModel imports: the E2E-QP CLI and its
-distributed workers use them too). Rationale in ``config.py``'s module docstring."""
+distributed workers use them too). Rationale in ``config.py``'s module docstring.
+
+``auto`` at (or above) the paper's token budget returns the reference scripts' rates exactly, at
+every bit width: Block-AP s/z 1e-4, weights and norms 2e-5 (w2) / 1e-5 (w3, w4); E2E-QP 2e-5 (w2) /
+1e-5 (w3, w4). Below that budget each rate is raised by ``k = min(max_scale, paper_tokens /
+run_tokens)``; for the step-size rates (Block-AP s/z and E2E-QP) only the *extra* part ``k - 1`` is
+shrunk by ``3 / (2^b - 1)`` (step sizes are ``2^b - 1`` times smaller at b bits than at 2 bits,
+while Adam moves a parameter by about ``lr`` per step), so the factor is 1 at the paper's budget.
+"""
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -9,7 +17,8 @@ PAPER_E2E_TOKENS = 4096 * 4096 * 1
 
 
 def paper_block_lrs(bits: int) -> Tuple[float, float]:
-    """(quant-param lr for s/z, weight lr for linear weights and norms) from the paper."""
+    """(quant-param lr for s/z, weight lr for linear weights and norms) of the reference scripts
+    (1e-4 for s/z at every bit width)."""
     return 1e-4, (2e-5 if bits == 2 else 1e-5)
 
 
@@ -25,21 +34,29 @@ def lr_scale(tokens: int, reference_tokens: int, max_scale: float) -> float:
 
 
 def step_size_factor(bits: int) -> float:
-    """Step sizes shrink by 2^b - 1 per bit width; 1x at 2 bits, where the paper tuned its rates."""
+    """Step sizes shrink by 2^b - 1 per bit width; 1x at 2 bits."""
     return 3.0 / ((1 << bits) - 1)
 
 
+def step_size_scale(k: float, bits: int) -> float:
+    """The raise ``k`` applied to a step-size rate: ``1 + (k - 1) * 3 / (2^b - 1)``; exactly 1 when
+    ``k`` is 1 (paper budget), ``k`` at 2 bits."""
+    return 1.0 + (k - 1.0) * step_size_factor(bits)
+
+
 def block_lrs(bits: int, preset: str, max_scale: float, train_tokens: int,
-              quant_lr: Optional[float] = None, weight_lr: Optional[float] = None) -> Tuple[float, float]:
+              quant_lr: Optional[float] = None, weight_lr: Optional[float] = None,
+              scale: Optional[float] = None) -> Tuple[float, float]:
+    """(s/z lr, weights/norms lr). ``scale`` overrides the token-budget raise ``k`` (auto preset only)."""
     q, w = paper_block_lrs(bits)
     if preset == "auto":
-        k = lr_scale(train_tokens, PAPER_BLOCK_TOKENS, max_scale)
-        q, w = q * k * step_size_factor(bits), w * k
+        k = lr_scale(train_tokens, PAPER_BLOCK_TOKENS, max_scale) if scale is None else float(scale)
+        q, w = q * step_size_scale(k, bits), w * k
     return quant_lr or q, weight_lr or w
 
 
 def e2e_lr(bits: int, preset: str, max_scale: float, train_tokens: int, lr: Optional[float] = None) -> float:
     base = paper_e2e_lr(bits)
     if preset == "auto":
-        base *= lr_scale(train_tokens, PAPER_E2E_TOKENS, max_scale) * step_size_factor(bits)
+        base *= step_size_scale(lr_scale(train_tokens, PAPER_E2E_TOKENS, max_scale), bits)
     return lr or base

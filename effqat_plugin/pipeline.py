@@ -47,7 +47,8 @@ class EQATResult:
             "base_model": self.extra.get("base_model"),
             "method": "EfficientQAT (Block-AP + E2E-QP), arXiv 2407.11062",
             "settings": cfg.eqat_settings(),
-            "calibration": {"train_samples": self.n_train, "val_samples": self.n_val, "seq_len": self.seq_len},
+            "calibration": {"train_samples": self.n_train, "val_samples": self.n_val, "seq_len": self.seq_len,
+                            "e2e_samples": self.extra.get("e2e_samples"), "e2e_seq_len": self.extra.get("e2e_seq_len")},
             "block_ap": {
                 "quant_lr": self.block_ap.quant_lr,
                 "weight_lr": self.block_ap.weight_lr,
@@ -89,25 +90,42 @@ def prepare_calibration(hf_model: nn.Module, layout: ModelLayout, cfg: EQATConfi
                 raise ValueError(f"group_size={cfg.group_size} is larger than in_features={lin.in_features} "
                                  f"of {layout.layer_name(index)}.{name}; use a smaller group or -1")
     check_fully_quantized(layout, layout.quantized_names(), getattr(hf_model.config, "model_type", ""))
-    ids = normalize_calibration(calibration, tokenizer=tokenizer, seq_len=seq_len)
-    if ids.shape[0] < 1 or ids.shape[1] < 2:
-        raise CalibrationError(f"calibration must have at least 1 sample of >= 2 tokens, got {tuple(ids.shape)}")
-    vocab = hf_model.config.vocab_size
-    if int(ids.max()) >= vocab or int(ids.min()) < 0:
-        raise CalibrationError(f"calibration token ids must lie in [0, {vocab}); got [{int(ids.min())}, {int(ids.max())}]")
+    ids = _checked_ids(hf_model, normalize_calibration(calibration, tokenizer=tokenizer, seq_len=seq_len),
+                       "calibration")
     train_ids, val_ids = split_calibration(ids, cfg.block_val_samples)
     return ids, train_ids, val_ids
+
+
+def prepare_e2e_data(hf_model: nn.Module, cfg: EQATConfig, e2e_data, tokenizer=None,
+                     seq_len: Optional[int] = None, default: Optional[torch.Tensor] = None):
+    """E2E-QP's own training samples (``--e2e-data``), checked like calibration; ``default`` (Block-AP's
+    training split) when none are given or E2E-QP is off."""
+    if e2e_data is None or cfg.e2e_epochs <= 0:
+        return default
+    return _checked_ids(hf_model, normalize_calibration(e2e_data, tokenizer=tokenizer, seq_len=seq_len),
+                        "E2E-QP data")
+
+
+def _checked_ids(hf_model: nn.Module, ids: torch.Tensor, what: str) -> torch.Tensor:
+    if ids.shape[0] < 1 or ids.shape[1] < 2:
+        raise CalibrationError(f"{what} must have at least 1 sample of >= 2 tokens, got {tuple(ids.shape)}")
+    vocab = hf_model.config.vocab_size
+    if int(ids.max()) >= vocab or int(ids.min()) < 0:
+        raise CalibrationError(f"{what} token ids must lie in [0, {vocab}); got [{int(ids.min())}, {int(ids.max())}]")
+    return ids
 
 
 def run_eqat(hf_model: nn.Module, cfg: EQATConfig, calibration, tokenizer=None, definition=None,
              seq_len: Optional[int] = None, layout: Optional[ModelLayout] = None,
              show_progress: bool = True, work_dir: Optional[str] = None,
-             offload_dir: Optional[str] = None) -> EQATResult:
+             offload_dir: Optional[str] = None, e2e_data=None) -> EQATResult:
     """Quantize ``hf_model`` in place with EfficientQAT and return the learned integers.
 
     ``work_dir``: Block-AP persists each finished layer there and resumes from it when re-run with
     the same settings and data. ``offload_dir``: Block-AP's activation streams are memory-mapped
-    files there instead of host RAM.
+    files there instead of host RAM. ``e2e_data``: E2E-QP trains on these samples (any form
+    ``calibration`` accepts, any sequence length) instead of Block-AP's, as the paper trains E2E-QP on
+    other, larger data; its held-out loss is still measured on Block-AP's validation split.
     """
     t0 = time.time()
     seed_everything(cfg.seed)
@@ -115,6 +133,7 @@ def run_eqat(hf_model: nn.Module, cfg: EQATConfig, calibration, tokenizer=None, 
     layout = layout or resolve_layout(hf_model, definition, cfg)
     ids, train_ids, val_ids = prepare_calibration(hf_model, layout, cfg, calibration, tokenizer, seq_len)
     model_type = getattr(hf_model.config, "model_type", "")
+    e2e_ids = prepare_e2e_data(hf_model, cfg, e2e_data, tokenizer, seq_len, default=train_ids)
 
     source_dtype = next(hf_model.parameters()).dtype
     if rt.device.type == "cpu" and source_dtype != torch.float32:
@@ -134,7 +153,7 @@ def run_eqat(hf_model: nn.Module, cfg: EQATConfig, calibration, tokenizer=None, 
         from .kernels import use_backend
 
         with use_backend(cfg.kernel_backend):
-            e2e = E2EQP(hf_model, cfg, rt, show_progress).run(train_ids, val_ids)
+            e2e = E2EQP(hf_model, cfg, rt, show_progress).run(e2e_ids, val_ids)
         if on_device:
             hf_model.to("cpu")
     hf_model.train(was_training)
@@ -143,7 +162,9 @@ def run_eqat(hf_model: nn.Module, cfg: EQATConfig, calibration, tokenizer=None, 
                         n_val=0 if val_ids is None else val_ids.shape[0], seq_len=ids.shape[1],
                         seconds=time.time() - t0,
                         source_dtype=source_dtype if source_dtype in (torch.float16, torch.bfloat16) else torch.float16,
-                        extra={"base_model": getattr(hf_model.config, "_name_or_path", None) or None})
+                        extra={"base_model": getattr(hf_model.config, "_name_or_path", None) or None,
+                               "e2e_samples": int(e2e_ids.shape[0]) if e2e is not None else 0,
+                               "e2e_seq_len": int(e2e_ids.shape[1])})
     log.info("EQAT done in %.1fs: %d quantized linears at w%dg%d%s", result.seconds, len(qweights), cfg.bits,
              cfg.group_size, "" if e2e is None or e2e.val_loss_after is None
              else f", val ppl {math.exp(e2e.val_loss_after):.2f}")

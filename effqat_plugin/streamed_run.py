@@ -24,7 +24,7 @@ import torch
 from .block_ap import BlockAP
 from .config import EQATConfig
 from .layout import check_fully_quantized, definition_for, resolve_layout
-from .pipeline import EQATResult, collect_qweights, prepare_calibration
+from .pipeline import EQATResult, collect_qweights, prepare_calibration, prepare_e2e_data
 from .resume import LayerStore
 from .runtime import resolve_runtime, seed_everything
 from .streaming import StreamedModel
@@ -60,10 +60,14 @@ class StreamedQuantization:
     def quantized_names(self) -> list:
         return self.layout.quantized_names()
 
-    def block_ap(self, calibration, seq_len: Optional[int] = None, offload_dir: Optional[str] = None) -> EQATResult:
+    def block_ap(self, calibration, seq_len: Optional[int] = None, offload_dir: Optional[str] = None,
+                 e2e_data=None) -> EQATResult:
+        """Block-AP over the streamed layers; ``e2e_data`` (as ``run_eqat``'s) is checked now, before
+        hours of Block-AP, and used by :meth:`e2e_and_save`."""
         t0 = time.time()
         ids, train_ids, val_ids = prepare_calibration(self.model, self.layout, self.cfg, calibration,
                                                       self.tokenizer, seq_len)
+        e2e_ids = prepare_e2e_data(self.model, self.cfg, e2e_data, self.tokenizer, seq_len, default=train_ids)
         self.sm.attach_layout(self.layout)
         # The in-memory path runs a CPU model upcast to fp32 and a CUDA model in its own dtype.
         compute = torch.float32 if self.rt.device.type == "cpu" else self.sm.dtype
@@ -83,9 +87,10 @@ class StreamedQuantization:
             qweights={}, block_ap=block, e2e=None, n_train=train_ids.shape[0],
             n_val=0 if val_ids is None else val_ids.shape[0], seq_len=ids.shape[1], seconds=time.time() - t0,
             source_dtype=_out_dtype(self.sm.source_dtype),
-            extra={"base_model": getattr(self.model.config, "_name_or_path", None) or None})
+            extra={"base_model": getattr(self.model.config, "_name_or_path", None) or None,
+                   "e2e_samples": 0, "e2e_seq_len": int(e2e_ids.shape[1])})
         self._t0 = t0
-        self._calibration = (train_ids, val_ids)
+        self._calibration = (e2e_ids, val_ids)
         return self.result
 
     # -- incremental write (no E2E-QP) -------------------------------------------------------------
@@ -187,6 +192,7 @@ class StreamedQuantization:
             model.to(self.rt.device)
         with use_backend(self.cfg.kernel_backend):
             self.result.e2e = E2EQP(model, self.cfg, self.rt, self.show_progress).run(train_ids, val_ids)
+        self.result.extra["e2e_samples"] = int(train_ids.shape[0])
         if on_device:
             model.to("cpu")
         self.result.seconds = time.time() - self._t0
@@ -216,3 +222,32 @@ class StreamedQuantization:
         yield from non_quantized_tensors(model, names, self.result.source_dtype).items()
         for name in names:
             yield name, collect_qweights(model, [name])[name]
+
+
+class InMemoryQuantization:
+    """The same interface as :class:`StreamedQuantization` for models the streamed loader cannot read
+    layer by layer (fused MoE experts, :class:`~effqat_plugin.streaming.NotStreamable`): the whole model
+    is loaded through ``GPTQModel.load``, which defuses the experts into per-expert linears, and
+    ``run_eqat`` runs Block-AP and, when configured, E2E-QP in :meth:`block_ap`. Host memory then grows
+    with the model (fp32), as it did before streaming; the CLI says so when it takes this path."""
+
+    def __init__(self, model_dir: str, cfg: EQATConfig, work_dir: str, show_progress: bool = True):
+        from gptqmodel import GPTQModel
+
+        self.cfg, self.work_dir, self.show_progress = cfg, work_dir, show_progress
+        self.qmodel = GPTQModel.load(model_dir, cfg, dtype=torch.float32)
+        self.model, self.tokenizer = self.qmodel.model, self.qmodel.tokenizer
+        self.result: Optional[EQATResult] = None
+
+    def block_ap(self, calibration, seq_len: Optional[int] = None, offload_dir: Optional[str] = None,
+                 e2e_data=None) -> EQATResult:
+        self.qmodel.quantize(calibration, seq_len=seq_len, show_progress=self.show_progress,
+                             work_dir=self.work_dir, offload_dir=offload_dir, e2e_data=e2e_data)
+        self.result = self.qmodel._eqat_result
+        return self.result
+
+    def save(self, out_dir: str, fmt: Optional[str] = None, overwrite: bool = False,
+             max_shard_size: str = "4GB") -> dict:
+        return self.qmodel.save(out_dir, max_shard_size=max_shard_size, overwrite=overwrite, fmt=fmt)
+
+    e2e_and_save = save  # E2E-QP already ran inside block_ap (run_eqat does both phases)

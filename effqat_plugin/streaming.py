@@ -67,6 +67,17 @@ def _set(module: nn.Module, name: str, device, value=None, dtype=None) -> None:
     set_module_tensor_to_device(module, name, device, value=value, dtype=dtype)
 
 
+class NotStreamable(ValueError):
+    """The model cannot be read layer by layer from its shards as they are (see ``fused_expert_tensors``)."""
+
+
+def fused_expert_tensors(model: nn.Module) -> list:
+    """Parameters of 3 or more dimensions: transformers 5 builds MoE experts fused (``experts.gate_up_proj``
+    ``[experts, 2*inter, hidden]``) and renames checkpoint keys while loading; only ``GPTQModel.load``
+    (transformers' loader plus GPTQModel's defuser) turns them into the per-expert linears EQAT quantizes."""
+    return [name for name, p in model.named_parameters() if p.dim() >= 3]
+
+
 class StreamedModel:
     """A causal LM whose decoder layers live on the meta device until :meth:`materialize` is called.
 
@@ -89,6 +100,9 @@ class StreamedModel:
         with init_empty_weights():
             self.model = AutoModelForCausalLM.from_config(config, dtype=self.dtype)
         self.model.eval()
+        fused = fused_expert_tensors(self.model)
+        if fused:
+            raise NotStreamable(f"{len(fused)} fused expert tensors (e.g. {fused[0]})")
         self.layout = None
         self._resident: set = set()
         self.max_resident = 0

@@ -1,11 +1,29 @@
-"""Quality table on one model: fp, RTN, GPTQModel's GPTQ, EQAT Block-AP, EQAT Block-AP + E2E-QP.
+"""Quality table: fp, RTN, GPTQModel GPTQ, AutoRound (default + light), EQAT Block-AP, EQAT Block-AP + E2E-QP.
 
-Every row uses the same calibration and held-out evaluation token data (sampled from the fp model
-itself unless files are given), the same bits / group size, and is scored by the same perplexity
-function. The GPTQ and EQAT rows are measured on checkpoints reloaded by `GPTQModel.from_quantized`
-(TORCH backend), i.e. what a user of the saved folder gets.
+Every row uses the same calibration tokens and the same held-out evaluation tokens, the same bits /
+group size, and the same perplexity function. Every quantized row is a checkpoint on disk reloaded by
+``GPTQModel.from_quantized`` (TORCH backend, fp16, CPU), i.e. what a user of the saved folder gets:
 
-    python scripts/bench_quality.py --bits 2 --group-size 64
+* GPTQ: GPTQModel 7.7's own GPTQ (sym=False, no act-order).
+* AutoRound 0.16.1 (``pip install auto-round``): its default recipe (200 iterations) and its light one
+  (50), asymmetric, exported ``format="auto_gptq"``; GPTQModel refuses asymmetric v1 folders not made
+  by itself, so the export is converted with ``effqat convert --to gptq_v2`` (lossless) and loaded.
+* EQAT: ``EQATConfig`` defaults. Block-AP runs once; its checkpoint is saved (the "Block-AP only" row),
+  then E2E-QP continues on the same in-memory model exactly as ``run_eqat`` does (the full row).
+
+Each quantizing method runs in a child process (a crash becomes a table note; memory is returned) and
+leaves ``WORK/<config>/<method>.json``; a re-run with the same ``--work`` skips finished rows, so a long
+grid can be run in pieces. Times are quantization wall time only (no loading or evaluation), shown
+as a ratio to GPTQ's on the same machine in the same run.
+
+    python scripts/get_smollm2.py   # -> ~/.cache/effqat/smollm2-135m
+    python scripts/bench_quality.py --model ~/.cache/effqat/smollm2-135m \\
+        --text-calib ../shared/data/wikitext-2/valid.txt --text-eval ../shared/data/wikitext-2/test.txt \\
+        --configs w2g64,w3g128,w4g128 --work runs/bench-smollm2
+    python scripts/bench_quality.py            # stories260k, samples drawn from the model itself
+
+On a machine shared with other jobs, run it as ``OMP_NUM_THREADS=1 nice -n 15 ...``: with more
+threads than free cores, torch's OpenMP barriers spin and a Block-AP layer took 10x longer here.
 """
 from __future__ import annotations
 
@@ -13,8 +31,8 @@ import argparse
 import json
 import math
 import os
+import subprocess
 import sys
-import tempfile
 import time
 
 from effqat_plugin.env import prepare_runtime_env
@@ -25,23 +43,53 @@ import torch  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_MODEL = os.path.join(HERE, "..", "effqat_plugin", "assets", "stories260k")
+METHODS = ("fp", "rtn", "gptq", "autoround-light", "autoround", "eqat")
+AUTOROUND_ITERS = {"autoround": 200, "autoround-light": 50}
+LABELS = {"fp": "fp32", "rtn": "RTN (min/max)", "gptq": "GPTQModel GPTQ (sym=False)",
+          "autoround-light": "AutoRound light (50 it), auto_gptq", "autoround": "AutoRound default (200 it), auto_gptq",
+          "eqat-blockap": "EQAT Block-AP only", "eqat": "EQAT Block-AP + E2E-QP (default)"}
 
 
-def ppl_of(model, ids, rt):
+def parse_config(spec: str):
+    b, g = spec.lower().lstrip("w").split("g")
+    return int(b), int(g)
+
+
+# ------------------------------------------------------------------------------------------------ eval
+def ppl_all(model, evals: dict) -> dict:
     from effqat_plugin.evaluation import perplexity
+    from effqat_plugin.runtime import resolve_runtime
 
-    return perplexity(model, ids, 8, rt)
+    rt = resolve_runtime("cpu")
+    return {label: perplexity(model, ids, 4, rt) for label, ids in evals.items()}
 
 
-def reloaded_ppl(folder, ids, rt):
-    """Perplexity of a saved folder as GPTQModel users load it (TORCH backend, fp16, CPU)."""
+def reloaded_ppl(folder, evals):
+    """Perplexities of a saved folder as GPTQModel users load it (TORCH backend, fp16, CPU)."""
     from gptqmodel import BACKEND, GPTQModel
 
     q = GPTQModel.from_quantized(folder, device="cpu", backend=BACKEND.TORCH, dtype=torch.float16)
-    return ppl_of(q.model, ids, rt)
+    return ppl_all(q.model.eval(), evals)
 
 
-def rtn_row(model_dir, bits, group, ids, rt):
+def load_evals(work):
+    from effqat_plugin.data import load_token_file
+
+    with open(os.path.join(work, "evals.json")) as f:
+        labels = json.load(f)
+    return {label: load_token_file(os.path.join(work, f"eval_{label}.safetensors")) for label in labels}
+
+
+# ------------------------------------------------------------------------------------------------ rows
+def fp_rows(model_dir, bits, group, calib, evals, out):
+    from transformers import AutoModelForCausalLM
+
+    fp = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    return [{"method": "fp", "ppl": ppl_all(fp, evals), "seconds": None, "note": ""}]
+
+
+def rtn_rows(model_dir, bits, group, calib, evals, out):
+    """Min/max round-to-nearest fake-quantized in fp32 (the quantizer's init; no checkpoint)."""
     from transformers import AutoModelForCausalLM
 
     from effqat_plugin.layout import resolve_layout
@@ -54,109 +102,222 @@ def rtn_row(model_dir, bits, group, ids, rt):
             for name in layout.linear_names:
                 lin = layer.get_submodule(name)
                 lin.weight.copy_(rtn_quantize(lin.weight, bits, group).dequantize())
-    return ppl_of(model, ids, rt)
+    return [{"method": "rtn", "ppl": ppl_all(model, evals), "seconds": None, "note": "fake-quant fp32"}]
 
 
-def gptq_row(model_dir, bits, group, calib, ids, rt, work):
-    """GPTQModel's own GPTQ, run in a child process: its packer can crash the process outright on
-    shapes it does not support (3-bit with out_features 172), which must become a table note."""
-    import subprocess
-
-    from effqat_plugin.data import save_token_file
-
-    save_token_file(os.path.join(work, "calib.safetensors"), calib)
-    save_token_file(os.path.join(work, "eval.safetensors"), ids)
-    out = os.path.join(work, "gptq")
-    cmd = [sys.executable, os.path.abspath(__file__), "--gptq-child", out, "--model", model_dir,
-           "--bits", str(bits), "--group-size", str(group), "--calib", os.path.join(work, "calib.safetensors"),
-           "--eval-data", os.path.join(work, "eval.safetensors")]
-    run = subprocess.run(cmd, capture_output=True, text=True)
-    result = os.path.join(out + ".json")
-    if run.returncode == 0 and os.path.exists(result):
-        with open(result) as f:
-            return json.load(f)["ppl"], "sym=False, same calibration"
-    errors = [ln for ln in (run.stderr or "").splitlines() if "Error" in ln]
-    return float("nan"), "GPTQModel failed: " + (errors[-1][:100] if errors else f"exit {run.returncode}")
-
-
-def gptq_child(out, model_dir, bits, group, calib, ids, rt):
+def gptq_rows(model_dir, bits, group, calib, evals, out):
     from gptqmodel import GPTQModel, QuantizeConfig
 
     model = GPTQModel.load(model_dir, QuantizeConfig(bits=bits, group_size=group, sym=False, desc_act=False,
                                                      offload_to_disk=False), dtype=torch.float32)
+    t0 = time.time()
     model.quantize([{"input_ids": row.tolist()} for row in calib], batch_size=4)
+    seconds = time.time() - t0
     model.save(out)
-    with open(out + ".json", "w") as f:
-        json.dump({"ppl": reloaded_ppl(out, ids, rt)}, f)
+    del model
+    return [{"method": "gptq", "ppl": reloaded_ppl(out, evals), "seconds": seconds, "note": "sym=False"}]
 
 
-def eqat_row(model_dir, bits, group, calib, ids, rt, work, e2e_epochs, extra):
+def autoround_rows(method, model_dir, bits, group, calib, evals, out):
+    from auto_round import AutoRound
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from effqat_plugin.cli import main as effqat_main
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    iters = AUTOROUND_ITERS[method]
+    t0 = time.time()
+    ar = AutoRound(model, tok, bits=bits, group_size=group, sym=False, iters=iters,
+                   dataset=[row[None] for row in calib], nsamples=calib.shape[0], seqlen=calib.shape[1],
+                   device_map="cpu")
+    ar.quantize_and_save(out + ".auto_gptq", format="auto_gptq")
+    seconds = time.time() - t0
+    del ar, model
+    # AutoRound writes into a sub-folder named after the model and scheme
+    export = next(root for root, _, files in os.walk(out + ".auto_gptq") if "config.json" in files)
+    # GPTQModel 7.7 refuses asymmetric v1 folders it did not write; gptq_v2 (true zeros) loads
+    rc = effqat_main(["convert", export, out, "--to", "gptq_v2"])
+    if rc != 0:
+        raise RuntimeError(f"effqat convert of the AutoRound export failed (exit {rc})")
+    return [{"method": method, "ppl": reloaded_ppl(out, evals), "seconds": seconds,
+             "note": f"iters={iters}, exported auto_gptq -> effqat convert --to gptq_v2"}]
+
+
+def eqat_rows(model_dir, bits, group, calib, evals, out):
+    """Block-AP once (saved: the Block-AP-only row), then E2E-QP on the same in-memory model as
+    ``pipeline.run_eqat`` does (saved: the full row); EQATConfig defaults throughout."""
     from gptqmodel import GPTQModel
 
     from effqat_plugin import EQATConfig
+    from effqat_plugin.e2e_qp import E2EQP
+    from effqat_plugin.pipeline import collect_qweights, split_calibration
+    from effqat_plugin.runtime import resolve_runtime
 
-    cfg = EQATConfig(bits=bits, group_size=group, e2e_epochs=e2e_epochs, **extra)
+    fmt = "gptq_v2" if bits == 3 else "gptq"
+    full_cfg = EQATConfig(bits=bits, group_size=group)
+    cfg = EQATConfig(bits=bits, group_size=group, e2e_epochs=0)
     model = GPTQModel.load(model_dir, cfg, dtype=torch.float32)
     t0 = time.time()
     model.quantize(calib, show_progress=False)
-    seconds = time.time() - t0
-    out = os.path.join(work, f"eqat-e2e{e2e_epochs}")
-    model.save(out, fmt="gptq_v2" if bits == 3 else "gptq")
-    return reloaded_ppl(out, ids, rt), f"{seconds:.0f}s"
+    t_block = time.time() - t0
+    model.save(out + "-blockap", fmt=fmt)
+    blk = model._eqat_result.block_ap
+    rows = [{"method": "eqat-blockap", "seconds": t_block, "note": f"lr s/z {blk.quant_lr:.3g}, w {blk.weight_lr:.3g}",
+             "layers": [[r.train_loss, r.val_loss] for r in blk.reports]}]
+    train_ids, val_ids = split_calibration(calib, full_cfg.block_val_samples)
+    t1 = time.time()
+    rep = E2EQP(model.model, full_cfg, resolve_runtime(None), show_progress=False).run(train_ids, val_ids)
+    t_e2e = time.time() - t1
+    result = model._eqat_result
+    result.e2e = rep
+    result.qweights = collect_qweights(model.model, result.qweights.keys())
+    model.quantize_config = full_cfg
+    model.save(out, fmt=fmt)
+    rows.append({"method": "eqat", "seconds": t_block + t_e2e, "note": f"E2E-QP lr {rep.lr:.3g}, {rep.steps} steps"})
+    del model
+    rows[0]["ppl"] = reloaded_ppl(out + "-blockap", evals)
+    rows[1]["ppl"] = reloaded_ppl(out, evals)
+    return rows
+
+
+def child(method, model_dir, config, work):
+    from effqat_plugin.data import load_token_file
+
+    bits, group = parse_config(config)
+    calib = load_token_file(os.path.join(work, "calib.safetensors"))
+    evals = load_evals(work)
+    out = os.path.join(work, config, method)
+    os.makedirs(os.path.join(work, config), exist_ok=True)
+    fn = {"fp": fp_rows, "rtn": rtn_rows, "gptq": gptq_rows, "eqat": eqat_rows}.get(method)
+    rows = (fn(model_dir, bits, group, calib, evals, out) if fn
+            else autoround_rows(method, model_dir, bits, group, calib, evals, out))
+    with open(out + ".json", "w") as f:
+        json.dump(rows, f, indent=1, default=str)
+
+
+def run_child(args, method, config) -> list:
+    """The rows of one method (cached in WORK/<config>/<method>.json); a failure becomes a note row."""
+    result = os.path.join(args.work, config, method + ".json")
+    if not os.path.exists(result):
+        log = os.path.join(args.work, config, method + ".log")
+        os.makedirs(os.path.dirname(log), exist_ok=True)
+        cmd = [sys.executable, os.path.abspath(__file__), "--child", method, "--model", args.model,
+               "--configs", config, "--work", args.work]
+        t0 = time.time()
+        with open(log, "w") as f:
+            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
+        print(f"  {config} {method}: exit {rc} after {time.time() - t0:.0f}s (log {log})", flush=True)
+        if rc != 0 or not os.path.exists(result):
+            with open(log, errors="replace") as f:
+                errs = [ln.strip() for ln in f if "Error" in ln]
+            note = "failed: " + (errs[-1][:120] if errs else f"exit {rc}")
+            return [{"method": method, "ppl": {}, "seconds": None, "note": note}]
+    with open(result) as f:
+        return json.load(f)
+
+
+# ------------------------------------------------------------------------------------------------ data
+def prepare_data(args):
+    """calib.safetensors and eval_<label>.safetensors in WORK (kept: every row reads the same tokens)."""
+    from transformers import AutoModelForCausalLM
+
+    from effqat_plugin.data import load_token_file, sample_from_model, save_token_file
+    from effqat_plugin.evaluation import data_label, load_eval_ids, load_tokenizer_for
+
+    os.makedirs(args.work, exist_ok=True)
+    if os.path.exists(os.path.join(args.work, "evals.json")):
+        return
+    tok = load_tokenizer_for(args.model)
+    fp = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    if args.text_calib:
+        calib = load_token_file(args.text_calib, tok, seq_len=args.calib_len, n_samples=args.n_calib)
+    else:
+        calib = sample_from_model(fp, args.n_calib, args.calib_len, seed=0)
+    save_token_file(os.path.join(args.work, "calib.safetensors"), calib)
+    labels = []
+    for spec in args.text_eval:
+        label = data_label(spec)
+        save_token_file(os.path.join(args.work, f"eval_{label}.safetensors"),
+                        load_eval_ids(spec, tok, seq_len=args.eval_len, n_samples=args.n_eval))
+        labels.append(label)
+    if args.n_selfgen:
+        # out of domain for text calibration: what the model itself writes (seed 1; the calibration never sees it)
+        save_token_file(os.path.join(args.work, "eval_self-generated.safetensors"),
+                        sample_from_model(fp, args.n_selfgen, args.eval_len, seed=1))
+        labels.append("self-generated")
+    with open(os.path.join(args.work, "evals.json"), "w") as f:
+        json.dump(labels, f)
+    with open(os.path.join(args.work, "data.json"), "w") as f:
+        json.dump({"calib": [args.text_calib or "sampled from the model (seed 0)", list(calib.shape)],
+                   "eval": {lb: list(load_token_file(os.path.join(args.work, f"eval_{lb}.safetensors")).shape)
+                            for lb in labels}}, f)
+
+
+def format_table(args, results) -> str:
+    with open(os.path.join(args.work, "data.json")) as f:
+        data = json.load(f)
+    labels = list(data["eval"])
+    head = ["config", "method"] + [f"{lb} ppl" for lb in labels] + ["quantize time", "time / GPTQ", "note"]
+    lines = [f"model {os.path.basename(os.path.normpath(args.model))}; calibration {data['calib'][1][0]} x "
+             f"{data['calib'][1][1]} tokens of {os.path.basename(str(data['calib'][0]))}; eval "
+             + ", ".join(f"{lb} {s[0]} x {s[1]}" for lb, s in data["eval"].items()),
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for config, rows in results.items():
+        gptq = next((r["seconds"] for r in rows if r["method"] == "gptq" and r["seconds"]), None)
+        for r in rows:
+            ppl = [f"{r['ppl'][lb]:,.2f}" if lb in r.get("ppl", {}) and math.isfinite(r["ppl"][lb]) else "n/a"
+                   for lb in labels]
+            sec = r.get("seconds")
+            ratio = f"{sec / gptq:.2f}x" if sec and gptq else "–"
+            lines.append("| " + " | ".join([config if r["method"] != "fp" else "–", LABELS.get(r["method"], r["method"]),
+                                            *ppl, f"{sec:.0f} s" if sec else "–", ratio, r.get("note", "")]) + " |")
+    return "\n".join(lines)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=DEFAULT_MODEL)
-    ap.add_argument("--bits", type=int, default=2)
-    ap.add_argument("--group-size", type=int, default=64)
-    ap.add_argument("--n-calib", type=int, default=256)
+    ap.add_argument("--text-calib", help="calibration text (.txt/.jsonl/.parquet) or .safetensors input_ids; "
+                                         "default: sampled from the model (seed 0)")
+    ap.add_argument("--text-eval", action="append", default=[], help="evaluation text or token file; repeatable")
+    ap.add_argument("--n-selfgen", type=int, default=None,
+                    help="also evaluate on this many self-generated samples (default: 8 with --text-eval, else 32)")
+    ap.add_argument("--configs", default="w2g64", help="comma separated, e.g. w2g64,w3g128,w4g128")
+    ap.add_argument("--methods", default=",".join(METHODS), help=f"comma separated subset of {','.join(METHODS)}")
+    ap.add_argument("--n-calib", type=int, default=64)
+    ap.add_argument("--calib-len", type=int, default=256)
     ap.add_argument("--n-eval", type=int, default=32)
-    ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--calib", help=".safetensors input_ids for calibration (default: sampled, seed 0)")
-    ap.add_argument("--eval-data", help=".safetensors input_ids for evaluation (default: sampled, seed 1)")
-    ap.add_argument("--e2e-epochs", type=int, default=None, help="default: EQATConfig's")
-    ap.add_argument("--skip-gptq", action="store_true")
-    ap.add_argument("--json", help="also write the table as JSON here")
-    ap.add_argument("--gptq-child", help=argparse.SUPPRESS)
+    ap.add_argument("--eval-len", type=int, default=1024)
+    ap.add_argument("--work", default="runs/bench-quality", help="work folder (checkpoints, logs, per-row results)")
+    ap.add_argument("--json", help="also write the results as JSON here")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    from transformers import AutoModelForCausalLM
-
-    from effqat_plugin.config import EQATConfig
-    from effqat_plugin.data import load_token_file, sample_from_model
-    from effqat_plugin.runtime import resolve_runtime
-
-    rt = resolve_runtime("cpu")
-    fp = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
-    calib = (load_token_file(args.calib) if args.calib
-             else sample_from_model(fp, args.n_calib, args.seq_len, seed=0))
-    ids = (load_token_file(args.eval_data) if args.eval_data
-           else sample_from_model(fp, args.n_eval, args.seq_len, seed=1))
-    if args.gptq_child:
-        gptq_child(args.gptq_child, args.model, args.bits, args.group_size, calib, ids, rt)
+    if args.child:
+        child(args.child, args.model, args.configs, args.work)
         return 0
-    e2e_epochs = EQATConfig.__dataclass_fields__["e2e_epochs"].default if args.e2e_epochs is None else args.e2e_epochs
-    rows = [("fp32", ppl_of(fp, ids, rt), "")]
-    b, g = args.bits, args.group_size
-    rows.append((f"RTN w{b}g{g}", rtn_row(args.model, b, g, ids, rt), "min/max init, no training"))
-    with tempfile.TemporaryDirectory() as work:
-        if not args.skip_gptq:
-            p, note = gptq_row(args.model, b, g, calib, ids, rt, work)
-            rows.append((f"GPTQModel GPTQ w{b}g{g}", p, note or "sym=False, same calibration"))
-        p, note = eqat_row(args.model, b, g, calib, ids, rt, work, 0, {})
-        rows.append((f"EQAT Block-AP w{b}g{g}", p, note))
-        p, note = eqat_row(args.model, b, g, calib, ids, rt, work, e2e_epochs, {})
-        rows.append((f"EQAT Block-AP + E2E-QP w{b}g{g}", p, note))
-    print(f"\nperplexity on {ids.shape[0]} x {ids.shape[1]} held-out tokens; calibration {tuple(calib.shape)}; "
-          f"model {os.path.basename(os.path.normpath(args.model))}")
-    print(f"| {'method':<34} | {'ppl':>10} | note")
-    print(f"|{'-' * 36}|{'-' * 12}|------")
-    for name, p, note in rows:
-        shown = "n/a" if math.isnan(p) else f"{p:10.2f}"
-        print(f"| {name:<34} | {shown:>10} | {note}")
+    if args.n_selfgen is None:
+        args.n_selfgen = 8 if args.text_eval else 32
+    methods = [m for m in args.methods.split(",") if m]
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        ap.error(f"unknown method(s) {bad}; use {METHODS}")
+    prepare_data(args)
+    results = {}
+    for config in args.configs.split(","):
+        parse_config(config)
+        results[config] = []
+        for m in methods:
+            if m == "fp" and config != args.configs.split(",")[0]:
+                continue
+            results[config] += run_child(args, m, config)
+    table = format_table(args, results)
+    print(table)
+    with open(os.path.join(args.work, "table.md"), "w") as f:
+        f.write(table + "\n")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump([{"method": n, "ppl": p, "note": note} for n, p, note in rows], f, indent=1)
+            json.dump(results, f, indent=1)
     return 0
 
 

@@ -225,3 +225,28 @@ def test_readme_table_is_the_generated_one():
     readme = (REPO / "README.md").read_text()
     block = readme.split("<!-- arch-table:start -->\n", 1)[1].split("\n<!-- arch-table:end -->", 1)[0]
     assert block == markdown_table(), "README architecture table is stale: run python scripts/arch_table.py"
+
+
+def test_cli_quantize_moe_falls_back_to_in_memory_and_quantizes_every_expert(tmp_path, stories260k_dir, caplog):
+    """`effqat quantize` streams dense models layer by layer; transformers builds MoE experts fused, so
+    such models take the in-memory GPTQModel.load path (which defuses them), loudly, and still
+    quantize every expert."""
+    import logging
+
+    from effqat_plugin.cli import main
+
+    case = next(c for c in CASES if c.model_type == "mixtral")
+    src = build_tiny_model(case, tmp_path / "fp", stories260k_dir)
+    out = tmp_path / "q"
+    with caplog.at_level(logging.WARNING, logger="effqat"):
+        rc = main(["quantize", str(src), str(out), "--bits", "4", "--group-size", "32", "--n-samples", "8",
+                   "--seq-len", "16", "--block-epochs", "1", "--e2e-epochs", "0", "--quiet", "--format", "gptq_v2"])
+    assert rc == 0
+    assert any("cannot be streamed" in r.getMessage() and "fused expert" in r.getMessage() for r in caplog.records)
+    tensors = read_folder(out)
+    n_experts = COMMON["num_hidden_layers"] * case.config["num_local_experts"]
+    experts = [k for k in tensors if re.search(r"experts\.\d+\.\w+\.qweight$", k)]
+    assert len(experts) == 3 * n_experts
+    fp_matrices = [k for k, v in tensors.items() if ".layers." in k and v.is_floating_point() and v.dim() >= 2
+                   and not k.endswith(".scales") and not re.search(case.fp_matrices, k)]
+    assert fp_matrices == []

@@ -54,6 +54,22 @@ def test_sampled_calibration_default(tmp_path, stories260k_dir, capsys):
     assert meta["e2e_qp"] is None and len(meta["block_ap"]["layers"]) == 5
 
 
+def test_e2e_data_trains_e2e_qp_on_its_own_samples(tmp_path, stories260k_dir, data_files, capsys):
+    e2e = tmp_path / "e2e.safetensors"
+    save_token_file(str(e2e), torch.randint(3, 500, (12, 64), generator=torch.Generator().manual_seed(3)))
+    out = tmp_path / "q"
+    assert main(["quantize", str(stories260k_dir), str(out), "--calib", str(data_files / "calib.safetensors"),
+                 "--e2e-data", str(e2e), "--e2e-batch-size", "4", *SMALL]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["calibration"] == [24, 64] and line["e2e_data"] == [12, 64]
+    meta = json.loads((out / "quantize_config.json").read_text())["meta"]["eqat"]
+    assert meta["calibration"]["e2e_samples"] == 12 and meta["calibration"]["train_samples"] == 21
+    assert meta["e2e_qp"]["total_steps"] == 3 and meta["e2e_qp"]["train_tokens"] == 12 * 63
+    assert main(["quantize", str(stories260k_dir), str(tmp_path / "m"), "--e2e-data",
+                 str(tmp_path / "missing.safetensors"), *SMALL]) == 2
+    assert "E2E-QP data file not found" in capsys.readouterr().err and not (tmp_path / "m").exists()
+
+
 def _expect_error(argv, capsys, needle):
     with pytest.raises(SystemExit) as e:  # argparse rejects bad choices with exit 2
         main(argv)

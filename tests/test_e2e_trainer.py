@@ -37,8 +37,9 @@ def run(model, ids, val=None, bs=4, epochs=2, lr=5e-3, warmup=0.2, **opts):
     return E2EQP(model, st, RT, show_progress=False, options=E2EOptions(**opts)).run(ids, val)
 
 
-def reference_loop(model, ids, bs, epochs, lr, warmup_ratio, max_norm=0.3):
-    """The straightforward single-process E2E-QP loop (the pre-accelerate implementation)."""
+def reference_loop(model, ids, bs, epochs, lr, warmup_ratio, max_norm=0.3, seed=0):
+    """The straightforward single-process E2E-QP loop (the pre-accelerate implementation), visiting
+    the samples of epoch e in randperm order seeded by seed + e (the reference shuffles too)."""
     for p in model.parameters():
         p.requires_grad_(False)
     params = [m.scales for m in quantized_modules(model)]
@@ -49,11 +50,12 @@ def reference_loop(model, ids, bs, epochs, lr, warmup_ratio, max_norm=0.3):
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     model.train()
     step = 0
-    for _ in range(epochs):
+    for epoch in range(epochs):
+        order = torch.randperm(ids.shape[0], generator=torch.Generator().manual_seed(seed + epoch))
         for i in range(0, ids.shape[0], bs):
             for g in opt.param_groups:
                 g["lr"] = lr * warmup_cosine(step, steps, warmup)
-            batch = ids[i:i + bs]
+            batch = ids[order[i:i + bs]]
             loss = model(input_ids=batch, labels=batch, use_cache=False).loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -84,6 +86,22 @@ def test_single_process_matches_plain_torch_loop():
     # the step sizes really moved
     init = scales_of(tiny_packed_llama())
     assert all(not torch.equal(init[k], v) for k, v in scales_of(model).items())
+
+
+def test_samples_are_shuffled_with_the_runs_seed():
+    """Epoch e visits randperm(N) seeded by seed + e: another seed gives another order (other step
+    sizes), each equal to the plain loop walking that order."""
+    ids = token_data(12)
+    runs = {}
+    for seed in (0, 1):
+        model = tiny_packed_llama()
+        st = E2ESettings(bits=2, e2e_epochs=2, e2e_batch_size=4, e2e_lr=5e-3, e2e_warmup_ratio=0.2, seed=seed)
+        E2EQP(model, st, RT, show_progress=False).run(ids)
+        ref = tiny_packed_llama()
+        reference_loop(ref, ids, bs=4, epochs=2, lr=5e-3, warmup_ratio=0.2, seed=seed)
+        assert_same_scales(scales_of(model), scales_of(ref))
+        runs[seed] = scales_of(model)
+    assert max((runs[0][k] - runs[1][k]).abs().max().item() for k in runs[0]) > 1e-5
 
 
 def test_accumulation_micro1_x4_equals_batch4():

@@ -40,6 +40,7 @@ def test_fp_vs_quantized_table_json_plots(tmp_path, qfolder, stories260k_dir, da
     shutil.copytree(qfolder, q)
     fp = tmp_path / "fp"
     shutil.copytree(stories260k_dir, fp)
+    fp_before = {p.name: p.stat().st_mtime_ns for p in fp.iterdir()}
     rc = main(["eval", str(fp), str(q), "--data", str(data / "heldout.safetensors"), "--seq-len", "48",
                "--name", "fp32", "--name", "w2g64"])
     assert rc == 0
@@ -58,12 +59,33 @@ def test_fp_vs_quantized_table_json_plots(tmp_path, qfolder, stories260k_dir, da
     # PNGs: the quality table and the per-layer Block-AP loss (from quantize_config meta.eqat)
     for png in ("quality.png", "block_ap_loss.png"):
         assert (q / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert not (fp / "block_ap_loss.png").exists() and (fp / "quality.png").exists()
+    # the input fp folder is never written to
+    assert {p.name: p.stat().st_mtime_ns for p in fp.iterdir()} == fp_before
     # the card now embeds the table and both plots
     from effqat_plugin.hub import plan_push
 
     card = plan_push(q, "me/x").card
     assert "| w2g64 |" in card and "![quality](quality.png)" in card and "![Block-AP loss](block_ap_loss.png)" in card
+
+
+def test_out_folder_gets_every_models_results_and_inputs_stay_untouched(tmp_path, qfolder, stories260k_dir,  # noqa: F811
+                                                                          data, capsys):
+    q, fp = tmp_path / "q", tmp_path / "fp"
+    shutil.copytree(qfolder, q)
+    shutil.copytree(stories260k_dir, fp)
+    before = {d: sorted(p.name for p in d.iterdir()) for d in (q, fp)}
+    rc = main(["eval", str(fp), str(q), "--data", str(data / "heldout.safetensors"), "--seq-len", "48",
+               "--out", str(tmp_path / "res")])
+    assert rc == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    for line, name in zip(lines, ("fp", "q")):
+        saved = json.loads((tmp_path / "res" / name / "effqat_eval.json").read_text())
+        assert saved["results"]["heldout ppl@48"]["value"] == pytest.approx(line["perplexity"], rel=1e-4)
+        assert (tmp_path / "res" / name / "quality.png").exists()
+    assert {d: sorted(p.name for p in d.iterdir()) for d in (q, fp)} == before
+    # an --out inside the fp folder is refused before anything is evaluated
+    assert main(["eval", str(fp), "--data", str(data / "heldout.safetensors"), "--out", str(fp / "r")]) == 2
+    assert "fp model folder" in capsys.readouterr().err and not (fp / "r").exists()
 
 
 def test_text_file_and_dataset_name(tmp_path, qfolder, data, capsys):  # noqa: F811
@@ -144,3 +166,19 @@ def test_bundled_asset_is_never_written(stories260k_dir, data):
     before = sorted(p.name for p in stories260k_dir.iterdir())
     assert main(["eval", str(stories260k_dir), "--data", str(data / "heldout.safetensors"), "--seq-len", "48"]) == 0
     assert sorted(p.name for p in stories260k_dir.iterdir()) == before
+
+
+def test_both_runtimes_one_table_without_gptqmodel_log_lines(tmp_path, qfolder, stories260k_dir, data,  # noqa: F811
+                                                             capsys):
+    rc = main(["eval", str(stories260k_dir), str(qfolder), "--data", str(data / "heldout.safetensors"),
+               "--seq-len", "48", "--name", "fp32", "--name", "w2g64", "--runtime", "effqat,gptqmodel",
+               "--table-only", "--no-save"])
+    assert rc == 0
+    cap = capsys.readouterr()
+    lines = cap.out.strip().splitlines()
+    assert not any(ln.startswith("{") for ln in lines)  # --table-only: no JSON lines
+    assert lines[0].startswith("model") and set(lines[1]) <= {"-", " "}  # header, rule, then one row each
+    rows = {ln.rsplit(None, 1)[0].strip(): float(ln.rsplit(None, 1)[1]) for ln in lines[2:]}
+    assert set(rows) == {"fp32", "w2g64 (effqat)", "w2g64 (gptqmodel)"}
+    assert abs(rows["w2g64 (effqat)"] - rows["w2g64 (gptqmodel)"]) / rows["w2g64 (effqat)"] < 0.05
+    assert "GPT-QModel" not in cap.out + cap.err and "INFO " not in cap.out  # GPTQModel's banner / log lines

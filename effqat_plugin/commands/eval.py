@@ -3,8 +3,10 @@
 Perplexity at a given context length of fp, EQAT, GPTQ and BitBLAS folders on local text / token files
 or `datasets` names, plus lm-eval-harness tasks when lm-eval is installed (``--tasks paper`` = the
 EfficientQAT paper's WinoGrande, PIQA, HellaSwag, ARC-e, ARC-c, reporting acc). Prints a table (one
-row per folder), writes ``effqat_eval.json`` into each folder (its results + the table) with PNG
-plots of the table and of the per-layer Block-AP loss, and prints one JSON line per folder.
+row per folder) and one JSON line per folder, and writes ``effqat_eval.json`` (its results + the table)
+with PNG plots of the table and of the per-layer Block-AP loss: into each *quantized* checkpoint folder
+(results belong next to the weights they measure), or into ``--out DIR/<name>/`` for every model.
+An input fp model folder is never written to: without ``--out`` its results are only printed.
 """
 from __future__ import annotations
 
@@ -31,8 +33,9 @@ def add_parser(sub) -> None:
     p.add_argument("--seq-len", type=int, default=256, help="context length (tokens per evaluated sequence)")
     p.add_argument("--n-samples", type=int, default=None, help="evaluate at most this many sequences")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--runtime", choices=["effqat", "gptqmodel"], default="effqat",
-                   help="run quantized folders on effqat's kernels, or (GPTQ) through GPTQModel's TORCH backend")
+    p.add_argument("--runtime", type=_runtimes, default="effqat",
+                   help="run quantized folders on effqat's kernels (effqat), through GPTQModel's TORCH backend "
+                        "(gptqmodel, GPTQ folders), or both (effqat,gptqmodel: one table row per runtime)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--tasks", default=None,
                    help="lm-eval-harness tasks, comma separated; 'paper' = winogrande,piqa,hellaswag,arc_easy,"
@@ -42,20 +45,49 @@ def add_parser(sub) -> None:
     p.add_argument("--name", action="append", default=[], help="row name per model (default: folder name)")
     p.add_argument("--json", dest="json_path", default=None,
                    help="write the JSON here instead of MODEL_DIR/effqat_eval.json (one model only)")
+    p.add_argument("--out", default=None,
+                   help="write each model's JSON and plots into OUT/<name>/ instead of next to quantized checkpoints")
     p.add_argument("--no-save", action="store_true", help="print only; write no JSON or plots")
+    p.add_argument("--table-only", action="store_true", help="print only the table (no JSON lines)")
     p.set_defaults(func=run)
 
 
+def _runtimes(spec: str):
+    out = [r.strip() for r in spec.split(",") if r.strip()]
+    bad = [r for r in out if r not in ("effqat", "gptqmodel")]
+    if not out or bad:
+        raise argparse.ArgumentTypeError(f"runtime {spec!r}: use effqat, gptqmodel or effqat,gptqmodel")
+    return list(dict.fromkeys(out))
+
+
 def _writable_target(model_dir: str) -> bool:
-    """Results go next to the checkpoint, except into folders we must not touch (our bundled assets)."""
+    """Results go next to a quantized checkpoint only: never into an fp (input) model folder, nor into
+    our bundled assets; those results are printed (or written under --out / --json)."""
     from effqat_plugin import __file__ as pkg_init
+    from effqat_plugin.loading import is_quantized_folder
 
     assets = Path(pkg_init).resolve().parent / "assets"
     p = Path(model_dir).resolve()
     if p == assets or assets in p.parents:
-        log.info("%s is a bundled asset; results are not written into it (use --json)", model_dir)
+        log.info("%s is a bundled asset; results are not written into it (use --out)", model_dir)
+        return False
+    if not is_quantized_folder(str(p)):
+        log.info("%s is not a quantized checkpoint; its results are not written into it (use --out)", model_dir)
         return False
     return os.access(p, os.W_OK)
+
+
+def _report_path(args, model_dir: str, name: str):
+    """Where this model's JSON goes (plots beside it), or None when nothing is written."""
+    if args.no_save:
+        return None
+    if args.json_path:
+        return args.json_path
+    if args.out:
+        from effqat_plugin.reports import EVAL_JSON
+
+        return str(Path(args.out) / name / EVAL_JSON)
+    return "" if _writable_target(model_dir) else None
 
 
 def run(args) -> int:
@@ -80,18 +112,37 @@ def run(args) -> int:
     if args.name and len(args.name) != len(args.model_dir):
         raise ValueError("give one --name per model folder")
     names = args.name or [Path(m).resolve().name for m in args.model_dir]
+    if args.out and len(set(names)) != len(names):
+        raise ValueError("--out needs distinct model names; give --name per model")
+    if args.out and args.json_path:
+        raise ValueError("give --out or --json, not both")
+    from effqat_plugin.loading import is_quantized_folder
 
-    cache: dict = {}
-    all_results = []
+    dest = args.out or (os.path.dirname(os.path.abspath(args.json_path)) if args.json_path else None)
     for m in args.model_dir:
-        res = evaluate_folder(m, data, seq_len=args.seq_len, n_samples=args.n_samples, batch_size=args.batch_size,
-                              runtime=args.runtime, device=args.device, tasks=tasks, text_column=args.text_column,
-                              lm_eval_limit=args.limit, num_fewshot=args.num_fewshot, cache=cache)
-        for r in res.values():
-            r["runtime"] = args.runtime
-        all_results.append(res)
-    table = make_table([{"name": n, "path": str(m), "values": {c: r["value"] for c, r in res.items()}}
-                        for n, m, res in zip(names, args.model_dir, all_results)])
+        mp = Path(m).resolve()
+        if dest and not is_quantized_folder(str(mp)) and (Path(dest).resolve() == mp or mp in Path(dest).resolve().parents):
+            raise ValueError(f"{dest} lies inside the input model folder {m}; results never go into an fp model folder")
+
+    runtimes = args.runtime if isinstance(args.runtime, list) else [args.runtime]
+    cache: dict = {}
+    all_results, rows = [], []
+    for n, m in zip(names, args.model_dir):
+        # fp folders run the same on every runtime: evaluated once; quantized ones once per runtime
+        per_rt = runtimes if is_quantized_folder(m) else runtimes[:1]
+        first = None
+        for rt in per_rt:
+            res = evaluate_folder(m, data, seq_len=args.seq_len, n_samples=args.n_samples,
+                                  batch_size=args.batch_size, runtime=rt, device=args.device, tasks=tasks,
+                                  text_column=args.text_column, lm_eval_limit=args.limit,
+                                  num_fewshot=args.num_fewshot, cache=cache)
+            for r in res.values():
+                r["runtime"] = rt
+            first = first or res
+            rows.append({"name": n if len(per_rt) == 1 else f"{n} ({rt})", "path": str(m),
+                         "values": {c: r["value"] for c, r in res.items()}})
+        all_results.append(first)  # JSON line / file: the first runtime's numbers
+    table = make_table(rows)
     print(format_table(table))
     for n, m, res in zip(names, args.model_dir, all_results):
         line = {"model": m, "name": n}
@@ -100,8 +151,10 @@ def run(args) -> int:
             line.update(data=ppl[0]["data"], samples=ppl[0]["samples"], seq_len=ppl[0]["seq_len"],
                         perplexity=round(ppl[0]["value"], 4))
         line["results"] = {c: round(r["value"], 6) for c, r in res.items()}
-        if not args.no_save and (args.json_path or _writable_target(m)):
-            out = write_folder_report(m, table, res, json_path=args.json_path)
+        target = _report_path(args, m, n)
+        if target is not None:
+            out = write_folder_report(m, table, res, json_path=target or None)
             line["json"], line["plots"] = out["json"], out["plots"]
-        print(json.dumps(line))
+        if not args.table_only:
+            print(json.dumps(line))
     return 0

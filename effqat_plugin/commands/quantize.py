@@ -30,6 +30,9 @@ def add_parser(sub) -> None:
     p.add_argument("--block-weight-lr", type=float, default=None, help="Block-AP lr for weights and norms")
     p.add_argument("--block-early-stop", type=int, default=0, help="patience in epochs (0 = off)")
     p.add_argument("--e2e-epochs", type=int, default=1, help="E2E-QP epochs over the calibration data (0 = off)")
+    p.add_argument("--e2e-data", metavar="FILE", default=None,
+                   help="E2E-QP trains on this file (same formats as --calib, --seq-len tokens per sample, "
+                        "all of it) instead of the Block-AP calibration, e.g. larger or other-domain text")
     p.add_argument("--e2e-lr", type=float, default=None)
     p.add_argument("--e2e-batch-size", type=int, default=4)
     p.add_argument("--train-zeros", action="store_true", help="E2E-QP also trains zero points")
@@ -68,11 +71,18 @@ def run(args) -> int:
         raise FileExistsError(f"output folder {args.out_dir} exists; pass --overwrite to replace it")
     if args.calib and not os.path.isfile(args.calib):
         raise FileNotFoundError(f"calibration file not found: {args.calib}")
+    if args.e2e_data and not os.path.isfile(args.e2e_data):
+        raise FileNotFoundError(f"E2E-QP data file not found: {args.e2e_data}")
     cfg = config_from_args(args)  # validates bits / group before the model is loaded
     work_dir = args.work_dir or os.path.normpath(args.out_dir) + ".effqat-work"
     ids, run = streamed_quantization(args.model_dir, cfg, work_dir, args.calib, args.n_samples, args.seq_len,
                                      args.seed, show_progress=not args.quiet)
-    run.block_ap(ids, offload_dir=args.offload_streams)
+    e2e_ids = None
+    if args.e2e_data and args.e2e_epochs > 0:
+        from effqat_plugin.data import load_token_file
+
+        e2e_ids = load_token_file(args.e2e_data, run.tokenizer, seq_len=args.seq_len)
+    run.block_ap(ids, offload_dir=args.offload_streams, e2e_data=e2e_ids)
     if cfg.e2e_epochs > 0:
         report = run.e2e_and_save(args.out_dir, overwrite=args.overwrite)
     else:
@@ -82,6 +92,8 @@ def run(args) -> int:
     e2e = summary["eqat"]["e2e_qp"]
     line = {"out_dir": args.out_dir, "format": args.save_format, "bits": args.bits, "group_size": args.group_size,
             "calibration": list(ids.shape)}
+    if e2e_ids is not None:
+        line["e2e_data"] = list(e2e_ids.shape)
     if e2e and e2e.get("val_loss_after") is not None:
         line["val_ppl_before_e2e"] = round(math.exp(e2e["val_loss_before"]), 3)
         line["val_ppl"] = round(math.exp(e2e["val_loss_after"]), 3)
@@ -101,13 +113,22 @@ def streamed_quantization(model_dir, cfg, work_dir, calib, n_samples, seq_len, s
     from effqat_plugin.data import load_token_file, sample_from_model
     from effqat_plugin.evaluation import load_tokenizer_for
     from effqat_plugin.layout import definition_for
-    from effqat_plugin.streamed_run import StreamedQuantization
+    from effqat_plugin.streamed_run import InMemoryQuantization, StreamedQuantization
+    from effqat_plugin.streaming import NotStreamable
     from transformers import AutoConfig
 
     model_dir = local_model_dir(model_dir)
     definition_for(AutoConfig.from_pretrained(model_dir).model_type)  # clear error for unknown archs
-    tokenizer = load_tokenizer_for(model_dir)
-    run = StreamedQuantization(model_dir, cfg, work_dir, tokenizer=tokenizer, show_progress=show_progress)
+    try:
+        tokenizer = load_tokenizer_for(model_dir)
+        run = StreamedQuantization(model_dir, cfg, work_dir, tokenizer=tokenizer, show_progress=show_progress)
+    except NotStreamable as e:
+        logging.getLogger("effqat").warning(
+            "%s cannot be streamed layer by layer (%s): loading the whole model in memory through "
+            "GPTQModel.load, which splits MoE experts into per-expert linears; host memory grows with the model",
+            model_dir, e)
+        run = InMemoryQuantization(model_dir, cfg, work_dir, show_progress=show_progress)
+        tokenizer = run.tokenizer
     if calib:
         ids = load_token_file(calib, tokenizer, seq_len=seq_len, n_samples=n_samples)
     else:
@@ -117,7 +138,8 @@ def streamed_quantization(model_dir, cfg, work_dir, calib, n_samples, seq_len, s
         bos = 1 if bos is None else int(bos)
         logging.getLogger("effqat").info("no --calib: sampling %d x %d tokens from the model itself (seed %d); "
                                          "this loads the whole model once", n_samples, seq_len, seed)
-        full = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        full = run.model if isinstance(run, InMemoryQuantization) else \
+            AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         ids = sample_from_model(full, n_samples, seq_len, seed=seed, bos_token_id=bos)
         del full
     return ids, run
