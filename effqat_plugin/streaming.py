@@ -68,14 +68,18 @@ def _set(module: nn.Module, name: str, device, value=None, dtype=None) -> None:
 
 
 class NotStreamable(ValueError):
-    """The model cannot be read layer by layer from its shards as they are (see ``fused_expert_tensors``)."""
+    """The model cannot be read layer by layer from its shards as they are (see ``moe_modules``)."""
 
 
-def fused_expert_tensors(model: nn.Module) -> list:
-    """Parameters of 3 or more dimensions: transformers 5 builds MoE experts fused (``experts.gate_up_proj``
-    ``[experts, 2*inter, hidden]``) and renames checkpoint keys while loading; only ``GPTQModel.load``
-    (transformers' loader plus GPTQModel's defuser) turns them into the per-expert linears EQAT quantizes."""
-    return [name for name, p in model.named_parameters() if p.dim() >= 3]
+def moe_modules(model: nn.Module) -> list:
+    """Names of the model's mixture-of-experts modules. transformers 5 builds experts fused
+    (``experts.gate_up_proj`` ``[experts, 2*inter, hidden]``) and renames checkpoint keys while loading
+    (GPTQModel's defuser, once active in the process, builds them per expert under other names); only
+    ``GPTQModel.load`` (transformers' loader plus the defuser) reliably gives the per-expert linears EQAT
+    quantizes, so MoE models are not streamed from their shards as they are."""
+    return [name for name, m in model.named_modules()
+            if any(t in type(m).__name__.lower() for t in ("moe", "expert"))
+            or any(p.dim() >= 3 for p in m.parameters(recurse=False))]
 
 
 class StreamedModel:
@@ -100,9 +104,9 @@ class StreamedModel:
         with init_empty_weights():
             self.model = AutoModelForCausalLM.from_config(config, dtype=self.dtype)
         self.model.eval()
-        fused = fused_expert_tensors(self.model)
-        if fused:
-            raise NotStreamable(f"{len(fused)} fused expert tensors (e.g. {fused[0]})")
+        moe = moe_modules(self.model)
+        if moe:
+            raise NotStreamable(f"mixture-of-experts modules such as {moe[0]}")
         self.layout = None
         self._resident: set = set()
         self.max_resident = 0
