@@ -3,7 +3,7 @@
 The model's quantized linears are `PackedQuantLinear` modules (our kernels), so memory scales with
 bits; the causal-LM loss flows into their fp32 step sizes (the master copy), everything else is
 frozen. One trainer serves every entry point (the plugin's in-process run through
-``pipeline.run_eqat`` and the ``effqat e2e`` command, single process or ``accelerate launch``):
+``eqat_run.run_eqat`` and the ``effqat e2e`` command, single process or ``accelerate launch``):
 
 * built on ``accelerate``: DDP / FSDP across processes or GPUs, gradient accumulation, mixed
   precision (``no`` on CPU, bf16 on CUDA unless the runtime says otherwise), gradient checkpointing;

@@ -31,7 +31,7 @@ def _eqat_quantize(self, calibration=None, tokenizer=None, seq_len: Optional[int
     """Block-AP (+ E2E-QP when ``e2e_epochs > 0``) on ``self.model`` in place; ``work_dir`` makes
     Block-AP resumable (see ``resume.py``); ``offload_dir`` keeps its activation streams in
     memory-mapped files instead of RAM; ``e2e_data`` gives E2E-QP its own training samples."""
-    from .pipeline import run_eqat
+    from .eqat_run import run_eqat
 
     if getattr(self, "_eqat_result", None) is not None or self.quantized:
         raise EnvironmentError("quantize() was called on a model that is already quantized")

@@ -1,7 +1,7 @@
 """EfficientQAT on a model folder that is never held whole in memory: streamed Block-AP, then either an
 incremental write or E2E-QP on the packed model.
 
-The counterpart of ``pipeline.run_eqat`` (which quantizes a model already in memory) for the CLI:
+The counterpart of ``eqat_run.run_eqat`` (which quantizes a model already in memory) for the CLI:
 decoder layers come from the safetensors shards one at a time (``streaming.StreamedModel``), each
 finished layer goes to the Block-AP work folder (``resume.LayerStore``, which also makes the run
 resumable), and the checkpoint is assembled from that folder one layer at a time
@@ -24,7 +24,7 @@ import torch
 from .block_ap import BlockAP
 from .config import EQATConfig
 from .layout import check_fully_quantized, definition_for, resolve_layout
-from .pipeline import EQATResult, collect_qweights, prepare_calibration, prepare_e2e_data
+from .eqat_run import EQATResult, collect_qweights, prepare_calibration, prepare_e2e_data
 from .resume import LayerStore
 from .runtime import resolve_runtime, seed_everything
 from .streaming import StreamedModel

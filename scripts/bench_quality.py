@@ -146,12 +146,12 @@ def autoround_rows(method, model_dir, bits, group, calib, evals, out):
 
 def eqat_rows(model_dir, bits, group, calib, evals, out):
     """Block-AP once (saved: the Block-AP-only row), then E2E-QP on the same in-memory model as
-    ``pipeline.run_eqat`` does (saved: the full row); EQATConfig defaults throughout."""
+    ``eqat_run.run_eqat`` does (saved: the full row); EQATConfig defaults throughout."""
     from gptqmodel import GPTQModel
 
     from effqat_plugin import EQATConfig
     from effqat_plugin.e2e_qp import E2EQP
-    from effqat_plugin.pipeline import collect_qweights, split_calibration
+    from effqat_plugin.eqat_run import collect_qweights, split_calibration
     from effqat_plugin.runtime import resolve_runtime
 
     fmt = "gptq_v2" if bits == 3 else "gptq"

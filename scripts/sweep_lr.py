@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     from effqat_plugin.data import load_token_file
     from effqat_plugin.evaluation import load_tokenizer_for
     from effqat_plugin.layout import definition_for
-    from effqat_plugin.pipeline import run_eqat
+    from effqat_plugin.eqat_run import run_eqat
 
     ids = load_token_file(args.text_calib, load_tokenizer_for(args.model), seq_len=args.calib_len,
                           n_samples=args.n_calib)

@@ -153,7 +153,7 @@ def test_guard_refuses_matrices_the_definition_misses_before_block_ap():
     """A linear the GPTQModel definition does not list (a new variant) and a fused 3-D expert tensor
     (transformers-5 MoE not defused) would stay fp: refused up front, naming both, never saved."""
     from effqat_plugin.layout import PartialQuantizationError
-    from effqat_plugin.pipeline import run_eqat
+    from effqat_plugin.eqat_run import run_eqat
 
     model = _tiny("llama")
     model.model.layers[0].mlp.extra_proj = torch.nn.Linear(64, 64)
@@ -169,7 +169,7 @@ def test_guard_refuses_matrices_the_definition_misses_before_block_ap():
 def test_guard_catches_a_module_block_ap_left_out(monkeypatch):
     from effqat_plugin.block_ap import BlockAP
     from effqat_plugin.layout import PartialQuantizationError
-    from effqat_plugin.pipeline import run_eqat
+    from effqat_plugin.eqat_run import run_eqat
 
     real_run = BlockAP.run
 
@@ -185,7 +185,7 @@ def test_guard_catches_a_module_block_ap_left_out(monkeypatch):
 
 def test_user_exclusion_is_honoured():
     """Modules the user excludes with a GPTQModel dynamic rule stay fp without tripping the guard."""
-    from effqat_plugin.pipeline import run_eqat
+    from effqat_plugin.eqat_run import run_eqat
 
     model = _tiny("llama")
     result = run_eqat(model, _cfg(dynamic={r"-:model\.layers\.1\.mlp\.down_proj": {}}), CALIB, show_progress=False)
@@ -199,7 +199,7 @@ def test_expert_without_tokens_keeps_min_max_init_and_is_counted(caplog):
     quantized, from its min/max init unchanged, and counted in the log line and in meta.eqat."""
     import defuser
 
-    from effqat_plugin.pipeline import run_eqat
+    from effqat_plugin.eqat_run import run_eqat
     from effqat_plugin.quantizer import rtn_quantize
 
     model = _tiny("deepseek_v3")

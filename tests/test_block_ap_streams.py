@@ -3,7 +3,7 @@ the layer-0 capture moves only the modules outside the decoder layers to the com
 import torch
 
 from effqat_plugin import EQATConfig
-from effqat_plugin.pipeline import run_eqat
+from effqat_plugin.eqat_run import run_eqat
 
 
 def tiny_llama():

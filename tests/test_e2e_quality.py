@@ -8,7 +8,7 @@ from effqat_plugin import EQATConfig
 from effqat_plugin.data import sample_from_model
 from effqat_plugin.e2e_qp import E2EQP
 from effqat_plugin.evaluation import causal_lm_loss
-from effqat_plugin.pipeline import run_eqat
+from effqat_plugin.eqat_run import run_eqat
 from effqat_plugin.runtime import resolve_runtime
 
 

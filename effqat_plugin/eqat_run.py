@@ -1,7 +1,8 @@
 """One EfficientQAT run on an in-memory HF model: calibration -> Block-AP -> packed model -> E2E-QP.
 
-Both the GPTQModel integration (`model.quantize()`) and the CLI go through `run_eqat`, so there is a
-single code path whatever the entry point.
+The GPTQModel integration (`model.quantize()`) runs `run_eqat`; the CLI runs the same steps with the
+decoder layers streamed from the checkpoint (`streamed_run`), sharing the calibration checks
+(`prepare_calibration`, `prepare_e2e_data`) and the result record (`EQATResult`) defined here.
 """
 from __future__ import annotations
 
