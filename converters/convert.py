@@ -289,7 +289,7 @@ def _spec_of(name: str, qw: QuantizedWeight) -> ModuleSpec:
                       has_bias=qw.bias is not None)
 
 
-def folder_bits_group(qweights: Mapping[str, QuantizedWeight]) -> tuple[int, int]:
+def folder_bits_group(qweights: Mapping[str, QuantizedWeight | ModuleSpec]) -> tuple[int, int]:
     bits = Counter(q.bits for q in qweights.values()).most_common(1)[0][0]
     groups = Counter(q.group_size for q in qweights.values() if q.group_size != -1 and q.n_groups > 1)
     if groups:
@@ -302,26 +302,37 @@ def save_quantized(dst, *, fmt: str, qweights: Mapping[str, QuantizedWeight],
                    tensors: Mapping[str, torch.Tensor], config_dir_or_files, meta: dict | None = None,
                    overwrite: bool = False, max_shard_size: str = "4GB", v1_encoding: str = "signflip") -> dict:
     """Write in-memory quantized modules + other tensors as a ``fmt`` folder; returns a report."""
-    f = get_format(fmt)
     if not qweights:
         raise ValueError("save_quantized: no quantized modules given")
     clash = [k for k in tensors if any(k == f"{m}.{s}" for m in qweights for s in ("qweight", "qzeros",
                                                                                   "scales", "g_idx"))]
     if clash:
         raise ValueError(f"tensors clash with quantized module tensors: {clash[:3]}")
-    bits, group = folder_bits_group(qweights)
-    specs = [_spec_of(n, q) for n, q in qweights.items()]
-    ctx, stored = decide(f, specs, bits, group, source_format=(meta or {}).get("source_format", "effqat"),
-                         v1_encoding=v1_encoding)
-    check_destination(None, dst, overwrite)
 
     def items():
         yield from tensors.items()
         yield from qweights.items()
 
+    specs = {n: _spec_of(n, q) for n, q in qweights.items()}
+    return save_modules(dst, fmt, specs, items(), config_dir_or_files, meta, overwrite, max_shard_size,
+                        v1_encoding=v1_encoding)
+
+
+def save_modules(dst, fmt: str, specs: Mapping[str, ModuleSpec], items: Iterable, config_dir_or_files,
+                 meta: dict | None, overwrite: bool, max_shard_size, v1_encoding: str = "signflip",
+                 shard_writer=ShardWriter) -> dict:
+    """The writer behind ``save_quantized`` and ``incremental.save_quantized_stream``: decide the folder's
+    bits, group and per-module widths from ``specs`` (every quantized module ``items`` yields), then
+    drain ``items`` ((name, QuantizedWeight | Tensor), in shard order) into ``dst`` atomically."""
+    f = get_format(fmt)
+    bits, group = folder_bits_group(specs)
+    ctx, stored = decide(f, list(specs.values()), bits, group,
+                         source_format=(meta or {}).get("source_format", "effqat"), v1_encoding=v1_encoding)
+    check_destination(None, dst, overwrite)
     m = dict(meta or {})
     m.setdefault("source_format", "effqat")
-    out = _write(Path(dst), f, ctx, stored, items(), config_dir_or_files, m, overwrite, max_shard_size)
+    out = _write(Path(dst), f, ctx, stored, items, config_dir_or_files, m, overwrite, max_shard_size,
+                 shard_writer=shard_writer)
     return _report(ctx, f, {"destination": str(dst), **out})
 
 

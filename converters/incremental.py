@@ -19,9 +19,9 @@ from typing import Iterable, Mapping
 
 import torch
 
-from .checkpoint import ST_NAMES, ShardWriter, check_destination
-from .convert import _report, _write, decide, folder_bits_group
-from .registry import ModuleSpec, get_format
+from .checkpoint import ST_NAMES, ShardWriter
+from .convert import save_modules
+from .registry import ModuleSpec
 
 
 class SpoolingShardWriter(ShardWriter):
@@ -91,15 +91,7 @@ def save_quantized_stream(dst, *, fmt: str, specs: Mapping[str, ModuleSpec], ite
     ``specs`` must name every quantized module ``items`` yields (and nothing else), in any order;
     ``items`` yields the other tensors and the modules in the order they go to the shards.
     """
-    f = get_format(fmt)
     if not specs:
         raise ValueError("save_quantized_stream: no quantized modules given")
-    bits, group = folder_bits_group(specs)
-    ctx, stored = decide(f, list(specs.values()), bits, group,
-                         source_format=(meta or {}).get("source_format", "effqat"))
-    check_destination(None, dst, overwrite)
-    m = dict(meta or {})
-    m.setdefault("source_format", "effqat")
-    out = _write(Path(dst), f, ctx, stored, items, config_dir_or_files, m, overwrite, max_shard_size,
-                 shard_writer=SpoolingShardWriter)
-    return _report(ctx, f, {"destination": str(dst), **out})
+    return save_modules(dst, fmt, specs, items, config_dir_or_files, meta, overwrite, max_shard_size,
+                        shard_writer=SpoolingShardWriter)
