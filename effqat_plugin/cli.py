@@ -31,7 +31,8 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.verbose:
-        quiet_third_party_logs()
+        command = sys.modules[args.func.__module__]
+        quiet_third_party_logs(imports_gptqmodel=getattr(command, "USES_GPTQMODEL", True))
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

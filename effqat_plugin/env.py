@@ -27,10 +27,12 @@ def third_party_stdout():
     return contextlib.redirect_stdout(io.StringIO()) if _QUIET else contextlib.nullcontext()
 
 
-def quiet_third_party_logs() -> None:
+def quiet_third_party_logs(imports_gptqmodel: bool = True) -> None:
     """Keep GPTQModel's banner / INFO lines and torch's import-time warnings out of effqat's output
     (``effqat ... --verbose`` skips this). Call before gptqmodel is imported: its start-up banner is
-    logged at import. Errors still show; effqat's own ``effqat.*`` loggers are untouched."""
+    logged at import. Errors still show; effqat's own ``effqat.*`` loggers are untouched.
+    ``imports_gptqmodel=False`` (commands that never use it: convert, plan) skips importing it here
+    just to swallow its import-time prints, which costs seconds of start-up."""
     import contextlib
     import io
     import logging
@@ -52,8 +54,9 @@ def quiet_third_party_logs() -> None:
 
     # transformers 5.x deprecation notice for the KV-cache argument name (raised inside torch's Module call)
     warnings.filterwarnings("ignore", message=r".*past_key_values.* is deprecated", category=FutureWarning)
-    with contextlib.redirect_stdout(io.StringIO()):  # stray prints during GPTQModel's import
-        import gptqmodel  # noqa: F401
+    if imports_gptqmodel:
+        with contextlib.redirect_stdout(io.StringIO()):  # stray prints during GPTQModel's import
+            import gptqmodel  # noqa: F401
     try:
         from transformers.utils import logging as hf_logging
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import logging
 
+USES_GPTQMODEL = False  # the CLI then skips importing GPTQModel at start-up (see env.quiet_third_party_logs)
+
 
 def add_parser(subparsers):
     p = subparsers.add_parser(

@@ -5,6 +5,8 @@ import argparse
 import json
 import os
 
+USES_GPTQMODEL = False  # the CLI then skips importing GPTQModel at start-up (see env.quiet_third_party_logs)
+
 
 def add_parser(sub) -> None:
     from effqat_plugin.memory_plan import PRESETS
