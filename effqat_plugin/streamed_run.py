@@ -45,7 +45,7 @@ def _layer_index(key: str, prefix: str) -> Optional[tuple]:
 
 
 class StreamedQuantization:
-    """One run: ``block_ap()``, then ``save()`` (incremental, no E2E-QP) or ``e2e_and_save()``."""
+    """One run: ``block_ap()``, then ``finish()``: ``save()`` (incremental, no E2E-QP) or ``e2e_and_save()``."""
 
     def __init__(self, model_dir: str, cfg: EQATConfig, work_dir: str, tokenizer=None,
                  show_progress: bool = True):
@@ -92,6 +92,13 @@ class StreamedQuantization:
         self._t0 = t0
         self._calibration = (e2e_ids, val_ids)
         return self.result
+
+    def finish(self, out_dir: str, fmt: Optional[str] = None, overwrite: bool = False,
+               max_shard_size: str = "4GB") -> dict:
+        """After :meth:`block_ap`: E2E-QP and save when the config asks for E2E-QP, else the
+        incremental save; returns the save report."""
+        step = self.e2e_and_save if self.cfg.e2e_epochs > 0 else self.save
+        return step(out_dir, fmt=fmt, overwrite=overwrite, max_shard_size=max_shard_size)
 
     # -- incremental write (no E2E-QP) -------------------------------------------------------------
     def _items(self, store: LayerStore):
@@ -225,8 +232,8 @@ class StreamedQuantization:
 
 
 class InMemoryQuantization:
-    """The same interface as :class:`StreamedQuantization` for models the streamed loader cannot read
-    layer by layer (fused MoE experts, :class:`~effqat_plugin.streaming.NotStreamable`): the whole model
+    """The ``block_ap`` / ``finish`` interface of :class:`StreamedQuantization` for models the streamed
+    loader cannot read layer by layer (mixture-of-experts, :class:`~effqat_plugin.streaming.NotStreamable`): the whole model
     is loaded through ``GPTQModel.load``, which defuses the experts into per-expert linears, and
     ``run_eqat`` runs Block-AP and, when configured, E2E-QP in :meth:`block_ap`. Host memory then grows
     with the model (fp32), as it did before streaming; the CLI says so when it takes this path."""
@@ -250,4 +257,4 @@ class InMemoryQuantization:
              max_shard_size: str = "4GB") -> dict:
         return self.qmodel.save(out_dir, max_shard_size=max_shard_size, overwrite=overwrite, fmt=fmt)
 
-    e2e_and_save = save  # E2E-QP already ran inside block_ap (run_eqat does both phases)
+    finish = save  # E2E-QP already ran inside block_ap (run_eqat does both phases)

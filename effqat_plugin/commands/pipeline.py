@@ -185,10 +185,7 @@ class Pipeline:
         ids, run = streamed_quantization(a.model, cfg, work_dir, a.calib, a.n_samples, a.seq_len, a.seed,
                                          show_progress=not a.quiet)
         run.block_ap(ids)
-        if cfg.e2e_epochs > 0:
-            run.e2e_and_save(str(out), overwrite=True, fmt=MASTER_FORMAT)
-        else:
-            run.save(str(out), overwrite=True, fmt=MASTER_FORMAT)
+        run.finish(str(out), overwrite=True, fmt=MASTER_FORMAT)
         shutil.rmtree(work_dir, ignore_errors=True)
         del run
         gc.collect()

@@ -83,10 +83,7 @@ def run(args) -> int:
 
         e2e_ids = load_token_file(args.e2e_data, run.tokenizer, seq_len=args.seq_len)
     run.block_ap(ids, offload_dir=args.offload_streams, e2e_data=e2e_ids)
-    if cfg.e2e_epochs > 0:
-        report = run.e2e_and_save(args.out_dir, overwrite=args.overwrite)
-    else:
-        report = run.save(args.out_dir, overwrite=args.overwrite)
+    report = run.finish(args.out_dir, overwrite=args.overwrite)
     shutil.rmtree(work_dir, ignore_errors=True)
     summary = {"eqat": run.result.meta(cfg)}
     e2e = summary["eqat"]["e2e_qp"]
