@@ -95,7 +95,6 @@ class StreamedModel:
 
         from .converters.checkpoint import SafetensorsFolder
 
-        map_large_buffers_directly()
         self.model_dir = str(model_dir)
         self.folder = SafetensorsFolder(model_dir)  # missing folder / shard, pickled-only weights
         self.source_dtype = _source_dtype(self.folder.dtypes.values())
@@ -107,6 +106,7 @@ class StreamedModel:
         moe = moe_modules(self.model)
         if moe:
             raise NotStreamable(f"mixture-of-experts modules such as {moe[0]}")
+        map_large_buffers_directly()  # only for streamed runs (the in-memory fallback keeps glibc's default)
         self.layout = None
         self._resident: set = set()
         self.max_resident = 0
@@ -169,11 +169,6 @@ class StreamedModel:
             _set(layer, name, "meta")
         self._resident.discard(index)
         release_freed_memory()
-
-    def resident_layers(self) -> list:
-        """Indices of decoder layers that hold real (non-meta) tensors right now."""
-        return [i for i, layer in enumerate(self.layout.layers)
-                if any(not t.is_meta for t in layer.state_dict().values())]
 
     def upcast_embedding_output(self, dtype: torch.dtype):
         """Hook making the input embeddings return ``dtype`` (the compute dtype), as a model upcast in
