@@ -47,14 +47,26 @@ class LayerReport:
     steps: int
     experts: int = 0  # MoE experts with quantized linears in this layer
     experts_without_tokens: int = 0  # of those, how many no training token was routed to (left at min/max init)
+    quant_lr: float = 0.0  # the rates this layer was trained with (0.0 in work folders of older versions)
+    weight_lr: float = 0.0
+    lr_scale: float = 0.0  # their raise over the paper's rates when the lr search chose them, else 0.0
+    # where the lr search ran on this layer: each candidate's scale, rates and held-out loss (the lowest
+    # loss won and holds for the following layers)
+    lr_search: List[dict] = field(default_factory=list)
 
 
 @dataclass
 class BlockAPResult:
     qweights: Dict[str, QuantizedWeight]
     reports: List[LayerReport] = field(default_factory=list)
-    quant_lr: float = 0.0
+    quant_lr: float = 0.0  # the rates of the last layer (those the lr search ended on)
     weight_lr: float = 0.0
+    lr_scale: float = 0.0
+    lr_fraction: float = 1.0  # lr_scale / the full auto raise (1.0 without a search); E2E-QP follows it
+
+    @property
+    def lr_search(self) -> List[dict]:
+        return [{"layer": r.index, "trials": r.lr_search} for r in self.reports if r.lr_search]
 
 
 def _to_device(obj, device, dtype=None):
@@ -243,6 +255,17 @@ class RoutedTokenCounter:
         return len(seen), sum(1 for rows in seen.values() if rows == 0)
 
 
+@dataclass
+class _TrainedLayer:
+    qweights: Dict[str, QuantizedWeight]
+    state: Dict[str, torch.Tensor]  # trained parameters outside the quantized linears
+    train_loss: float
+    best_epoch: int
+    steps: int
+    experts: int
+    experts_without_tokens: int
+
+
 def _cosine(step: int, total: int, min_ratio: float) -> float:
     if total <= 1:
         return 1.0
@@ -278,11 +301,20 @@ class BlockAP:
         cfg = self.cfg
         n_train = train_ids.shape[0]
         all_ids = train_ids if val_ids is None else torch.cat([train_ids, val_ids])
-        quant_lr, weight_lr = cfg.block_lrs(n_train * train_ids.shape[1] * cfg.block_epochs)
+        train_tokens = n_train * train_ids.shape[1] * cfg.block_epochs
+        quant_lr, weight_lr = cfg.block_lrs(train_tokens)
+        self.train_tokens = train_tokens
+        self.lr_candidates = cfg.block_lr_candidates(train_tokens) if val_ids is not None else []
         n_layers = len(self.layout.layers)
+        n = cfg.block_lr_recheck if self.lr_candidates else 0
+        self.lr_recheck_layers = sorted({round(n_layers * j / (n + 1)) for j in range(1, n + 1)} - {0})
         log.info("Block-AP: %d layers, %d train / %d val samples x %d tokens, %d steps per layer, "
                  "lr s/z %.3g, lr weights/norms %.3g", n_layers, n_train,
                  all_ids.shape[0] - n_train, train_ids.shape[1], self.steps_per_layer(n_train), quant_lr, weight_lr)
+        if self.lr_candidates:
+            log.info("Block-AP: choosing the rates on layer 0 among %s by held-out loss, checked against half "
+                     "of them on layers %s", ", ".join(f"scale {c['scale']:g}" for c in self.lr_candidates),
+                     self.lr_recheck_layers or "none")
         store = None
         if work_dir is None and not self.keep_qweights:
             raise ValueError("keep_qweights=False needs a work_dir: finished layers live only there")
@@ -308,6 +340,9 @@ class BlockAP:
         done = store.completed() if store else 0
         if done:
             log.info("Block-AP: resuming from %s, layers 0..%d already done", work_dir, done - 1)
+            last = store.load(done - 1).report
+            if last.lr_scale:  # the rates the lr search had arrived at hold for the next layers
+                result.quant_lr, result.weight_lr, result.lr_scale = last.quant_lr, last.weight_lr, last.lr_scale
         layers = tqdm(range(n_layers), desc="Block-AP layers", disable=not self.show_progress)
         for index in layers:
             if self.layer_source is not None:
@@ -318,7 +353,11 @@ class BlockAP:
                 qweights, report = saved.qweights, saved.report
             else:
                 fp_stream, quant_stream, qweights, report, state = self.quantize_layer(
-                    index, fp_stream, quant_stream, n_train, quant_lr, weight_lr)
+                    index, fp_stream, quant_stream, n_train, result.quant_lr, result.weight_lr,
+                    self._lr_trials(index, result.lr_scale))
+                if report.lr_search:
+                    result.quant_lr, result.weight_lr, result.lr_scale = report.quant_lr, report.weight_lr, report.lr_scale
+                report.lr_scale = result.lr_scale  # what a resume after this layer continues with
                 if store:
                     store.save(index, qweights, state, report)
             if self.layer_source is not None:
@@ -333,7 +372,19 @@ class BlockAP:
             log.info("Block-AP layer %d/%d: train loss %.3e, val loss %s, %.1fs, peak memory %.0f MB%s%s",
                      index + 1, n_layers, report.train_loss, val, report.seconds,
                      report.peak_memory_mb, moe, " (restored)" if index < done else "")
+        if result.lr_scale and self.lr_candidates:
+            result.lr_fraction = result.lr_scale / max(c["scale"] for c in self.lr_candidates)
         return result
+
+    def _lr_trials(self, index: int, scale: float) -> List[dict]:
+        """The rates the lr search tries on layer ``index``: layer 0 all candidates, a recheck layer
+        the current raise and half of it (deeper layers, fed by more quantization error, overfit a
+        small calibration set sooner), other layers none (the current rates)."""
+        if index == 0:
+            return [dict(c) for c in self.lr_candidates]
+        if index in self.lr_recheck_layers and scale / 2 >= 1.0:
+            return [self.cfg.block_lr_trial(self.train_tokens, s) for s in (scale / 2, scale)]
+        return []
 
     # -- one layer -------------------------------------------------------------------------------
 
@@ -364,14 +415,50 @@ class BlockAP:
         return total / max(count, 1)
 
     def quantize_layer(self, index: int, fp_in: torch.Tensor, q_in: torch.Tensor, n_train: int,
-                       quant_lr: float, weight_lr: float):
-        cfg, rt = self.cfg, self.rt
-        t0 = time.time()
-        rt.reset_peak()
-        original = self.layout.layers[index]
-        layer = copy.deepcopy(original).to(rt.device, torch.float32)
-        fp_out = self._propagate(index, layer, fp_in)  # targets = original layer on the fp stream
+                       quant_lr: float, weight_lr: float, candidates: Optional[List[dict]] = None):
+        """Train layer ``index``, freeze it, and advance both streams through it.
 
+        ``candidates`` (lr search, first layer only): dicts with ``quant_lr`` / ``weight_lr``; the layer
+        is trained once per candidate from the same start and the one whose frozen layer has the
+        lowest held-out loss is kept (each candidate's loss is written into its dict). The streams are
+        touched once, so a search costs extra training only, no extra stream memory.
+        """
+        t0 = time.time()
+        self.rt.reset_peak()
+        original = self.layout.layers[index]
+        fp_out = self._propagate(index, copy.deepcopy(original).to(self.rt.device, torch.float32), fp_in)
+        trials = candidates if candidates and len(candidates) > 1 else [{"quant_lr": quant_lr, "weight_lr": weight_lr}]
+        best = None
+        for trial in trials:
+            trained = self._train_layer(index, original, fp_out, q_in, n_train, trial["quant_lr"], trial["weight_lr"])
+            if len(trials) > 1:
+                held_out = self._quantized_layer(index, original, trained.state, trained.qweights)
+                trial["val_loss"] = self._loss_on(index, held_out, q_in, fp_out, n_train, q_in.shape[0])
+                del held_out
+                log.info("Block-AP layer %d, lr scale %g (s/z %.3g, weights %.3g): held-out loss %.4e",
+                         index, trial.get("scale", 0), trial["quant_lr"], trial["weight_lr"], trial["val_loss"])
+                if best is not None and trial["val_loss"] >= best[0]["val_loss"]:
+                    continue
+            best = (trial, trained)
+        trial, trained = best
+        fp_out_done, q_out, val_loss = self._finish_layer(index, original, trained.state, trained.qweights,
+                                                          fp_out, q_in, n_train)
+        report = LayerReport(index=index, train_loss=trained.train_loss, val_loss=val_loss,
+                             best_epoch=trained.best_epoch, seconds=time.time() - t0,
+                             peak_memory_mb=self.rt.peak_memory_mb(), steps=trained.steps,
+                             experts=trained.experts, experts_without_tokens=trained.experts_without_tokens,
+                             quant_lr=trial["quant_lr"], weight_lr=trial["weight_lr"],
+                             lr_scale=trial.get("scale", 0.0),
+                             lr_search=list(trials) if len(trials) > 1 else [])
+        return fp_out_done, q_out, trained.qweights, report, trained.state
+
+    def _train_layer(self, index: int, original: nn.Module, fp_out: torch.Tensor, q_in: torch.Tensor,
+                     n_train: int, quant_lr: float, weight_lr: float) -> "_TrainedLayer":
+        """Block-AP proper on one layer: a trainable fp32 copy with fake-quantized linears, trained on
+        the quant stream against the fp targets; returns the frozen integers and the other trained
+        parameters. Neither the model nor the streams are modified."""
+        cfg, rt = self.cfg, self.rt
+        layer = copy.deepcopy(original).to(rt.device, torch.float32)
         fq: Dict[str, FakeQuantLinear] = {}
         for name in self.layout.names_in(index):
             fq[name] = FakeQuantLinear(layer.get_submodule(name), cfg.bits, cfg.group_size).to(rt.device)
@@ -390,7 +477,7 @@ class BlockAP:
 
         bs = cfg.block_batch_size
         steps = self.steps_per_layer(n_train)
-        n_total = fp_in.shape[0]
+        n_total = q_in.shape[0]
         has_val = n_total > n_train
         best = (float("inf"), None, -1)
         bad_epochs, step, train_loss = 0, 0, float("nan")
@@ -440,14 +527,9 @@ class BlockAP:
         # freeze: integers + fp16 scales; the quant stream then sees exactly what the checkpoint computes
         prefix = self.layout.layer_name(index)
         qweights = {f"{prefix}.{name}": m.freeze(torch.float16) for name, m in fq.items()}
-        state = self._trained_state(index, layer)
-        del layer, opt
-        fp_out_done, q_out, val_loss = self._finish_layer(index, original, state, qweights, fp_out, q_in, n_train)
         experts, idle = routed.experts()
-        report = LayerReport(index=index, train_loss=train_loss, val_loss=val_loss, best_epoch=best[2],
-                             seconds=time.time() - t0, peak_memory_mb=rt.peak_memory_mb(), steps=step,
-                             experts=experts, experts_without_tokens=idle)
-        return fp_out_done, q_out, qweights, report, state
+        return _TrainedLayer(qweights=qweights, state=self._trained_state(index, layer), train_loss=train_loss,
+                             best_epoch=best[2], steps=step, experts=experts, experts_without_tokens=idle)
 
     def _trained_state(self, index: int, layer: nn.Module) -> Dict[str, torch.Tensor]:
         """The trained parameters outside the quantized linears (norms, other biases), fp32 on CPU."""

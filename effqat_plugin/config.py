@@ -12,12 +12,19 @@ exactly these rates at (or above) that budget. With a smaller budget they barely
 ``max_lr_scale``, 128 by default); for the step-size rates (Block-AP s/z, E2E-QP) the raise is
 ``1 + (k - 1) * 3 / (2^b - 1)``, because step sizes shrink by ``2^b - 1`` per bit width while Adam
 moves a parameter by about ``lr`` per step. The formulas live in ``lr_rules.py``.
+Below the paper's budget the best raise depends on the model, the data and the depth (SmolLM2-135M with
+64 x 256 tokens: 128x wins on layer 0 but 64x on layer 8 by held-out loss, the later layers overfit 56
+samples; stories260k: 128x throughout), so ``auto`` trains the first layer with ``block_lr_search``
+fractions of ``k`` (1/4, 1/2, 1 by default) and keeps the rates with the lowest held-out loss, then at
+``block_lr_recheck`` evenly spaced later layers tries the current rates against half of them. Every trial
+is recorded in ``meta.eqat.block_ap.lr_search``; E2E-QP uses the share of its own raise that Block-AP
+ended on (``BlockAPResult.lr_fraction``).
 ``lr_preset="paper"`` uses the paper's values unchanged; explicit ``*_lr`` arguments always win.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from gptqmodel.quantization.config import FORMAT, METHOD, BaseQuantizeConfig
 
@@ -51,6 +58,11 @@ class EQATConfig(BaseQuantizeConfig):
     block_val_samples: int = 16
     block_early_stop: int = 0  # patience in epochs; 0 = off. When on, the best state is restored.
     block_weight_decay: float = 0.0
+    # auto preset below the paper budget: fractions of the token-budget raise k tried on layer 0
+    # (the best held-out loss wins); () = always k. Then, at this many evenly spaced later layers,
+    # the current rate is checked against half of it (0 = layer 0 only).
+    block_lr_search: Tuple[float, ...] = (0.25, 0.5, 1.0)
+    block_lr_recheck: int = 3
 
     # E2E-QP
     e2e_epochs: int = 1  # 0 disables E2E-QP
@@ -93,6 +105,12 @@ class EQATConfig(BaseQuantizeConfig):
             raise ValueError(f"EQATConfig: kernel_backend={self.kernel_backend!r}; use reference, triton, cuda or auto")
         if self.lr_preset not in ("auto", "paper"):
             raise ValueError(f"EQATConfig: lr_preset={self.lr_preset!r}; use 'auto' or 'paper'")
+        if any(not (0 < f <= 1) for f in self.block_lr_search):
+            raise ValueError(f"EQATConfig: block_lr_search={self.block_lr_search}; use fractions in (0, 1] of the "
+                             "auto raise, e.g. (0.25, 0.5, 1.0), or () to turn the search off")
+        self.block_lr_search = tuple(float(f) for f in self.block_lr_search)
+        if self.block_lr_recheck < 0:
+            raise ValueError("EQATConfig: block_lr_recheck must be >= 0")
         if self.block_epochs < 1 or self.block_batch_size < 1 or self.e2e_epochs < 0 or self.e2e_batch_size < 1:
             raise ValueError("EQATConfig: epochs must be >= 1 (Block-AP) / >= 0 (E2E-QP), batch sizes >= 1")
         if self.sym:
@@ -106,9 +124,27 @@ class EQATConfig(BaseQuantizeConfig):
         return lr_rules.block_lrs(self.bits, self.lr_preset, self.max_lr_scale, train_tokens,
                                   self.block_quant_lr, self.block_weight_lr)
 
-    def e2e_learning_rate(self, train_tokens: int) -> float:
-        """E2E-QP lr; ``train_tokens`` = samples x seq_len x epochs."""
-        return lr_rules.e2e_lr(self.bits, self.lr_preset, self.max_lr_scale, train_tokens, self.e2e_lr)
+    def block_lr_candidates(self, train_tokens: int) -> List[Dict[str, float]]:
+        """The Block-AP rates the lr search tries on the first layer; [] when there is nothing to
+        choose: explicit rates, the paper preset, or a run at the paper's budget (k = 1, where ``auto``
+        must equal the reference scripts exactly)."""
+        if (self.lr_preset != "auto" or self.block_quant_lr is not None or self.block_weight_lr is not None
+                or len(self.block_lr_search) < 2):
+            return []
+        k = lr_rules.lr_scale(train_tokens, lr_rules.PAPER_BLOCK_TOKENS, self.max_lr_scale)
+        scales = sorted({max(1.0, k * f) for f in self.block_lr_search})
+        if k <= 1.0 or len(scales) < 2:
+            return []
+        return [self.block_lr_trial(train_tokens, scale) for scale in scales]
+
+    def block_lr_trial(self, train_tokens: int, scale: float) -> Dict[str, float]:
+        """One candidate of the lr search: the auto rates at raise ``scale``."""
+        q, w = lr_rules.block_lrs(self.bits, "auto", self.max_lr_scale, train_tokens, scale=scale)
+        return {"scale": float(scale), "quant_lr": q, "weight_lr": w}
+
+    def e2e_learning_rate(self, train_tokens: int, fraction: float = 1.0) -> float:
+        """E2E-QP lr; ``train_tokens`` = samples x seq_len x epochs; ``fraction``: see ``lr_rules.e2e_lr``."""
+        return lr_rules.e2e_lr(self.bits, self.lr_preset, self.max_lr_scale, train_tokens, self.e2e_lr, fraction)
 
     def eqat_settings(self) -> Dict[str, Any]:
         """The settings recorded in `quantize_config.json` meta.eqat."""

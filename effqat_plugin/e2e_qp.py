@@ -87,8 +87,8 @@ class E2ESettings:
     max_lr_scale: float = 128.0
     seed: int = 0
 
-    def e2e_learning_rate(self, train_tokens: int) -> float:
-        return lr_rules.e2e_lr(self.bits, self.lr_preset, self.max_lr_scale, train_tokens, self.e2e_lr)
+    def e2e_learning_rate(self, train_tokens: int, fraction: float = 1.0) -> float:
+        return lr_rules.e2e_lr(self.bits, self.lr_preset, self.max_lr_scale, train_tokens, self.e2e_lr, fraction)
 
 
 @dataclass
@@ -290,8 +290,11 @@ class E2EQP:
     """
 
     def __init__(self, model: nn.Module, cfg, runtime: Runtime, show_progress: bool = True,
-                 options: Optional[E2EOptions] = None):
+                 options: Optional[E2EOptions] = None, lr_fraction: float = 1.0):
+        """``lr_fraction``: share of the auto preset's raise to use (``lr_rules.searched_fraction`` of
+        the Block-AP run that made the model)."""
         self.model, self.cfg, self.rt, self.show_progress = model, cfg, runtime, show_progress
+        self.lr_fraction = lr_fraction
         self.opts = options or E2EOptions()
         self.accelerator = None
 
@@ -439,7 +442,7 @@ class E2EQP:
         steps_per_epoch = math.ceil(len(loader) / accum)
         total = cfg.e2e_epochs * steps_per_epoch
         train_tokens_budget = cfg.e2e_epochs * train_ds.num_tokens()
-        lr = cfg.e2e_learning_rate(train_tokens_budget)
+        lr = cfg.e2e_learning_rate(train_tokens_budget, self.lr_fraction)
         warmup = int(round(cfg.e2e_warmup_ratio * total))
         eval_bs = opts.eval_batch_size or mb
         fingerprint = self._fingerprint(n_train=len(train_ds), global_batch=global_bs, micro_batch=mb,

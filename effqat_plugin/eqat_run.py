@@ -53,6 +53,7 @@ class EQATResult:
             "block_ap": {
                 "quant_lr": self.block_ap.quant_lr,
                 "weight_lr": self.block_ap.weight_lr,
+                "lr_search": self.block_ap.lr_search,
                 "layers": [asdict(r) for r in self.block_ap.reports],
                 # MoE: experts no calibration token was routed to keep their min/max initialization
                 "experts_without_tokens": sum(r.experts_without_tokens for r in self.block_ap.reports),
@@ -154,7 +155,7 @@ def run_eqat(hf_model: nn.Module, cfg: EQATConfig, calibration, tokenizer=None, 
         from .kernels import use_backend
 
         with use_backend(cfg.kernel_backend):
-            e2e = E2EQP(hf_model, cfg, rt, show_progress).run(e2e_ids, val_ids)
+            e2e = E2EQP(hf_model, cfg, rt, show_progress, lr_fraction=block.lr_fraction).run(e2e_ids, val_ids)
         if on_device:
             hf_model.to("cpu")
     hf_model.train(was_training)

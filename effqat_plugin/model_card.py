@@ -111,6 +111,20 @@ def loading_snippet(repo_id: str, fmt: Optional[str], kind: str) -> str:
             "print(model.tokenizer.decode(tokens))\n```" + note)
 
 
+def _lr_search_note(searches) -> str:
+    """' (lr scale by held-out loss: layer 0 32/64/128 -> 128, layer 8 64/128 -> 64)' when the search ran."""
+    if not searches:
+        return ""
+    parts = []
+    for search in searches:
+        trials = search.get("trials") or []
+        if trials:
+            best = min(trials, key=lambda t: t.get("val_loss", float("inf")))
+            parts.append(f"layer {search.get('layer')} " + "/".join(f"{t.get('scale', 0):g}" for t in trials)
+                         + f" -> {best.get('scale', 0):g}")
+    return " (lr scale by held-out loss: " + ", ".join(parts) + ")" if parts else ""
+
+
 def _fmt_num(v, digits=4) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
@@ -182,7 +196,8 @@ def render_card(inp: CardInputs) -> str:
         if settings:
             rows.append(("Block-AP", f"{settings.get('block_epochs')} epoch(s), batch {settings.get('block_batch_size')}, "
                                      f"lr {_fmt_num(blk.get('quant_lr'))} (s, z) / {_fmt_num(blk.get('weight_lr'))} "
-                                     f"(weights, norms), early stop {settings.get('block_early_stop') or 'off'}"))
+                                     f"(weights, norms){_lr_search_note(blk.get('lr_search'))}, "
+                                     f"early stop {settings.get('block_early_stop') or 'off'}"))
             e2e = eqat.get("e2e_qp")
             if e2e:
                 rows.append(("E2E-QP", f"{settings.get('e2e_epochs')} epoch(s), {e2e.get('steps')} steps, batch "

@@ -198,7 +198,8 @@ class StreamedQuantization:
         if on_device:
             model.to(self.rt.device)
         with use_backend(self.cfg.kernel_backend):
-            self.result.e2e = E2EQP(model, self.cfg, self.rt, self.show_progress).run(train_ids, val_ids)
+            self.result.e2e = E2EQP(model, self.cfg, self.rt, self.show_progress,
+                                   lr_fraction=self.result.block_ap.lr_fraction).run(train_ids, val_ids)
         self.result.extra["e2e_samples"] = int(train_ids.shape[0])
         if on_device:
             model.to("cpu")

@@ -167,7 +167,8 @@ def eqat_rows(model_dir, bits, group, calib, evals, out):
              "layers": [[r.train_loss, r.val_loss] for r in blk.reports]}]
     train_ids, val_ids = split_calibration(calib, full_cfg.block_val_samples)
     t1 = time.time()
-    rep = E2EQP(model.model, full_cfg, resolve_runtime(None), show_progress=False).run(train_ids, val_ids)
+    rep = E2EQP(model.model, full_cfg, resolve_runtime(None), show_progress=False,
+                lr_fraction=blk.lr_fraction).run(train_ids, val_ids)
     t_e2e = time.time() - t1
     result = model._eqat_result
     result.e2e = rep
@@ -219,35 +220,41 @@ def run_child(args, method, config) -> list:
 
 # ------------------------------------------------------------------------------------------------ data
 def prepare_data(args):
-    """calib.safetensors and eval_<label>.safetensors in WORK (kept: every row reads the same tokens)."""
+    """calib.safetensors and eval_<label>.safetensors in WORK (kept: every row reads the same tokens).
+    Evaluation sets named in a later run are added; rows finished before then lack them (re-run those)."""
     from transformers import AutoModelForCausalLM
 
     from effqat_plugin.data import load_token_file, sample_from_model, save_token_file
     from effqat_plugin.evaluation import data_label, load_eval_ids, load_tokenizer_for
 
     os.makedirs(args.work, exist_ok=True)
-    if os.path.exists(os.path.join(args.work, "evals.json")):
+    labels_path = os.path.join(args.work, "evals.json")
+    labels = json.load(open(labels_path)) if os.path.exists(labels_path) else []
+    wanted = [(spec, args.n_eval) for spec in args.text_eval] + [(spec, args.n_ood) for spec in args.text_ood]
+    missing = [(spec, n) for spec, n in wanted if data_label(spec) not in labels]
+    if labels and not missing:
         return
     tok = load_tokenizer_for(args.model)
     fp = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
-    if args.text_calib:
-        calib = load_token_file(args.text_calib, tok, seq_len=args.calib_len, n_samples=args.n_calib)
-    else:
-        calib = sample_from_model(fp, args.n_calib, args.calib_len, seed=0)
-    save_token_file(os.path.join(args.work, "calib.safetensors"), calib)
-    labels = []
-    for spec in args.text_eval:
+    if not labels:
+        if args.text_calib:
+            calib = load_token_file(args.text_calib, tok, seq_len=args.calib_len, n_samples=args.n_calib)
+        else:
+            calib = sample_from_model(fp, args.n_calib, args.calib_len, seed=0)
+        save_token_file(os.path.join(args.work, "calib.safetensors"), calib)
+    for spec, n in missing:
         label = data_label(spec)
         save_token_file(os.path.join(args.work, f"eval_{label}.safetensors"),
-                        load_eval_ids(spec, tok, seq_len=args.eval_len, n_samples=args.n_eval))
+                        load_eval_ids(spec, tok, seq_len=args.eval_len, n_samples=n))
         labels.append(label)
-    if args.n_selfgen:
+    if args.n_selfgen and "self-generated" not in labels:
         # out of domain for text calibration: what the model itself writes (seed 1; the calibration never sees it)
         save_token_file(os.path.join(args.work, "eval_self-generated.safetensors"),
                         sample_from_model(fp, args.n_selfgen, args.eval_len, seed=1))
         labels.append("self-generated")
-    with open(os.path.join(args.work, "evals.json"), "w") as f:
+    with open(labels_path, "w") as f:
         json.dump(labels, f)
+    calib = load_token_file(os.path.join(args.work, "calib.safetensors"))
     with open(os.path.join(args.work, "data.json"), "w") as f:
         json.dump({"calib": [args.text_calib or "sampled from the model (seed 0)", list(calib.shape)],
                    "eval": {lb: list(load_token_file(os.path.join(args.work, f"eval_{lb}.safetensors")).shape)
@@ -281,6 +288,9 @@ def main(argv=None):
     ap.add_argument("--text-calib", help="calibration text (.txt/.jsonl/.parquet) or .safetensors input_ids; "
                                          "default: sampled from the model (seed 0)")
     ap.add_argument("--text-eval", action="append", default=[], help="evaluation text or token file; repeatable")
+    ap.add_argument("--text-ood", action="append", default=[],
+                    help="out-of-domain evaluation text (e.g. scripts/get_ood_text.py's KJV); repeatable")
+    ap.add_argument("--n-ood", type=int, default=16, help="samples of each --text-ood")
     ap.add_argument("--n-selfgen", type=int, default=None,
                     help="also evaluate on this many self-generated samples (default: 8 with --text-eval, else 32)")
     ap.add_argument("--configs", default="w2g64", help="comma separated, e.g. w2g64,w3g128,w4g128")

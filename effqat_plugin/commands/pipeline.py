@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from effqat_plugin.commands.quantize import add_lr_search_argument
 from effqat_plugin.jsonio import STAGE_MARKER, read_json_or_empty, write_json_atomic
 from effqat_plugin.reports import eqat_meta
 
@@ -66,6 +67,7 @@ def add_parser(sub) -> None:
     p.add_argument("--e2e-batch-size", type=int, default=4)
     p.add_argument("--e2e-seq-len", type=int, default=None, help="with --e2e-data (default: --seq-len)")
     p.add_argument("--lr-preset", choices=["auto", "paper"], default="auto")
+    add_lr_search_argument(p)
     p.add_argument("--eval-data", action="append", default=[], help="evaluation file (repeatable)")
     p.add_argument("--eval-dataset", action="append", default=[], help="`datasets` name to evaluate on")
     p.add_argument("--eval-seq-len", type=int, default=None, help="default: --seq-len")
@@ -162,6 +164,7 @@ class Pipeline:
         settings = {"bits": a.bits, "group_size": a.group_size, "block_epochs": a.block_epochs,
                     "block_batch_size": a.block_batch_size, "block_quant_lr": a.block_quant_lr,
                     "block_weight_lr": a.block_weight_lr, "lr_preset": a.lr_preset, "seed": a.seed,
+                    "block_lr_search": list(a.block_lr_search),
                     "e2e_epochs": 0 if separate_e2e else a.e2e_epochs, "e2e_lr": a.e2e_lr,
                     "e2e_batch_size": a.e2e_batch_size}
         key = _hash({"stage": "quantize", "model": model_fingerprint(a.model), "settings": settings,
@@ -178,7 +181,8 @@ class Pipeline:
                          block_epochs=a.block_epochs, block_batch_size=a.block_batch_size,
                          block_quant_lr=a.block_quant_lr, block_weight_lr=a.block_weight_lr,
                          e2e_epochs=settings["e2e_epochs"], e2e_lr=a.e2e_lr, e2e_batch_size=a.e2e_batch_size,
-                         lr_preset=a.lr_preset, seed=a.seed, compute_device=a.device)
+                         block_lr_search=a.block_lr_search, lr_preset=a.lr_preset, seed=a.seed,
+                         compute_device=a.device)
         t0 = time.time()
         # Layers streamed from the shards, checkpoint written layer by layer (streamed_run.py).
         work_dir = os.path.normpath(str(out)) + ".effqat-work"

@@ -38,6 +38,7 @@ def add_parser(sub) -> None:
     p.add_argument("--train-zeros", action="store_true", help="E2E-QP also trains zero points")
     p.add_argument("--lr-preset", choices=["auto", "paper"], default="auto",
                    help="auto: paper rates scaled up when there are fewer steps than the paper's; paper: as published")
+    add_lr_search_argument(p)
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
     p.add_argument("--kernel", choices=["auto", "reference", "triton", "cuda"], default=None,
                    help="E2E-QP kernel backend (default: EFFQAT_KERNEL env or auto)")
@@ -53,6 +54,22 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
+def lr_search_fractions(text: str):
+    """'0.25,0.5,1' -> (0.25, 0.5, 1.0); 'off' -> ()."""
+    if text.strip().lower() in ("off", "none", "0", ""):
+        return ()
+    try:
+        return tuple(float(f) for f in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give comma separated fractions such as 0.25,0.5,1, or off")
+
+
+def add_lr_search_argument(p) -> None:
+    p.add_argument("--block-lr-search", type=lr_search_fractions, default=(0.25, 0.5, 1.0), metavar="FRACTIONS",
+                   help="lr preset auto below the paper's token budget: fractions of the raise tried on layer 0; "
+                        "the lowest held-out loss picks the rates of every layer ('off' = always the full raise)")
+
+
 def config_from_args(args):
     from effqat_plugin import EQATConfig
 
@@ -60,7 +77,7 @@ def config_from_args(args):
         bits=args.bits, group_size=args.group_size, save_format=args.save_format,
         block_epochs=args.block_epochs, block_batch_size=args.block_batch_size,
         block_quant_lr=args.block_quant_lr, block_weight_lr=args.block_weight_lr,
-        block_early_stop=args.block_early_stop, e2e_epochs=args.e2e_epochs, e2e_lr=args.e2e_lr,
+        block_early_stop=args.block_early_stop, block_lr_search=args.block_lr_search, e2e_epochs=args.e2e_epochs, e2e_lr=args.e2e_lr,
         e2e_batch_size=args.e2e_batch_size, e2e_train_zeros=args.train_zeros, lr_preset=args.lr_preset,
         seed=args.seed, compute_device=args.device, kernel_backend=args.kernel)
 
