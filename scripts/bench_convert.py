@@ -32,7 +32,22 @@ LINEARS = {"self_attn.q_proj": (HIDDEN, HIDDEN), "self_attn.k_proj": (HIDDEN, HI
            "mlp.gate_proj": (INTER, HIDDEN), "mlp.up_proj": (INTER, HIDDEN), "mlp.down_proj": (HIDDEN, INTER)}
 
 
-def build_source(path: Path, layers: int, shard_bytes: int, bits=2, group=64) -> int:
+def zero_point_words(ng: int, out: int, bits: int, g, uniform: bool) -> torch.Tensor:
+    """EQAT qzeros words [ng, out / pf]. ``uniform``: every bit pattern (a quarter of 2-bit zero points
+    are 0, the worst case for v1 output's sign flip); else as trained checkpoints have them: near the
+    middle of the range (round(N(maxq / 2, maxq / 6)), 2.3% zeros at 2 bits, 0.3% at 4; our stories260k
+    w2g64 run has 0.2%)."""
+    pf = 32 // bits
+    if uniform:
+        return torch.randint(-2**31, 2**31 - 1, (ng, out // pf), generator=g, dtype=torch.int64).to(torch.int32)
+    maxq = (1 << bits) - 1
+    z = (torch.randn(ng, out, generator=g) * (maxq / 6) + maxq / 2).round().clamp(0, maxq).to(torch.int64)
+    shifts = torch.arange(pf, dtype=torch.int64) * bits
+    words = (z.view(ng, out // pf, pf) << shifts).sum(-1)
+    return words.to(torch.uint32).view(torch.int32) if hasattr(torch, "uint32") else words.to(torch.int32)
+
+
+def build_source(path: Path, layers: int, shard_bytes: int, bits=2, group=64, uniform_zeros=False) -> int:
     """Write an EQAT folder shard by shard; returns the packed bytes of the quantized tensors."""
     path.mkdir(parents=True)
     pf = 32 // bits
@@ -63,7 +78,7 @@ def build_source(path: Path, layers: int, shard_bytes: int, bits=2, group=64) ->
             p = f"model.layers.{i}.{nm}"
             ng = n_in // group
             qweight = torch.randint(-2**31, 2**31 - 1, (n_in // pf, o), generator=g, dtype=torch.int64).to(torch.int32)
-            qzeros = torch.randint(-2**31, 2**31 - 1, (ng, o // pf), generator=g, dtype=torch.int64).to(torch.int32)
+            qzeros = zero_point_words(ng, o, bits, g, uniform_zeros)
             scales = (torch.rand(ng, o, generator=g) * 0.01 + 1e-4).half()
             g_idx = (torch.arange(n_in, dtype=torch.int32) // group)
             for k, t in (("qweight", qweight), ("qzeros", qzeros), ("scales", scales), ("g_idx", g_idx)):
@@ -131,18 +146,21 @@ def main(argv=None):
     ap.add_argument("--shard-size", default="2GB", help="source and output shard size")
     ap.add_argument("--targets", nargs="+", default=["gptq", "gptq_v2", "bitblas", "eqat"])
     ap.add_argument("--repeat", type=int, default=1, help="copy+convert pairs per target (best kept)")
+    ap.add_argument("--uniform-zeros", action="store_true",
+                    help="zero points uniformly random (worst case for gptq v1's sign flip) instead of as trained")
     ap.add_argument("--workdir", default=None, help="where to build (default: a temp folder, removed)")
     args = ap.parse_args(argv)
     from effqat_plugin.converters.checkpoint import parse_size
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="effqat-bench-"))
-    src = work / f"Llama-2-7b-EfficientQAT-w{args.bits}g64"
+    src = work / f"Llama-2-7b-EfficientQAT-w{args.bits}g64{'-uniform-zeros' if args.uniform_zeros else ''}"
     try:
         t = time.time()
         if (src / "model.safetensors.index.json").exists() and args.workdir:   # reuse a kept source
             packed = sum(n for n in json.loads((src / "packed.json").read_text()).values())
         else:
-            packed = build_source(src, args.layers, parse_size(args.shard_size), bits=args.bits)
+            packed = build_source(src, args.layers, parse_size(args.shard_size), bits=args.bits,
+                                  uniform_zeros=args.uniform_zeros)
             (src / "packed.json").write_text(json.dumps({"packed": packed}))
         shards = sorted(src.glob("*.safetensors"))
         total = sum(p.stat().st_size for p in shards)

@@ -13,8 +13,9 @@ group size, and the same perplexity function. Every quantized row is a checkpoin
 
 Each quantizing method runs in a child process (a crash becomes a table note; memory is returned) and
 leaves ``WORK/<config>/<method>.json``; a re-run with the same ``--work`` skips finished rows, so a long
-grid can be run in pieces. Times are quantization wall time only (no loading or evaluation), shown
-as a ratio to GPTQ's on the same machine in the same run.
+grid can be run in pieces. Times are quantization only (no loading or evaluation): CPU seconds of the
+child process (all its threads), shown as a ratio to GPTQ's, and wall seconds beside them; CPU time
+holds when other jobs share the machine, wall time does not.
 
     python scripts/get_smollm2.py   # -> ~/.cache/effqat/smollm2-135m
     python scripts/bench_quality.py --model ~/.cache/effqat/smollm2-135m \\
@@ -81,6 +82,17 @@ def load_evals(work):
 
 
 # ------------------------------------------------------------------------------------------------ rows
+class Clock:
+    """Wall and CPU seconds (all threads of this process) since creation. CPU time is what the table
+    compares: on a shared machine wall time depends on the neighbours, CPU time on the method."""
+
+    def __init__(self):
+        self.wall, self.cpu = time.time(), time.process_time()
+
+    def lap(self) -> dict:
+        return {"seconds": time.time() - self.wall, "cpu_seconds": time.process_time() - self.cpu}
+
+
 def fp_rows(model_dir, bits, group, calib, evals, out):
     from transformers import AutoModelForCausalLM
 
@@ -110,12 +122,12 @@ def gptq_rows(model_dir, bits, group, calib, evals, out):
 
     model = GPTQModel.load(model_dir, QuantizeConfig(bits=bits, group_size=group, sym=False, desc_act=False,
                                                      offload_to_disk=False), dtype=torch.float32)
-    t0 = time.time()
+    clock = Clock()
     model.quantize([{"input_ids": row.tolist()} for row in calib], batch_size=4)
-    seconds = time.time() - t0
+    took = clock.lap()
     model.save(out)
     del model
-    return [{"method": "gptq", "ppl": reloaded_ppl(out, evals), "seconds": seconds, "note": "sym=False"}]
+    return [{"method": "gptq", "ppl": reloaded_ppl(out, evals), **took, "note": "sym=False"}]
 
 
 def autoround_rows(method, model_dir, bits, group, calib, evals, out):
@@ -127,12 +139,12 @@ def autoround_rows(method, model_dir, bits, group, calib, evals, out):
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(model_dir)
     iters = AUTOROUND_ITERS[method]
-    t0 = time.time()
+    clock = Clock()
     ar = AutoRound(model, tok, bits=bits, group_size=group, sym=False, iters=iters,
                    dataset=[row[None] for row in calib], nsamples=calib.shape[0], seqlen=calib.shape[1],
                    device_map="cpu")
     ar.quantize_and_save(out + ".auto_gptq", format="auto_gptq")
-    seconds = time.time() - t0
+    took = clock.lap()
     del ar, model
     # AutoRound writes into a sub-folder named after the model and scheme
     export = next(root for root, _, files in os.walk(out + ".auto_gptq") if "config.json" in files)
@@ -140,7 +152,7 @@ def autoround_rows(method, model_dir, bits, group, calib, evals, out):
     rc = effqat_main(["convert", export, out, "--to", "gptq_v2"])
     if rc != 0:
         raise RuntimeError(f"effqat convert of the AutoRound export failed (exit {rc})")
-    return [{"method": method, "ppl": reloaded_ppl(out, evals), "seconds": seconds,
+    return [{"method": method, "ppl": reloaded_ppl(out, evals), **took,
              "note": f"iters={iters}, exported auto_gptq -> effqat convert --to gptq_v2"}]
 
 
@@ -158,24 +170,24 @@ def eqat_rows(model_dir, bits, group, calib, evals, out):
     full_cfg = EQATConfig(bits=bits, group_size=group)
     cfg = EQATConfig(bits=bits, group_size=group, e2e_epochs=0)
     model = GPTQModel.load(model_dir, cfg, dtype=torch.float32)
-    t0 = time.time()
+    clock = Clock()
     model.quantize(calib, show_progress=False)
-    t_block = time.time() - t0
+    t_block = clock.lap()
     model.save(out + "-blockap", fmt=fmt)
     blk = model._eqat_result.block_ap
-    rows = [{"method": "eqat-blockap", "seconds": t_block, "note": f"lr s/z {blk.quant_lr:.3g}, w {blk.weight_lr:.3g}",
+    rows = [{"method": "eqat-blockap", **t_block, "note": f"lr s/z {blk.quant_lr:.3g}, w {blk.weight_lr:.3g}",
              "layers": [[r.train_loss, r.val_loss] for r in blk.reports]}]
     train_ids, val_ids = split_calibration(calib, full_cfg.block_val_samples)
-    t1 = time.time()
+    clock = Clock()
     rep = E2EQP(model.model, full_cfg, resolve_runtime(None), show_progress=False,
                 lr_fraction=blk.lr_fraction).run(train_ids, val_ids)
-    t_e2e = time.time() - t1
+    t_e2e = clock.lap()
     result = model._eqat_result
     result.e2e = rep
     result.qweights = collect_qweights(model.model, result.qweights.keys())
     model.quantize_config = full_cfg
     model.save(out, fmt=fmt)
-    rows.append({"method": "eqat", "seconds": t_block + t_e2e, "note": f"E2E-QP lr {rep.lr:.3g}, {rep.steps} steps"})
+    rows.append({"method": "eqat", **{k: t_block[k] + t_e2e[k] for k in t_block}, "note": f"E2E-QP lr {rep.lr:.3g}, {rep.steps} steps"})
     del model
     rows[0]["ppl"] = reloaded_ppl(out + "-blockap", evals)
     rows[1]["ppl"] = reloaded_ppl(out, evals)
@@ -265,20 +277,22 @@ def format_table(args, results) -> str:
     with open(os.path.join(args.work, "data.json")) as f:
         data = json.load(f)
     labels = list(data["eval"])
-    head = ["config", "method"] + [f"{lb} ppl" for lb in labels] + ["quantize time", "time / GPTQ", "note"]
+    head = ["config", "method"] + [f"{lb} ppl" for lb in labels] + ["quantize CPU time", "CPU time / GPTQ",
+                                                                     "wall time", "note"]
     lines = [f"model {os.path.basename(os.path.normpath(args.model))}; calibration {data['calib'][1][0]} x "
              f"{data['calib'][1][1]} tokens of {os.path.basename(str(data['calib'][0]))}; eval "
              + ", ".join(f"{lb} {s[0]} x {s[1]}" for lb, s in data["eval"].items()),
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for config, rows in results.items():
-        gptq = next((r["seconds"] for r in rows if r["method"] == "gptq" and r["seconds"]), None)
+        gptq = next((r["cpu_seconds"] for r in rows if r["method"] == "gptq" and r.get("cpu_seconds")), None)
         for r in rows:
             ppl = [f"{r['ppl'][lb]:,.2f}" if lb in r.get("ppl", {}) and math.isfinite(r["ppl"][lb]) else "n/a"
                    for lb in labels]
-            sec = r.get("seconds")
+            sec, wall = r.get("cpu_seconds"), r.get("seconds")
             ratio = f"{sec / gptq:.2f}x" if sec and gptq else "–"
             lines.append("| " + " | ".join([config if r["method"] != "fp" else "–", LABELS.get(r["method"], r["method"]),
-                                            *ppl, f"{sec:.0f} s" if sec else "–", ratio, r.get("note", "")]) + " |")
+                                            *ppl, f"{sec:.0f} s" if sec else "–", ratio,
+                                            f"{wall:.0f} s" if wall else "–", r.get("note", "")]) + " |")
     return "\n".join(lines)
 
 
