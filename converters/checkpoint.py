@@ -281,6 +281,81 @@ class SafetensorsFolder:
         return max((self.path / s).stat().st_size for s in self.shards)
 
 
+class DerivedTensor:
+    """A tensor computed from ``base`` only while it is written (``write_safetensors``).
+
+    A conversion that changes a qweight's bytes (GPTQ v1's sign flip, BitBLAS's transpose and field
+    order) would otherwise read the mapped source through page faults, fill a fresh array (zero-fill
+    faults again) and hold every such array of a shard until the shard is written. Here the writer
+    reads the base's bytes into a reused buffer (``pread`` from the source file when the base views a
+    shard), ``fn(base_array, out_array)`` fills a second reused buffer, and that is written: two
+    passes over warm memory per tensor, and only one tensor's worth in flight.
+    """
+
+    def __init__(self, base: torch.Tensor, shape, dtype: torch.dtype, fn):
+        self.base, self.shape, self.dtype, self.fn = base, torch.Size(shape), dtype, fn
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    def element_size(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    def contiguous(self) -> "DerivedTensor":
+        return self
+
+    def to(self, dtype: torch.dtype):
+        return self if dtype == self.dtype else self.materialize().to(dtype)
+
+    def materialize(self) -> torch.Tensor:
+        out = torch.empty(self.shape, dtype=self.dtype)
+        self.fn(self.base.contiguous().numpy(), out.numpy())
+        return out
+
+    def produce(self, source, scratch: "_Scratch") -> memoryview:
+        """The output bytes, in ``scratch``'s buffers (valid until the next call)."""
+        base = self.base
+        nb = base.numel() * base.element_size()
+        a = scratch.buffer(0, nb)
+        rng = source(base) if source is not None else None
+        if rng is None or not _pread_into(rng[0], a, rng[1]):
+            a[:] = base.contiguous().view(-1).view(torch.uint8).numpy()
+        np_in = a.view(_np_dtype(base.dtype)).reshape(tuple(base.shape))
+        b = scratch.buffer(1, self.numel() * self.element_size())
+        self.fn(np_in, b.view(_np_dtype(self.dtype)).reshape(tuple(self.shape)))
+        return memoryview(b)
+
+
+def _np_dtype(dtype: torch.dtype):
+    return torch.empty((), dtype=dtype).numpy().dtype
+
+
+def _pread_into(fd: int, buf, offset: int) -> bool:
+    """Fill ``buf`` (a uint8 numpy array) from ``fd`` at ``offset``; False if the file is short."""
+    mv, done = memoryview(buf), 0
+    while done < len(mv):
+        n = os.preadv(fd, [mv[done:]], offset + done)
+        if n <= 0:
+            return False
+        done += n
+    return True
+
+
+class _Scratch:
+    """Reused uint8 buffers for :class:`DerivedTensor` (grown, never shrunk, while a file is written)."""
+
+    def __init__(self):
+        self._bufs: dict = {}
+
+    def buffer(self, slot: int, nbytes: int):
+        import numpy as np
+
+        buf = self._bufs.get(slot)
+        if buf is None or len(buf) < nbytes:
+            buf = self._bufs[slot] = np.empty(nbytes, dtype=np.uint8)
+        return buf[:nbytes]
+
+
 class ShardWriter:
     """Collects tensors and flushes a shard whenever the next tensor would pass ``max_bytes``."""
 
@@ -340,7 +415,7 @@ def write_safetensors(path: Path, tensors: dict, metadata: dict | None = None, s
 
     ``source(t)`` may return ``(fd, offset)`` for a tensor whose bytes already sit in a source file;
     they are then copied file-to-file by the kernel (``os.copy_file_range``) instead of through a
-    Python buffer.
+    Python buffer. :class:`DerivedTensor` entries are computed here, one at a time.
     """
     header, off = {}, 0
     if metadata:
@@ -353,10 +428,14 @@ def write_safetensors(path: Path, tensors: dict, metadata: dict | None = None, s
         off += nb
     hb = json.dumps(header, separators=(",", ":")).encode("utf-8")
     hb += b" " * (-len(hb) % 8)
+    scratch = _Scratch()
     with open(path, "wb", buffering=0) as f:
         f.write(struct.pack("<Q", len(hb)) + hb)
         for t in tensors.values():
             if not t.numel():
+                continue
+            if isinstance(t, DerivedTensor):
+                _write_all(f, t.produce(source, scratch))
                 continue
             rng = source(t) if source is not None else None
             if rng is not None and _copy_range(rng[0], f.fileno(), rng[1], t.numel() * t.element_size()):

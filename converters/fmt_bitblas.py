@@ -18,6 +18,7 @@ import torch
 from effqat_plugin.qweight import QuantFormatError
 
 from . import packing
+from .checkpoint import DerivedTensor
 from .registry import (ModuleSpec, QuantFormat, WriteContext, check_codes, check_finite_scales, g_idx_is_default,
                        make_qweight, register)
 
@@ -146,11 +147,16 @@ class BitblasFormat(QuantFormat):
                 torch.arange(spec.in_features, dtype=torch.int32) // (spec.group_size if spec.group_size > 0
                                                                       else spec.in_features)):
             return None
-        w = words["qweight"].t().contiguous()          # [out, in/pf]
-        pos = self._lop3(b)
-        if pos is not None:
-            w = packing.permute_fields(w, b, pos)
-        out = {"qweight": w.view(torch.int8), "qzeros": words["qzeros"].contiguous().view(torch.int8),
+        q, pos = words["qweight"], self._lop3(b)
+        fn = packing.transpose_permute(b, pos) if isinstance(q, torch.Tensor) and q.dtype == torch.int32 else None
+        if fn is not None:   # transposed and reordered while written ([out, in/pf] words as int8)
+            w = DerivedTensor(q, (q.shape[1], q.shape[0] * 4), torch.int8, fn)
+        else:
+            w = q.t().contiguous()          # [out, in/pf]
+            if pos is not None:
+                w = packing.permute_fields(w, b, pos)
+            w = w.view(torch.int8)
+        out = {"qweight": w, "qzeros": words["qzeros"].contiguous().view(torch.int8),
                "scales": words["scales"].t().to(torch.float16).contiguous()}
         if words["bias"] is not None:
             out["bias"] = words["bias"].to(torch.float16).contiguous()

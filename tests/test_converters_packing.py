@@ -157,3 +157,31 @@ def test_lop3_positions_are_a_permutation(bits):
     assert sorted(pos) == list(range(0, 32, bits))
     w = torch.randint(-2**31, 2**31 - 1, (50, 7), dtype=torch.int64).to(torch.int32)
     assert torch.equal(packing.permute_fields(packing.permute_fields(w, bits, pos), bits, pos, inverse=True), w)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_write_time_transforms_equal_the_eager_ones(bits):
+    """The DerivedTensor functions the converters use while writing (BitBLAS transpose + field order in
+    column blocks, GPTQ v1 group flips) equal the eager whole-array functions, over several blocks."""
+    import numpy as np
+
+    from effqat_plugin.converters.checkpoint import DerivedTensor
+
+    g = torch.Generator().manual_seed(bits)
+    words = torch.randint(-2**31, 2**31 - 1, (700, 300), generator=g, dtype=torch.int64).to(torch.int32)
+    pos = packing.lop3_positions(bits) if bits in (2, 4) else None
+    fn = packing.transpose_permute(bits, pos)
+    derived = DerivedTensor(words, (300, 700 * 4), torch.int8, fn).materialize()
+    eager = words.t().contiguous()
+    if pos is not None:
+        eager = packing.permute_fields(eager, bits, pos)
+    assert torch.equal(derived, eager.view(torch.int8))
+
+    pf = 32 // bits
+    in_features, group = 700 * pf, 4 * pf
+    flip = (torch.rand(in_features // group, 300, generator=g) < 0.1).numpy()
+    fn = packing.group_flip_rows(flip, bits, in_features, group)
+    derived = DerivedTensor(words, words.shape, torch.int32, fn).materialize()
+    assert torch.equal(derived, packing.flip_group_words(words, flip, bits, in_features, group))
+    assert packing.group_flip_rows(flip, bits, in_features, 3) is None  # groups not whole words: eager path
+    assert not np.array_equal(derived.numpy(), words.numpy())
