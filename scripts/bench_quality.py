@@ -4,6 +4,8 @@ Every row uses the same calibration tokens and the same held-out evaluation toke
 group size, and the same perplexity function. Every quantized row is a checkpoint on disk reloaded by
 ``GPTQModel.from_quantized`` (TORCH backend, fp16, CPU), i.e. what a user of the saved folder gets:
 
+Quantized rows are evaluated on the weights GPTQModel unpacks (fp16), in fp32 (see ``reloaded_ppl``).
+
 * GPTQ: GPTQModel 7.7's own GPTQ (sym=False, no act-order).
 * AutoRound 0.16.1 (``pip install auto-round``): its default recipe (200 iterations) and its light one
   (50), asymmetric, exported ``format="auto_gptq"``; GPTQModel refuses asymmetric v1 folders not made
@@ -66,11 +68,15 @@ def ppl_all(model, evals: dict) -> dict:
 
 
 def reloaded_ppl(folder, evals):
-    """Perplexities of a saved folder as GPTQModel users load it (TORCH backend, fp16, CPU)."""
+    """Perplexities of a saved folder as GPTQModel loads it: ``GPTQModel.from_quantized`` (TORCH
+    backend, fp16) unpacks every module, GPTQModel's own ``dequantize_model`` turns its TorchLinear
+    modules into plain linears holding exactly the fp16 weights its kernel computes with, and the
+    model is evaluated in fp32 like the fp row (fp16 matmuls on CPU took ~4x longer for the same text)."""
     from gptqmodel import BACKEND, GPTQModel
+    from gptqmodel.nn_modules.qlinear.torch import dequantize_model
 
     q = GPTQModel.from_quantized(folder, device="cpu", backend=BACKEND.TORCH, dtype=torch.float16)
-    return ppl_all(q.model.eval(), evals)
+    return ppl_all(dequantize_model(q.model).float().eval(), evals)
 
 
 def load_evals(work):
