@@ -4,8 +4,9 @@
 Writes the source once (random packed words: every bit pattern is a valid code), then for each target
 runs, each in a fresh subprocess, a plain copy of the source folder (the I/O floor: read + write every
 byte, no conversion) and the conversion, and prints both throughputs (MB of source per second), their
-ratio (conversion / copy: 1.0 means as fast as copying) and the conversion's peak RSS against the
-largest source shard. Copy and conversion run back to back so the ratio holds on a busy machine.
+ratio (conversion / copy: 1.0 means as fast as copying; the median of ``--repeat`` back-to-back pairs,
+with their range: disk write-back makes single pairs vary 2-4x here) and the conversion's peak RSS
+against the largest source shard.
 
     python scripts/bench_convert.py [--layers 32] [--bits 2] [--shard-size 2GB]
                                     [--targets gptq gptq_v2 bitblas eqat] [--repeat 1]
@@ -145,7 +146,8 @@ def main(argv=None):
     ap.add_argument("--bits", type=int, default=2, choices=[2, 4, 8])
     ap.add_argument("--shard-size", default="2GB", help="source and output shard size")
     ap.add_argument("--targets", nargs="+", default=["gptq", "gptq_v2", "bitblas", "eqat"])
-    ap.add_argument("--repeat", type=int, default=1, help="copy+convert pairs per target (best kept)")
+    ap.add_argument("--repeat", type=int, default=3, help="copy+convert pairs per target (the median pair is "
+                                                           "shown, with the range of ratios)")
     ap.add_argument("--uniform-zeros", action="store_true",
                     help="zero points uniformly random (worst case for gptq v1's sign flip) instead of as trained")
     ap.add_argument("--workdir", default=None, help="where to build (default: a temp folder, removed)")
@@ -169,9 +171,9 @@ def main(argv=None):
               f"{packed / 1e6:.0f} MB packed quantized tensors, largest shard {largest / 1e6:.0f} MB "
               f"(built in {time.time() - t:.1f} s)")
         print(f"{'target':8s} {'copy s':>7s} {'copy MB/s':>10s} {'conv s':>7s} {'conv MB/s':>10s} "
-              f"{'conv/copy':>9s} {'peak RSS MB':>12s} {'RSS/shard':>9s}")
+              f"{'conv/copy':>9s} {'(min-max)':>11s} {'peak RSS MB':>12s} {'RSS/shard':>9s}")
         for tgt in args.targets:
-            best = None
+            pairs = []
             for _ in range(args.repeat):
                 cdst, dst = work / "out-copy", work / f"out-{tgt}"
                 try:
@@ -184,15 +186,15 @@ def main(argv=None):
                 finally:
                     shutil.rmtree(cdst, ignore_errors=True)
                     shutil.rmtree(dst, ignore_errors=True)
-                ratio = c / res["seconds"]
-                if best is None or ratio > best[0]:
-                    best = (ratio, c, res)
-            if best is None:
+                pairs.append((c / res["seconds"], c, res))
+            if not pairs:
                 continue
-            ratio, c, res = best
-            rss = res["rss_kb"] * 1024
+            pairs.sort(key=lambda p: p[0])
+            ratio, c, res = pairs[len(pairs) // 2]   # the median pair (write-back makes single pairs noisy)
+            rss = max(p[2]["rss_kb"] for p in pairs) * 1024
+            spread = f"{pairs[0][0]:.2f}-{pairs[-1][0]:.2f}"
             print(f"{tgt:8s} {c:7.2f} {total / 1e6 / c:10.0f} {res['seconds']:7.2f} "
-                  f"{total / 1e6 / res['seconds']:10.0f} {ratio:9.2f} {rss / 1e6:12.0f} {rss / largest:9.2f}")
+                  f"{total / 1e6 / res['seconds']:10.0f} {ratio:9.2f} {spread:>11s} {rss / 1e6:12.0f} {rss / largest:9.2f}")
         return 0
     finally:
         if not args.workdir:
