@@ -284,6 +284,7 @@ def test_card_front_matter_and_content(qfolder, stories260k_dir):
     assert "2-bit weights with group size 64" in card
     assert 'GPTQModel.load("me/stories260k-EfficientQAT-w2g64")' in card
     assert "| Block-AP | 1 epoch(s), batch 2" in card
+    assert "(lr scale by held-out loss: layer 0 32/64/128 -> " in card  # the auto preset's lr search
     assert "| calibration data | 14 train + 2 validation sequences of 32 tokens" in card
     assert card.count("| 4 |") >= 1 and "## Block-AP per-layer loss" in card
     # a hub id given explicitly wins, and an explicit license overrides
