@@ -418,10 +418,10 @@ class BlockAP:
                        quant_lr: float, weight_lr: float, candidates: Optional[List[dict]] = None):
         """Train layer ``index``, freeze it, and advance both streams through it.
 
-        ``candidates`` (lr search, first layer only): dicts with ``quant_lr`` / ``weight_lr``; the layer
-        is trained once per candidate from the same start and the one whose frozen layer has the
-        lowest held-out loss is kept (each candidate's loss is written into its dict). The streams are
-        touched once, so a search costs extra training only, no extra stream memory.
+        ``candidates`` (lr search, ``_lr_trials``): dicts with ``scale`` / ``quant_lr`` / ``weight_lr``;
+        the layer is trained once per candidate from the same start and the one whose frozen layer has
+        the lowest held-out loss is kept (each candidate's loss is written into its dict). The streams
+        are touched once, so a search costs extra training only, no extra stream memory.
         """
         t0 = time.time()
         self.rt.reset_peak()

@@ -291,8 +291,8 @@ class E2EQP:
 
     def __init__(self, model: nn.Module, cfg, runtime: Runtime, show_progress: bool = True,
                  options: Optional[E2EOptions] = None, lr_fraction: float = 1.0):
-        """``lr_fraction``: share of the auto preset's raise to use (``lr_rules.searched_fraction`` of
-        the Block-AP run that made the model)."""
+        """``lr_fraction``: share of the auto preset's raise to use: ``BlockAPResult.lr_fraction`` of
+        the Block-AP run that made the model (``meta.eqat.block_ap.lr_fraction`` in its checkpoint)."""
         self.model, self.cfg, self.rt, self.show_progress = model, cfg, runtime, show_progress
         self.lr_fraction = lr_fraction
         self.opts = options or E2EOptions()

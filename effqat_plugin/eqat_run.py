@@ -54,6 +54,7 @@ class EQATResult:
                 "quant_lr": self.block_ap.quant_lr,
                 "weight_lr": self.block_ap.weight_lr,
                 "lr_search": self.block_ap.lr_search,
+                "lr_fraction": self.block_ap.lr_fraction,  # E2E-QP's share of its raise (effqat e2e reads it)
                 "layers": [asdict(r) for r in self.block_ap.reports],
                 # MoE: experts no calibration token was routed to keep their min/max initialization
                 "experts_without_tokens": sum(r.experts_without_tokens for r in self.block_ap.reports),

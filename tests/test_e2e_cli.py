@@ -124,3 +124,27 @@ def test_cli_user_errors(quant_dir, data_file, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "not found" in err and "multiple" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_cli_follows_the_block_ap_lr_search_of_the_checkpoint(quant_dir, data_file, tmp_path, capsys):
+    """A checkpoint whose Block-AP lr search ended on a quarter of the auto raise gets a quarter of
+    E2E-QP's raise too, as the in-process E2E-QP of `effqat quantize` does."""
+    import shutil
+
+    from effqat_plugin import lr_rules
+
+    src = tmp_path / "searched"
+    shutil.copytree(quant_dir, src)
+    qcfg = json.loads((src / "quantize_config.json").read_text())
+    qcfg.setdefault("meta", {})["eqat"] = {"block_ap": {"lr_fraction": 0.25}}
+    (src / "quantize_config.json").write_text(json.dumps(qcfg))
+    lrs = {}
+    for name, folder in (("plain", quant_dir), ("searched", src)):
+        assert e2e(folder, tmp_path / f"out-{name}", data_file) == 0
+        capsys.readouterr()
+        _f, _q, _t, out_cfg = load_quantized(str(tmp_path / f"out-{name}"))
+        lrs[name] = out_cfg["meta"]["eqat_e2e"]["report"]["lr"]
+    tokens = 16 * 32  # 16 training rows of 32 tokens: the raise is capped at 128 either way
+    assert lrs["plain"] == pytest.approx(lr_rules.e2e_lr(2, "auto", 128.0, tokens))
+    assert lrs["searched"] == pytest.approx(lr_rules.e2e_lr(2, "auto", 128.0, tokens, fraction=0.25))
+    assert lrs["searched"] < lrs["plain"] / 3

@@ -144,7 +144,11 @@ def run(args) -> int:
                       stop_after=args.stop_after, pad_token_id=0 if pad is None else int(pad))
     if rt.device.type != "cpu":
         model.to(rt.device)
-    trainer = E2EQP(model, settings, rt, show_progress=not args.quiet, options=opts)
+    # the share of the auto raise the checkpoint's Block-AP lr search ended on (1.0 if none ran)
+    meta_in = qcfg.get("meta") if isinstance(qcfg.get("meta"), dict) else {}
+    block = (meta_in.get("eqat") or {}).get("block_ap") if isinstance(meta_in.get("eqat"), dict) else None
+    lr_fraction = float((block or {}).get("lr_fraction") or 1.0)
+    trainer = E2EQP(model, settings, rt, show_progress=not args.quiet, options=opts, lr_fraction=lr_fraction)
     report = trainer.run(train, val)
     acc = trainer.accelerator
     line = {"out_dir": out_dir, "format": fmt, "bits": bits, "data_format": args.data_format,
