@@ -49,7 +49,8 @@ class EQATResult:
             "method": "EfficientQAT (Block-AP + E2E-QP), arXiv 2407.11062",
             "settings": cfg.eqat_settings(),
             "calibration": {"train_samples": self.n_train, "val_samples": self.n_val, "seq_len": self.seq_len,
-                            "e2e_samples": self.extra.get("e2e_samples"), "e2e_seq_len": self.extra.get("e2e_seq_len")},
+                            "e2e_samples": self.extra.get("e2e_samples"), "e2e_seq_len": self.extra.get("e2e_seq_len"),
+                            "e2e_self_generated": self.extra.get("e2e_self_generated", 0)},
             "block_ap": {
                 "quant_lr": self.block_ap.quant_lr,
                 "weight_lr": self.block_ap.weight_lr,
@@ -109,6 +110,27 @@ def prepare_e2e_data(hf_model: nn.Module, cfg: EQATConfig, e2e_data, tokenizer=N
                         "E2E-QP data")
 
 
+def self_generated_seed(seed: int) -> int:
+    """Seed of E2E-QP's self-generated samples: not the calibration's (seed) and not seed + 1, which
+    ``sample_from_model`` callers use for held-out evaluation text (a shorter sample of the same seed
+    is a prefix of it)."""
+    return seed + 2
+
+
+def with_self_generated(model: nn.Module, e2e_ids: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """``e2e_ids`` plus ``n`` sequences of the same length that the (full-precision) ``model`` writes
+    itself. Calibration text alone (tens of thousands of tokens of one corpus) fits its topics; the
+    model's own text keeps E2E-QP close to the fp model everywhere else."""
+    from .data import sample_from_model
+
+    bos = getattr(model.config, "bos_token_id", None)
+    log.info("E2E-QP: sampling %d x %d tokens from the full-precision model (seed %d) to train on besides "
+             "%d data samples", n, e2e_ids.shape[1], self_generated_seed(seed), e2e_ids.shape[0])
+    extra = sample_from_model(model, n, e2e_ids.shape[1], seed=self_generated_seed(seed),
+                              bos_token_id=1 if bos is None else int(bos))
+    return torch.cat([e2e_ids, extra.to(e2e_ids.dtype)])
+
+
 def _checked_ids(hf_model: nn.Module, ids: torch.Tensor, what: str) -> torch.Tensor:
     if ids.shape[0] < 1 or ids.shape[1] < 2:
         raise CalibrationError(f"{what} must have at least 1 sample of >= 2 tokens, got {tuple(ids.shape)}")
@@ -137,6 +159,9 @@ def run_eqat(hf_model: nn.Module, cfg: EQATConfig, calibration, tokenizer=None, 
     ids, train_ids, val_ids = prepare_calibration(hf_model, layout, cfg, calibration, tokenizer, seq_len)
     model_type = getattr(hf_model.config, "model_type", "")
     e2e_ids = prepare_e2e_data(hf_model, cfg, e2e_data, tokenizer, seq_len, default=train_ids)
+    n_self = cfg.e2e_self_generated if cfg.e2e_epochs > 0 else 0
+    if n_self:  # while the model is still full precision
+        e2e_ids = with_self_generated(hf_model, e2e_ids, n_self, cfg.seed)
 
     source_dtype = next(hf_model.parameters()).dtype
     if rt.device.type == "cpu" and source_dtype != torch.float32:
@@ -167,7 +192,7 @@ def run_eqat(hf_model: nn.Module, cfg: EQATConfig, calibration, tokenizer=None, 
                         source_dtype=source_dtype if source_dtype in (torch.float16, torch.bfloat16) else torch.float16,
                         extra={"base_model": getattr(hf_model.config, "_name_or_path", None) or None,
                                "e2e_samples": int(e2e_ids.shape[0]) if e2e is not None else 0,
-                               "e2e_seq_len": int(e2e_ids.shape[1])})
+                               "e2e_seq_len": int(e2e_ids.shape[1]), "e2e_self_generated": n_self})
     log.info("EQAT done in %.1fs: %d quantized linears at w%dg%d%s", result.seconds, len(qweights), cfg.bits,
              cfg.group_size, "" if e2e is None or e2e.val_loss_after is None
              else f", val ppl {math.exp(e2e.val_loss_after):.2f}")

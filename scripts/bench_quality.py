@@ -31,6 +31,7 @@ threads than free cores, torch's OpenMP barriers spin and a Block-AP layer took 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -162,19 +163,29 @@ def autoround_rows(method, model_dir, bits, group, calib, evals, out):
              "note": f"iters={iters}, exported auto_gptq -> effqat convert --to gptq_v2"}]
 
 
-def eqat_rows(model_dir, bits, group, calib, evals, out):
+def eqat_rows(model_dir, bits, group, calib, evals, out, text_calib=False):
     """Block-AP once (saved: the Block-AP-only row), then E2E-QP on the same in-memory model as
-    ``eqat_run.run_eqat`` does (saved: the full row); EQATConfig defaults throughout."""
+    ``eqat_run.run_eqat`` does (saved: the full row); EQATConfig defaults throughout, and with text
+    calibration E2E-QP also trains on as many self-generated samples, as ``effqat quantize`` does by
+    default (sampling is not timed: the CLI does it once before Block-AP)."""
     from gptqmodel import GPTQModel
 
     from effqat_plugin import EQATConfig
     from effqat_plugin.e2e_qp import E2EQP
-    from effqat_plugin.eqat_run import collect_qweights, split_calibration
+    from effqat_plugin.eqat_run import collect_qweights, split_calibration, with_self_generated
     from effqat_plugin.runtime import resolve_runtime
 
     fmt = "gptq_v2" if bits == 3 else "gptq"
     full_cfg = EQATConfig(bits=bits, group_size=group)
     cfg = EQATConfig(bits=bits, group_size=group, e2e_epochs=0)
+    train_ids, val_ids = split_calibration(calib, full_cfg.block_val_samples)
+    e2e_ids = train_ids
+    if text_calib:  # as `effqat quantize --e2e-self-generated auto`: as many samples the fp model writes
+        from transformers import AutoModelForCausalLM
+
+        fp = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        e2e_ids = with_self_generated(fp, train_ids, train_ids.shape[0], full_cfg.seed)
+        del fp
     model = GPTQModel.load(model_dir, cfg, dtype=torch.float32)
     clock = Clock()
     model.quantize(calib, show_progress=False)
@@ -183,17 +194,18 @@ def eqat_rows(model_dir, bits, group, calib, evals, out):
     blk = model._eqat_result.block_ap
     rows = [{"method": "eqat-blockap", **t_block, "note": f"lr s/z {blk.quant_lr:.3g}, w {blk.weight_lr:.3g}",
              "layers": [[r.train_loss, r.val_loss] for r in blk.reports]}]
-    train_ids, val_ids = split_calibration(calib, full_cfg.block_val_samples)
     clock = Clock()
     rep = E2EQP(model.model, full_cfg, resolve_runtime(None), show_progress=False,
-                lr_fraction=blk.lr_fraction).run(train_ids, val_ids)
+                lr_fraction=blk.lr_fraction).run(e2e_ids, val_ids)
     t_e2e = clock.lap()
     result = model._eqat_result
     result.e2e = rep
     result.qweights = collect_qweights(model.model, result.qweights.keys())
     model.quantize_config = full_cfg
     model.save(out, fmt=fmt)
-    rows.append({"method": "eqat", **{k: t_block[k] + t_e2e[k] for k in t_block}, "note": f"E2E-QP lr {rep.lr:.3g}, {rep.steps} steps"})
+    rows.append({"method": "eqat", **{k: t_block[k] + t_e2e[k] for k in t_block},
+                 "note": f"E2E-QP lr {rep.lr:.3g}, {rep.steps} steps on {e2e_ids.shape[0]} samples "
+                         f"({e2e_ids.shape[0] - train_ids.shape[0]} self-generated)"})
     del model
     rows[0]["ppl"] = reloaded_ppl(out + "-blockap", evals)
     rows[1]["ppl"] = reloaded_ppl(out, evals)
@@ -209,6 +221,10 @@ def child(method, model_dir, config, work):
     out = os.path.join(work, config, method)
     os.makedirs(os.path.join(work, config), exist_ok=True)
     fn = {"fp": fp_rows, "rtn": rtn_rows, "gptq": gptq_rows, "eqat": eqat_rows}.get(method)
+    if method == "eqat":
+        with open(os.path.join(work, "data.json")) as f:
+            text = not str(json.load(f)["calib"][0]).startswith("sampled")
+        fn = functools.partial(eqat_rows, text_calib=text)
     rows = (fn(model_dir, bits, group, calib, evals, out) if fn
             else autoround_rows(method, model_dir, bits, group, calib, evals, out))
     with open(out + ".json", "w") as f:

@@ -59,7 +59,7 @@ def test_e2e_data_trains_e2e_qp_on_its_own_samples(tmp_path, stories260k_dir, da
     save_token_file(str(e2e), torch.randint(3, 500, (12, 64), generator=torch.Generator().manual_seed(3)))
     out = tmp_path / "q"
     assert main(["quantize", str(stories260k_dir), str(out), "--calib", str(data_files / "calib.safetensors"),
-                 "--e2e-data", str(e2e), "--e2e-batch-size", "4", *SMALL]) == 0
+                 "--e2e-data", str(e2e), "--e2e-batch-size", "4", "--e2e-self-generated", "0", *SMALL]) == 0
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["calibration"] == [24, 64] and line["e2e_data"] == [12, 64]
     meta = json.loads((out / "quantize_config.json").read_text())["meta"]["eqat"]
@@ -68,6 +68,37 @@ def test_e2e_data_trains_e2e_qp_on_its_own_samples(tmp_path, stories260k_dir, da
     assert main(["quantize", str(stories260k_dir), str(tmp_path / "m"), "--e2e-data",
                  str(tmp_path / "missing.safetensors"), *SMALL]) == 2
     assert "E2E-QP data file not found" in capsys.readouterr().err and not (tmp_path / "m").exists()
+
+
+def test_e2e_trains_on_self_generated_samples_besides_calibration_text(tmp_path, stories260k_dir, data_files,
+                                                                     capsys):
+    """--e2e-self-generated auto (the default) with a calibration file: E2E-QP trains on the calibration's
+    training split plus as many sequences sampled from the fp model (seed + 2, never the seed + 1 of
+    held-out evaluation samples); recorded in the output line and meta.eqat."""
+    from transformers import AutoModelForCausalLM
+
+    from effqat_plugin.eqat_run import self_generated_seed, with_self_generated
+
+    out = tmp_path / "q"
+    assert main(["quantize", str(stories260k_dir), str(out), "--calib", str(data_files / "calib.safetensors"),
+                 "--e2e-batch-size", "4", *SMALL]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["e2e_self_generated"] == 21 and line["e2e_data"] == [42, 64]
+    meta = json.loads((out / "quantize_config.json").read_text())["meta"]["eqat"]
+    assert meta["calibration"]["e2e_self_generated"] == 21 and meta["calibration"]["e2e_samples"] == 42
+    assert meta["e2e_qp"]["total_steps"] == 11
+    assert self_generated_seed(0) not in (0, 1)
+    model = AutoModelForCausalLM.from_pretrained(str(stories260k_dir), dtype=torch.float32).eval()
+    base = torch.zeros(2, 16, dtype=torch.int64)
+    mixed = with_self_generated(model, base, 3, seed=0)
+    assert mixed.shape == (5, 16) and torch.equal(mixed[:2], base) and int(mixed[2:, 0].eq(1).sum()) == 3
+    # no calibration file (the calibration is self-generated already) or E2E-QP off: nothing added
+    assert main(["quantize", str(stories260k_dir), str(tmp_path / "s"), "--n-samples", "8", "--seq-len", "32",
+                 "--block-epochs", "1", "--e2e-epochs", "1", "--quiet"]) == 0
+    assert "e2e_self_generated" not in json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main(["quantize", str(stories260k_dir), str(tmp_path / "b"), "--calib",
+                 str(data_files / "calib.safetensors"), "--e2e-self-generated", "x", *SMALL]) == 2
+    assert "--e2e-self-generated must be" in capsys.readouterr().err and not (tmp_path / "b").exists()
 
 
 def _expect_error(argv, capsys, needle):

@@ -33,6 +33,10 @@ def add_parser(sub) -> None:
     p.add_argument("--e2e-data", metavar="FILE", default=None,
                    help="E2E-QP trains on this file (same formats as --calib, --seq-len tokens per sample, "
                         "all of it) instead of the Block-AP calibration, e.g. larger or other-domain text")
+    p.add_argument("--e2e-self-generated", default="auto", metavar="N|auto",
+                   help="E2E-QP also trains on N sequences the fp model writes itself (sampled once, seed + 2). "
+                        "auto: as many as the calibration's training samples when --calib is given and the fp32 "
+                        "model fits in half the free host memory (it is loaded once to sample), else 0")
     p.add_argument("--e2e-lr", type=float, default=None)
     p.add_argument("--e2e-batch-size", type=int, default=4)
     p.add_argument("--train-zeros", action="store_true", help="E2E-QP also trains zero points")
@@ -99,7 +103,14 @@ def run(args) -> int:
         from effqat_plugin.data import load_token_file
 
         e2e_ids = load_token_file(args.e2e_data, run.tokenizer, seq_len=args.seq_len)
+    n_self = self_generated_count(args, cfg, ids, args.model_dir)
+    if n_self:
+        from effqat_plugin.eqat_run import split_calibration, with_self_generated
+
+        base = e2e_ids if e2e_ids is not None else split_calibration(ids, cfg.block_val_samples)[0]
+        e2e_ids = with_self_generated(full_model(run, args.model_dir), base, n_self, args.seed)
     run.block_ap(ids, offload_dir=args.offload_streams, e2e_data=e2e_ids)
+    run.result.extra["e2e_self_generated"] = n_self
     report = run.finish(args.out_dir, overwrite=args.overwrite)
     shutil.rmtree(work_dir, ignore_errors=True)
     summary = {"eqat": run.result.meta(cfg)}
@@ -108,6 +119,7 @@ def run(args) -> int:
             "calibration": list(ids.shape)}
     if e2e_ids is not None:
         line["e2e_data"] = list(e2e_ids.shape)
+        line["e2e_self_generated"] = n_self
     if e2e and e2e.get("val_loss_after") is not None:
         line["val_ppl_before_e2e"] = round(math.exp(e2e["val_loss_before"]), 3)
         line["val_ppl"] = round(math.exp(e2e["val_loss_after"]), 3)
@@ -122,8 +134,6 @@ def streamed_quantization(model_dir, cfg, work_dir, calib, n_samples, seq_len, s
     shards; the folder is checked before anything runs). Without ``calib`` the data-free default
     samples from the model itself, which needs the whole model in memory once (fp32, freed before
     Block-AP); pass a calibration file to keep host memory flat in depth."""
-    import torch
-
     from effqat_plugin.data import load_token_file, sample_from_model
     from effqat_plugin.evaluation import load_tokenizer_for
     from effqat_plugin.layout import definition_for
@@ -146,17 +156,66 @@ def streamed_quantization(model_dir, cfg, work_dir, calib, n_samples, seq_len, s
     if calib:
         ids = load_token_file(calib, tokenizer, seq_len=seq_len, n_samples=n_samples)
     else:
-        from transformers import AutoModelForCausalLM
-
         bos = run.model.config.bos_token_id
         bos = 1 if bos is None else int(bos)
         logging.getLogger("effqat").info("no --calib: sampling %d x %d tokens from the model itself (seed %d); "
                                          "this loads the whole model once", n_samples, seq_len, seed)
-        full = run.model if isinstance(run, InMemoryQuantization) else \
-            AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        full = full_model(run, model_dir)
         ids = sample_from_model(full, n_samples, seq_len, seed=seed, bos_token_id=bos)
         del full
     return ids, run
+
+
+def full_model(run, model_dir):
+    """The whole fp model in memory, for sampling from it: the in-memory run's own, else loaded in fp32
+    (the streamed run keeps its layers on the meta device)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from effqat_plugin.streamed_run import InMemoryQuantization
+
+    if isinstance(run, InMemoryQuantization):
+        return run.model
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+def self_generated_count(args, cfg, ids, model_dir) -> int:
+    """``--e2e-self-generated`` resolved: an explicit count, or for ``auto`` the calibration's training
+    samples when there is calibration text (self-generated calibration gains nothing from more of the
+    same) and the fp32 model fits in half the free host memory; 0 when E2E-QP is off."""
+    if cfg.e2e_epochs <= 0:
+        return 0
+    value = str(args.e2e_self_generated).strip().lower()
+    if value != "auto":
+        try:
+            n = int(value)
+        except ValueError:
+            n = -1
+        if n < 0:
+            raise ValueError(f"--e2e-self-generated must be a count >= 0 or 'auto', got {args.e2e_self_generated!r}")
+        return n
+    if not args.calib:
+        return 0
+    from effqat_plugin.converters.checkpoint import SafetensorsFolder
+    from effqat_plugin.eqat_run import split_calibration
+
+    folder = SafetensorsFolder(local_model_dir(model_dir))
+    fp32_bytes = sum(4 * shape_numel(shape) for shape in folder.shapes.values())
+    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 0
+    if 2 * fp32_bytes > free:
+        logging.getLogger("effqat").info(
+            "--e2e-self-generated auto: the fp32 model (%.1f GB) does not fit in half the free host memory "
+            "(%.1f GB); E2E-QP trains on the calibration data only (pass a count to force sampling)",
+            fp32_bytes / 1e9, free / 1e9)
+        return 0
+    return int(split_calibration(ids, cfg.block_val_samples)[0].shape[0])
+
+
+def shape_numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
 
 
 def local_model_dir(model_dir: str) -> str:
