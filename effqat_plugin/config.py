@@ -12,9 +12,9 @@ exactly these rates at (or above) that budget. With a smaller budget they barely
 ``max_lr_scale``, 128 by default); for the step-size rates (Block-AP s/z, E2E-QP) the raise is
 ``1 + (k - 1) * 3 / (2^b - 1)``, because step sizes shrink by ``2^b - 1`` per bit width while Adam
 moves a parameter by about ``lr`` per step. The formulas live in ``lr_rules.py``.
-Below the paper's budget the best raise depends on the model, the data and the depth (SmolLM2-135M with
-64 x 256 tokens: 128x wins on layer 0 but 64x on layer 8 by held-out loss, the later layers overfit 56
-samples; stories260k: 128x throughout), so ``auto`` trains the first layer with ``block_lr_search``
+Below the paper's budget the best raise depends on the model, the data, the bit width and the depth
+(by held-out loss on SmolLM2-135M: w2g64 with 32 x 256 tokens 64x beats 128x from layer 4 on, with
+64 x 256 tokens 128x holds throughout, w4g128 wants 32x; stories260k: 128x), so ``auto`` trains the first layer with ``block_lr_search``
 fractions of ``k`` (1/4, 1/2, 1 by default) and keeps the rates with the lowest held-out loss, then at
 ``block_lr_recheck`` evenly spaced later layers tries the current rates against half of them. Every trial
 is recorded in ``meta.eqat.block_ap.lr_search``; E2E-QP uses the share of its own raise that Block-AP
