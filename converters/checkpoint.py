@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import numpy as np
 import torch
 from safetensors import safe_open
 
@@ -348,8 +349,6 @@ class _Scratch:
         self._bufs: dict = {}
 
     def buffer(self, slot: int, nbytes: int):
-        import numpy as np
-
         buf = self._bufs.get(slot)
         if buf is None or len(buf) < nbytes:
             buf = self._bufs[slot] = np.empty(nbytes, dtype=np.uint8)
@@ -410,6 +409,20 @@ class ShardWriter:
         return names
 
 
+def safetensors_header(entries, metadata: dict | None = None) -> bytes:
+    """The length prefix and JSON header of a .safetensors file whose tensors, ``(name, dtype, shape,
+    nbytes)`` in ``entries``, follow back to back (padded to 8 bytes, as the safetensors library writes)."""
+    header, off = {}, 0
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    for name, dtype, shape, nb in entries:
+        header[name] = {"dtype": ST_NAMES[dtype], "shape": shape, "data_offsets": [off, off + nb]}
+        off += nb
+    hb = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    hb += b" " * (-len(hb) % 8)
+    return struct.pack("<Q", len(hb)) + hb
+
+
 def write_safetensors(path: Path, tensors: dict, metadata: dict | None = None, source=None):
     """Write a .safetensors file tensor by tensor (no whole-file bytes copy in memory).
 
@@ -417,20 +430,14 @@ def write_safetensors(path: Path, tensors: dict, metadata: dict | None = None, s
     they are then copied file-to-file by the kernel (``os.copy_file_range``) instead of through a
     Python buffer. :class:`DerivedTensor` entries are computed here, one at a time.
     """
-    header, off = {}, 0
-    if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     for k, t in tensors.items():
         if t.dtype not in ST_NAMES:
             raise ValueError(f"{k}: dtype {t.dtype} cannot be stored")
-        nb = t.numel() * t.element_size()
-        header[k] = {"dtype": ST_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [off, off + nb]}
-        off += nb
-    hb = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    hb += b" " * (-len(hb) % 8)
+    hb = safetensors_header(((k, t.dtype, list(t.shape), t.numel() * t.element_size()) for k, t in tensors.items()),
+                            metadata)
     scratch = _Scratch()
     with open(path, "wb", buffering=0) as f:
-        f.write(struct.pack("<Q", len(hb)) + hb)
+        f.write(hb)
         for t in tensors.values():
             if not t.numel():
                 continue

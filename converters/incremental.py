@@ -10,16 +10,14 @@ host memory holds one tensor at a time.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import struct
 from pathlib import Path
 from typing import Iterable, Mapping
 
 import torch
 
-from .checkpoint import ST_NAMES, DerivedTensor, ShardWriter
+from .checkpoint import ST_NAMES, DerivedTensor, ShardWriter, safetensors_header
 from .convert import save_modules
 from .registry import ModuleSpec
 
@@ -58,19 +56,9 @@ class SpoolingShardWriter(ShardWriter):
         if not self.entries:
             return
         self._spool.close()
-        # Same header as checkpoint.write_safetensors (the byte-identity test holds both to it).
-        header, off = {}, 0
-        if self.metadata:
-            header["__metadata__"] = {str(k): str(v) for k, v in self.metadata.items()}
-        for name, dtype, shape, nb in self.entries:
-            header[name] = {"dtype": ST_NAMES[dtype], "shape": shape, "data_offsets": [off, off + nb]}
-            off += nb
-        hb = json.dumps(header, separators=(",", ":")).encode("utf-8")
-        hb += b" " * (-len(hb) % 8)
         tmp_name = f"part-{len(self.parts):05d}.safetensors"
         with open(self.folder / tmp_name, "wb") as f, open(self._spool_path, "rb") as spool:
-            f.write(struct.pack("<Q", len(hb)))
-            f.write(hb)
+            f.write(safetensors_header(self.entries, self.metadata))   # write_safetensors' header
             shutil.copyfileobj(spool, f, 16 << 20)
         os.remove(self._spool_path)
         self.parts.append((tmp_name, [e[0] for e in self.entries]))

@@ -17,9 +17,8 @@ Packing runs along a chosen axis (``dim=0``: along rows, as GPTQ ``qweight`` pac
 """
 from __future__ import annotations
 
-from functools import lru_cache
-
 import sys
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -289,15 +288,12 @@ def flip_group_words(qweight: torch.Tensor, flip_go: np.ndarray, bits: int, in_f
     Each group's word rows are XOR-ed with one ``[out]`` row of all-ones / zeros by broadcasting
     (numpy, one pass over qweight); ragged or unaligned groups fall back to the full mask.
     """
-    pf = 32 // bits
-    rows, out = qweight.shape
-    g = in_features if group_size == -1 else group_size
-    if g % pf == 0 and in_features % g == 0:
-        per = g // pf
-        m = np.where(flip_go, np.uint32(0xFFFFFFFF), np.uint32(0))          # [G, out]
-        w = _as_int32(qweight).contiguous().numpy().view(np.uint32).reshape(-1, per, out)
-        res = np.bitwise_xor(w, m[:, None, :])
-        return torch.from_numpy(res.reshape(rows, out).view(np.int32))
+    fn = group_flip_rows(flip_go, bits, in_features, group_size)
+    if fn is not None:
+        w = _as_int32(qweight).contiguous()
+        res = torch.empty_like(w)
+        fn(w.numpy(), res.numpy())
+        return res
     return xor_words(qweight, group_flip_mask(torch.from_numpy(np.ascontiguousarray(flip_go)), bits,
                                               in_features, group_size))
 
@@ -330,9 +326,7 @@ def negate_rows(flip: np.ndarray):
 
 def negate_where(scales: torch.Tensor, flip: np.ndarray) -> torch.Tensor:
     """``-scales`` where ``flip`` (same shape), by toggling the sign bit (fp16 / bf16 / fp32)."""
-    itype, sign = {2: (np.uint16, 0x8000), 4: (np.uint32, 0x80000000)}[scales.element_size()]
-    v = scales.contiguous().numpy().view(itype) if scales.dtype != torch.bfloat16 else \
-        scales.contiguous().view(torch.int16).numpy().view(itype)
-    res = np.bitwise_xor(v, np.where(flip, itype(sign), itype(0)))
-    out = torch.from_numpy(res.view(np.int16 if itype is np.uint16 else np.int32))
+    bits_view = scales.contiguous().view(torch.int16 if scales.element_size() == 2 else torch.int32)
+    out = torch.empty_like(bits_view)   # bf16 has no numpy dtype: work on the integer view
+    negate_rows(flip)(bits_view.numpy(), out.numpy())
     return out.view(scales.dtype)
