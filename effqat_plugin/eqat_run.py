@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from .block_ap import BlockAP, BlockAPResult
 from .config import EQATConfig
-from .data import CalibrationError, normalize_calibration
+from .data import CalibrationError, normalize_calibration, sample_from_model
 from .e2e_qp import E2EQP, E2EReport
 from .layout import ModelLayout, check_fully_quantized, resolve_layout
 from .loading import install_packed_linears
@@ -121,8 +121,6 @@ def with_self_generated(model: nn.Module, e2e_ids: torch.Tensor, n: int, seed: i
     """``e2e_ids`` plus ``n`` sequences of the same length that the (full-precision) ``model`` writes
     itself. Calibration text alone (tens of thousands of tokens of one corpus) fits its topics; the
     model's own text keeps E2E-QP close to the fp model everywhere else."""
-    from .data import sample_from_model
-
     bos = getattr(model.config, "bos_token_id", None)
     log.info("E2E-QP: sampling %d x %d tokens from the full-precision model (seed %d) to train on besides "
              "%d data samples", n, e2e_ids.shape[1], self_generated_seed(seed), e2e_ids.shape[0])

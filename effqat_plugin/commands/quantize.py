@@ -33,7 +33,7 @@ def add_parser(sub) -> None:
     p.add_argument("--e2e-data", metavar="FILE", default=None,
                    help="E2E-QP trains on this file (same formats as --calib, --seq-len tokens per sample, "
                         "all of it) instead of the Block-AP calibration, e.g. larger or other-domain text")
-    p.add_argument("--e2e-self-generated", default="auto", metavar="N|auto",
+    p.add_argument("--e2e-self-generated", type=self_generated_arg, default="auto", metavar="N|auto",
                    help="E2E-QP also trains on N sequences the fp model writes itself (sampled once, seed + 2). "
                         "auto: as many as the calibration's training samples when --calib is given and the fp32 "
                         "model fits in half the free host memory (it is loaded once to sample), else 0")
@@ -66,6 +66,19 @@ def lr_search_fractions(text: str):
         return tuple(float(f) for f in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: give comma separated fractions such as 0.25,0.5,1, or off")
+
+
+def self_generated_arg(text: str):
+    """'auto' or a count >= 0 (checked by argparse, before any model is loaded)."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"--e2e-self-generated must be a count >= 0 or 'auto', got {text!r}")
+    return n
 
 
 def add_lr_search_argument(p) -> None:
@@ -108,7 +121,7 @@ def run(args) -> int:
         from effqat_plugin.eqat_run import split_calibration, with_self_generated
 
         base = e2e_ids if e2e_ids is not None else split_calibration(ids, cfg.block_val_samples)[0]
-        e2e_ids = with_self_generated(full_model(run, args.model_dir), base, n_self, args.seed)
+        e2e_ids = with_self_generated(full_model(run, local_model_dir(args.model_dir)), base, n_self, args.seed)
     run.block_ap(ids, offload_dir=args.offload_streams, e2e_data=e2e_ids)
     run.result.extra["e2e_self_generated"] = n_self
     report = run.finish(args.out_dir, overwrite=args.overwrite)
@@ -185,22 +198,15 @@ def self_generated_count(args, cfg, ids, model_dir) -> int:
     same) and the fp32 model fits in half the free host memory; 0 when E2E-QP is off."""
     if cfg.e2e_epochs <= 0:
         return 0
-    value = str(args.e2e_self_generated).strip().lower()
-    if value != "auto":
-        try:
-            n = int(value)
-        except ValueError:
-            n = -1
-        if n < 0:
-            raise ValueError(f"--e2e-self-generated must be a count >= 0 or 'auto', got {args.e2e_self_generated!r}")
-        return n
+    if args.e2e_self_generated != "auto":
+        return args.e2e_self_generated
     if not args.calib:
         return 0
     from effqat_plugin.converters.checkpoint import SafetensorsFolder
     from effqat_plugin.eqat_run import split_calibration
 
     folder = SafetensorsFolder(local_model_dir(model_dir))
-    fp32_bytes = sum(4 * shape_numel(shape) for shape in folder.shapes.values())
+    fp32_bytes = sum(4 * math.prod(shape) for shape in folder.shapes.values())
     free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 0
     if 2 * fp32_bytes > free:
         logging.getLogger("effqat").info(
@@ -209,13 +215,6 @@ def self_generated_count(args, cfg, ids, model_dir) -> int:
             fp32_bytes / 1e9, free / 1e9)
         return 0
     return int(split_calibration(ids, cfg.block_val_samples)[0].shape[0])
-
-
-def shape_numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
 
 
 def local_model_dir(model_dir: str) -> str:
