@@ -14,11 +14,11 @@ exactly these rates at (or above) that budget. With a smaller budget they barely
 moves a parameter by about ``lr`` per step. The formulas live in ``lr_rules.py``.
 Below the paper's budget the best raise depends on the model, the data, the bit width and the depth
 (by held-out loss on SmolLM2-135M: w2g64 with 32 x 256 tokens 64x beats 128x from layer 4 on, with
-64 x 256 tokens 128x holds throughout, w4g128 wants 32x; stories260k: 128x), so ``auto`` trains the first layer with ``block_lr_search``
-fractions of ``k`` (1/4, 1/2, 1 by default) and keeps the rates with the lowest held-out loss, then at
-``block_lr_recheck`` evenly spaced later layers tries the current rates against half of them. Every trial
-is recorded in ``meta.eqat.block_ap.lr_search``; E2E-QP uses the share of its own raise that Block-AP
-ended on (``BlockAPResult.lr_fraction``).
+64 x 256 tokens 128x holds throughout, w4g128 wants 32x; stories260k: 128x), so ``auto`` trains the
+first layer with ``block_lr_search`` fractions of ``k`` (1/4, 1/2, 1 by default) and keeps the rates
+with the lowest held-out loss, then at ``block_lr_recheck`` evenly spaced later layers tries the
+current rates against half of them. Every trial is recorded in ``meta.eqat.block_ap.lr_search``;
+E2E-QP uses the share of its own raise that Block-AP ended on (``BlockAPResult.lr_fraction``).
 ``lr_preset="paper"`` uses the paper's values unchanged; explicit ``*_lr`` arguments always win.
 """
 from __future__ import annotations
@@ -72,7 +72,7 @@ class EQATConfig(BaseQuantizeConfig):
     e2e_warmup_ratio: float = 0.03
     e2e_max_grad_norm: float = 0.3
     # E2E-QP also trains on this many sequences the fp model writes itself (sampled before Block-AP,
-    # seed + 2, calibration length): on SmolLM2 with 64 x 256 wikitext tokens it lowered w2g64 perplexity
+    # seed + 2, as long as E2E-QP's samples): on SmolLM2 with 64 x 256 wikitext tokens it lowered w2g64 perplexity
     # in domain (60.0 -> 51.5) and out of it (KJV 253 -> 120). 0 = off (needs the model in memory).
     e2e_self_generated: int = 0
 

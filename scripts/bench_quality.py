@@ -263,7 +263,10 @@ def prepare_data(args):
 
     os.makedirs(args.work, exist_ok=True)
     labels_path = os.path.join(args.work, "evals.json")
-    labels = json.load(open(labels_path)) if os.path.exists(labels_path) else []
+    labels = []
+    if os.path.exists(labels_path):
+        with open(labels_path) as f:
+            labels = json.load(f)
     wanted = [(spec, args.n_eval) for spec in args.text_eval] + [(spec, args.n_ood) for spec in args.text_ood]
     missing = [(spec, n) for spec, n in wanted if data_label(spec) not in labels]
     if labels and not missing:
