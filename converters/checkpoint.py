@@ -17,7 +17,9 @@ import struct
 import shutil
 import tempfile
 import uuid
-from contextlib import contextmanager
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing as _closing, contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -313,8 +315,9 @@ class DerivedTensor:
         self.fn(self.base.contiguous().numpy(), out.numpy())
         return out
 
-    def produce(self, source, scratch: "_Scratch") -> memoryview:
-        """The output bytes, in ``scratch``'s buffers (valid until the next call)."""
+    def produce(self, source, scratch: "_Scratch", slot: int = 1) -> int:
+        """Compute the output bytes into ``scratch``'s buffer ``slot`` (valid until that slot is used
+        again; slot 0 holds the input bytes meanwhile); returns their length."""
         base = self.base
         nb = base.numel() * base.element_size()
         a = scratch.buffer(0, nb)
@@ -322,9 +325,10 @@ class DerivedTensor:
         if rng is None or not _pread_into(rng[0], a, rng[1]):
             a[:] = base.contiguous().view(-1).view(torch.uint8).numpy()
         np_in = a.view(_np_dtype(base.dtype)).reshape(tuple(base.shape))
-        b = scratch.buffer(1, self.numel() * self.element_size())
+        nb_out = self.numel() * self.element_size()
+        b = scratch.buffer(slot, nb_out)
         self.fn(np_in, b.view(_np_dtype(self.dtype)).reshape(tuple(self.shape)))
-        return memoryview(b)
+        return nb_out
 
 
 def _np_dtype(dtype: torch.dtype):
@@ -343,16 +347,66 @@ def _pread_into(fd: int, buf, offset: int) -> bool:
 
 
 class _Scratch:
-    """Reused uint8 buffers for :class:`DerivedTensor` (grown, never shrunk, while a file is written)."""
+    """Reused buffers for :class:`DerivedTensor`, grown, never shrunk, while a file is written.
+
+    Slot 0 (the input bytes) is plain memory. Output slots are shared mappings of a ``memfd`` where
+    the OS has one, and :meth:`append_to` hands them to the file with ``sendfile``: on this project's
+    machine (Linux 6.18, ext4) ``write()`` from process memory ran at 0.6-3 GB/s, varying 5x between
+    identical runs, while the same bytes staged in a memfd and sent in the kernel ran at a steady
+    2+ GB/s (7B-shaped 2 GB shard, pread + XOR + store: median 3.16 s vs 1.03 s; copy_file_range of
+    the unchanged file 0.58 s). Elsewhere the output slots are plain memory and ``write()`` is used.
+    """
 
     def __init__(self):
         self._bufs: dict = {}
+        self._memfds: dict = {}   # slot -> (fd, mmap) when staged in a memfd
+        self._staged = hasattr(os, "memfd_create") and hasattr(os, "sendfile")
 
-    def buffer(self, slot: int, nbytes: int):
+    def buffer(self, slot: int, nbytes: int) -> np.ndarray:
         buf = self._bufs.get(slot)
         if buf is None or len(buf) < nbytes:
-            buf = self._bufs[slot] = np.empty(nbytes, dtype=np.uint8)
+            buf = self._bufs[slot] = self._allocate(slot, nbytes)
         return buf[:nbytes]
+
+    def _allocate(self, slot: int, nbytes: int) -> np.ndarray:
+        if slot == 0 or not self._staged:
+            return np.empty(nbytes, dtype=np.uint8)
+        self._release(slot)
+        size = max(nbytes, 1)
+        fd = os.memfd_create(f"effqat-stage-{slot}", getattr(os, "MFD_CLOEXEC", 0))
+        try:
+            os.ftruncate(fd, size)
+            m = mmap.mmap(fd, size)
+        except OSError:
+            os.close(fd)
+            self._staged = False
+            return np.empty(nbytes, dtype=np.uint8)
+        self._memfds[slot] = (fd, m)
+        return np.frombuffer(m, dtype=np.uint8)
+
+    def append_to(self, f, slot: int, nbytes: int) -> None:
+        """Append the first ``nbytes`` of output slot ``slot`` to ``f`` (run by the writer thread)."""
+        staged = self._memfds.get(slot)
+        if staged is not None:
+            done = 0
+            while done < nbytes:
+                n = os.sendfile(f.fileno(), staged[0], done, nbytes - done)
+                if n <= 0:
+                    raise OSError(f"sendfile stopped after {done} of {nbytes} bytes")
+                done += n
+            return
+        _write_all(f, memoryview(self._bufs[slot])[:nbytes])
+
+    def _release(self, slot: int) -> None:
+        self._bufs.pop(slot, None)   # the mapping closes when its last array view is gone
+        staged = self._memfds.pop(slot, None)
+        if staged is not None:
+            os.close(staged[0])
+
+    def close(self) -> None:
+        for slot in list(self._memfds):
+            self._release(slot)
+        self._bufs.clear()
 
 
 class ShardWriter:
@@ -428,7 +482,8 @@ def write_safetensors(path: Path, tensors: dict, metadata: dict | None = None, s
 
     ``source(t)`` may return ``(fd, offset)`` for a tensor whose bytes already sit in a source file;
     they are then copied file-to-file by the kernel (``os.copy_file_range``) instead of through a
-    Python buffer. :class:`DerivedTensor` entries are computed here, one at a time.
+    Python buffer. :class:`DerivedTensor` entries are computed here, one at a time, while the previous
+    one is being written (:class:`_OrderedAppender`).
     """
     for k, t in tensors.items():
         if t.dtype not in ST_NAMES:
@@ -436,20 +491,76 @@ def write_safetensors(path: Path, tensors: dict, metadata: dict | None = None, s
     hb = safetensors_header(((k, t.dtype, list(t.shape), t.numel() * t.element_size()) for k, t in tensors.items()),
                             metadata)
     scratch = _Scratch()
-    with open(path, "wb", buffering=0) as f:
+    with open(path, "wb", buffering=0) as f, _closing(scratch):
         f.write(hb)
-        for t in tensors.values():
-            if not t.numel():
-                continue
-            if isinstance(t, DerivedTensor):
-                _write_all(f, t.produce(source, scratch))
-                continue
-            rng = source(t) if source is not None else None
-            if rng is not None and _copy_range(rng[0], f.fileno(), rng[1], t.numel() * t.element_size()):
-                continue
-            mv = memoryview(t.contiguous().view(-1).view(torch.uint8).numpy())
-            for i in range(0, len(mv), WRITE_CHUNK):   # bounded syscalls: steadier under
-                _write_all(f, mv[i:i + WRITE_CHUNK])    # dirty-page throttling than one huge write
+        with _OrderedAppender(f) as out:
+            n_derived = 0
+            for t in tensors.values():
+                if not t.numel():
+                    continue
+                if isinstance(t, DerivedTensor):
+                    slot = 1 + n_derived % 2          # the output buffer the write before last used
+                    out.wait_for(slot)
+                    nbytes = t.produce(source, scratch, slot)
+                    out.append_staged(scratch, slot, nbytes)
+                    n_derived += 1
+                else:
+                    out.append_tensor(t, source(t) if source is not None else None)
+
+
+class _OrderedAppender:
+    """Appends to an open file on one background thread, in submission order.
+
+    ``sendfile`` / ``write`` / ``copy_file_range`` release the GIL, and so do the numpy passes and
+    ``pread`` that compute a :class:`DerivedTensor`, so the next tensor is computed while this one is
+    written: a conversion costs about max(compute, write) rather than their sum. A buffer is reused
+    only after its write finished (``wait_for``); an error in the writer thread is raised in the
+    caller at the next submission or at exit, and the file is never closed under a running write.
+    """
+
+    def __init__(self, f):
+        self.f = f
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="effqat-write")
+        self.pending: deque = deque()
+        self.by_slot: dict = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            while self.pending:
+                self.pending.popleft().result()
+        finally:
+            self.pool.shutdown(wait=True)   # never close the file under a running write
+        return False
+
+    def _submit(self, fn, *args):
+        fut = self.pool.submit(fn, *args)
+        self.pending.append(fut)
+        while self.pending and self.pending[0].done():
+            self.pending.popleft().result()   # surface errors early; keep the deque short
+        return fut
+
+    def wait_for(self, slot: int):
+        fut = self.by_slot.pop(slot, None)
+        if fut is not None:
+            fut.result()
+
+    def append_staged(self, scratch: _Scratch, slot: int, nbytes: int):
+        self.by_slot[slot] = self._submit(scratch.append_to, self.f, slot, nbytes)
+
+    def append_tensor(self, t: torch.Tensor, rng):
+        self._submit(_append_tensor, self.f, t, rng)
+
+
+def _append_tensor(f, t: torch.Tensor, rng):
+    """Append ``t``'s bytes: copied file-to-file when ``rng`` = (fd, offset) says where they are."""
+    if rng is not None and _copy_range(rng[0], f.fileno(), rng[1], t.numel() * t.element_size()):
+        return
+    mv = memoryview(t.contiguous().view(-1).view(torch.uint8).numpy())
+    for i in range(0, len(mv), WRITE_CHUNK):   # bounded syscalls: steadier under
+        _write_all(f, mv[i:i + WRITE_CHUNK])    # dirty-page throttling than one huge write
 
 
 def _write_all(f, mv):

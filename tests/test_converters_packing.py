@@ -185,3 +185,39 @@ def test_write_time_transforms_equal_the_eager_ones(bits):
     assert torch.equal(derived, packing.flip_group_words(words, flip, bits, in_features, group))
     assert packing.group_flip_rows(flip, bits, in_features, 3) is None  # groups not whole words: eager path
     assert not np.array_equal(derived.numpy(), words.numpy())
+
+
+@pytest.mark.parametrize("staged", [True, False])
+def test_write_safetensors_background_writer(tmp_path, monkeypatch, staged):
+    """write_safetensors computes DerivedTensors while the previous tensor is written (one writer
+    thread, two output buffers, memfd + sendfile where the OS has them, plain write() otherwise):
+    the file holds every tensor in order, whatever the sizes (buffers grow), and an error in the writer
+    thread reaches the caller."""
+    import numpy as np
+    from safetensors.torch import load_file
+
+    from effqat_plugin.converters import checkpoint
+
+    if not staged:
+        monkeypatch.setattr(checkpoint._Scratch, "_allocate",
+                            lambda self, slot, n: np.empty(n, dtype=np.uint8))
+    g = torch.Generator().manual_seed(5)
+    tensors, expected = {}, {}
+    for i, rows in enumerate([3, 50, 7, 400, 400, 20]):   # sizes up and down: slots regrow and alternate
+        w = torch.randint(-2**31, 2**31 - 1, (rows, 33), generator=g, dtype=torch.int64).to(torch.int32)
+        flip = (torch.rand(rows, 33, generator=g) < 0.5).numpy()
+        fn = lambda a, out, m=np.where(flip, -1, 0).astype(np.int32): np.bitwise_xor(a, m, out=out)
+        tensors[f"d{i}"] = checkpoint.DerivedTensor(w, w.shape, torch.int32, fn)
+        expected[f"d{i}"] = torch.from_numpy(np.bitwise_xor(w.numpy(), np.where(flip, -1, 0).astype(np.int32)))
+        tensors[f"p{i}"] = expected[f"p{i}"] = torch.randn(rows, 5, generator=g).half()
+    checkpoint.write_safetensors(tmp_path / "a.safetensors", tensors, {"format": "pt"})
+    got = load_file(tmp_path / "a.safetensors")
+    assert sorted(got) == sorted(expected) and all(torch.equal(got[k], expected[k]) for k in expected)
+
+    def broken(*a):
+        raise OSError("disk full")
+    monkeypatch.setattr(checkpoint, "_write_all", broken)
+    monkeypatch.setattr(checkpoint, "_copy_range", lambda *a: False)
+    monkeypatch.setattr(checkpoint._Scratch, "append_to", lambda self, *a: broken())
+    with pytest.raises(OSError, match="disk full"):
+        checkpoint.write_safetensors(tmp_path / "b.safetensors", tensors, {"format": "pt"})
