@@ -9,21 +9,26 @@ asymmetric GPTQ. Per linear (``W = (q - z) * s``):
   scales  fp16 ``[n_groups, out]``; optional bias; **no g_idx** (no act-order).
 Limits (kept to what GPTQModel's AWQ kernels and the serving runtimes load): 4 bits, out_features a
 multiple of 8, group size 32/64/128 dividing in_features. Everything else is refused before anything
-is written. Conversions to or from AWQ repack every code (there is no shared word layout).
+is written. AWQ packs along ``out`` where every other format packs along ``in``, so its words are
+not GPTQ's; the packed-word fast path moves them with a 4-bit nibble transpose
+(``packing.nibble_transpose``, computed while written) instead of unpacking every code.
 """
 from __future__ import annotations
 
 import torch
 
-from effqat_plugin.qweight import QuantFormatError
+from effqat_plugin.qweight import QuantFormatError, default_g_idx
 
 from . import packing
-from .registry import (ModuleSpec, QuantFormat, WriteContext, check_codes, g_idx_is_default,
-                       make_qweight, register)
+from .checkpoint import DerivedTensor
+from .registry import (ModuleSpec, QuantFormat, WriteContext, check_codes, check_finite_scales,
+                       g_idx_is_default, make_qweight, qw_group, register)
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 AWQ_BITS = (4,)
 AWQ_GROUPS = (32, 64, 128)
+# where field o of a GPTQ-layout zero-point word (column 8k + o) sits in AWQ's word
+_ZERO_POSITIONS = [4 * int(j) for j in torch.argsort(torch.tensor(AWQ_ORDER))]
 
 
 def _interleave(codes_io: torch.Tensor, inverse: bool = False) -> torch.Tensor:
@@ -115,6 +120,42 @@ class AwqFormat(QuantFormat):
         z = _interleave(packing.unpack_words(qzeros, bits, 8, spec.out_features, dim=1), inverse=True)
         return make_qweight(w.t().contiguous(), z.t().contiguous(), scales.t().contiguous(), bits,
                             spec.group_size, None, get("bias"), name)
+
+    # -- packed-word fast path (4-bit words <-> GPTQ-v2 words, see registry.QuantFormat) ----------
+    def _words_ok(self, spec: ModuleSpec) -> bool:
+        return (spec.bits in AWQ_BITS and not spec.logical_bits and spec.in_features % 8 == 0
+                and spec.out_features % 8 == 0 and packing.nibble_transpose(AWQ_ORDER) is not None)
+
+    def read_words(self, get, spec, params):
+        if not self._words_ok(spec):
+            return None
+        qweight, qzeros, scales = (get(k) for k in ("qweight", "qzeros", "scales"))
+        exp = self.shapes_for(spec.bits, spec.in_features, spec.out_features, spec.n_groups)
+        if any(t is None or tuple(t.shape) != exp[k] or (k != "scales" and t.dtype != torch.int32)
+               for k, t in (("qweight", qweight), ("qzeros", qzeros), ("scales", scales))):
+            return None  # the general path reports the precise error
+        check_finite_scales(spec.name, scales)
+        words = torch.empty(spec.in_features // 8, spec.out_features, dtype=torch.int32)
+        packing.nibble_transpose(AWQ_ORDER, inverse=True)(qweight.contiguous().numpy(), words.numpy())
+        return {"qweight": words, "qzeros": packing.permute_fields(qzeros, 4, _ZERO_POSITIONS, inverse=True),
+                "scales": scales, "g_idx": None, "bias": get("bias")}
+
+    def write_words(self, words, spec, stored_bits, ctx):
+        if stored_bits != spec.bits or not self._words_ok(spec):
+            return None
+        g_idx = words["g_idx"]
+        if g_idx is not None and not torch.equal(
+                g_idx.to(torch.int32), default_g_idx(spec.in_features, qw_group(spec.group_size, spec.in_features))):
+            return None  # act-order: the general path refuses it with its message
+        q = words["qweight"]
+        q = q if isinstance(q, torch.Tensor) else q.materialize()
+        out = {"qweight": DerivedTensor(q, (spec.in_features, spec.out_features // 8), torch.int32,
+                                        packing.nibble_transpose(AWQ_ORDER)),
+               "qzeros": packing.permute_fields(words["qzeros"], 4, _ZERO_POSITIONS),
+               "scales": words["scales"].to(torch.float16).contiguous()}
+        if words["bias"] is not None:
+            out["bias"] = words["bias"].to(torch.float16).contiguous()
+        return out
 
     def write(self, qw, stored_bits, ctx: WriteContext):
         check_codes(qw, "module")

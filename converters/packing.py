@@ -247,6 +247,77 @@ def permute_fields(words: torch.Tensor, bits: int, positions: list[int], inverse
     return torch.from_numpy(out.view(np.int32))
 
 
+# --- 4-bit nibble transpose (AWQ: codes packed along out instead of in) -------------------------
+
+def _swap_middle_nibbles(x: np.ndarray, t: np.ndarray) -> None:
+    """In every uint16 lane of the uint64 array ``x``, swap nibbles 1 and 2 (a 2x2 nibble transpose
+    of its two bytes), in place; ``t`` is a scratch array of ``x``'s shape."""
+    np.right_shift(x, np.uint64(4), out=t)
+    np.bitwise_xor(t, x, out=t)
+    np.bitwise_and(t, np.uint64(0x00F000F000F000F0), out=t)
+    np.bitwise_xor(x, t, out=x)
+    np.left_shift(t, np.uint64(4), out=t)
+    np.bitwise_xor(x, t, out=x)
+
+
+def nibble_transpose(order, inverse: bool = False):
+    """``fn(words, out)`` moving 4-bit codes packed 8 per int32 along ``in`` (GPTQ / EQAT ``qweight``
+    ``[in/8, out]``) to 8 per int32 along ``out`` (``[in, out/8]``), field ``j`` of word ``k`` holding
+    column ``8k + order[j]`` (AWQ's interleave); ``inverse``: back. numpy int32 arrays, for
+    :class:`~converters.checkpoint.DerivedTensor`; None on a big-endian host.
+
+    Per block of rows (cache-sized): pick each 8-column block's words in ``order`` (a uint32 gather),
+    transpose words to byte planes (byte ``b`` holds rows ``2b, 2b+1`` of one column), swap the middle
+    nibbles of each byte pair (now rows x columns are transposed 2x2) and scatter the bytes to their
+    rows: four passes over the data instead of unpacking and repacking 8 codes per word (14x faster
+    on a 4096 x 11008 qweight).
+    """
+    if sys.byteorder != "little":
+        return None
+    order = np.asarray(order, dtype=np.intp)
+    inv = np.argsort(order)
+
+    def blocks(rows: int, row_bytes: int):
+        step = max(1, (256 << 10) // max(row_bytes, 1))
+        return ((i, min(i + step, rows)) for i in range(0, rows, step))
+
+    def forward(words: np.ndarray, out: np.ndarray) -> None:
+        r, c = words.shape
+        k = c // 8
+        w = words.view(np.uint32).reshape(r, k, 8)
+        o = out.view(np.uint8).reshape(r, 4, 2, k, 4)                      # [row8, b, e, k, q]
+        for i, j in blocks(r, 4 * c):
+            picked = np.take(w[i:j], order, axis=2)                         # [row8, k, j] in order
+            by = picked.view(np.uint8).reshape(j - i, c, 4)
+            planes = np.empty((j - i, 4, c), dtype=np.uint8)               # [row8, b, (k j)]
+            for b in range(4):
+                planes[:, b] = by[..., b]
+            x = planes.view(np.uint64)
+            _swap_middle_nibbles(x, np.empty_like(x))
+            pairs = planes.reshape(j - i, 4, k * 4, 2)                     # [row8, b, (k q), e]
+            for e in (0, 1):
+                o[i:j, :, e] = pairs[..., e].reshape(j - i, 4, k, 4)
+
+    def backward(words: np.ndarray, out: np.ndarray) -> None:
+        rows, k = words.shape
+        r, c = rows // 8, 8 * k
+        a = words.view(np.uint8).reshape(r, 4, 2, k, 4)
+        o = out.view(np.uint32).reshape(r, k, 8)
+        for i, j in blocks(r, 4 * c):
+            pairs = np.empty((j - i, 4, k * 4, 2), dtype=np.uint8)          # [row8, b, (k q), e]
+            for e in (0, 1):
+                pairs[..., e] = a[i:j, :, e].reshape(j - i, 4, k * 4)
+            planes = pairs.reshape(j - i, 4, c)
+            x = planes.view(np.uint64)
+            _swap_middle_nibbles(x, np.empty_like(x))
+            picked = np.empty((j - i, c, 4), dtype=np.uint8)
+            for b in range(4):
+                picked[..., b] = planes[:, b]
+            o[i:j] = np.take(picked.view(np.uint32).reshape(j - i, k, 8), inv, axis=2)
+
+    return backward if inverse else forward
+
+
 # --- whole-group code flips (GPTQ v1 sign-flip encoding) -------------------------------------
 
 def group_flip_mask(flip_go: torch.Tensor, bits: int, in_features: int, group_size: int) -> torch.Tensor:

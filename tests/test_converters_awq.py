@@ -73,6 +73,36 @@ def test_awq_round_trips_bit_exact(tmp_path):
     assert (hq["quant_method"], hq["version"], hq["zero_point"], hq["bits"]) == ("awq", "gemm", True, 4)
 
 
+def test_awq_word_path_equals_code_path(tmp_path, monkeypatch):
+    """The packed-word path (a nibble transpose computed while written, both directions) writes the
+    same bytes as unpacking and repacking every code, for every source / target pair with AWQ."""
+    from effqat_plugin.converters import packing
+
+    calls = []
+    real = packing.nibble_transpose
+
+    def counted(order, inverse=False):
+        fn = real(order, inverse)
+        return lambda w, o: (calls.append(inverse), fn(w, o))
+    monkeypatch.setattr(packing, "nibble_transpose", counted)
+    qws, tensors = awq_model(seed=11)
+    cfg = config_files(tmp_path, 128)
+    for a in ("eqat", "gptq", "gptq_v2", "bitblas", "awq"):
+        save_quantized(tmp_path / a, fmt=a, qweights=qws, tensors=tensors, config_dir_or_files=cfg)
+    for a, b in [(x, "awq") for x in ("eqat", "gptq", "gptq_v2", "bitblas", "awq")] + \
+                [("awq", x) for x in ("eqat", "gptq", "gptq_v2", "bitblas")]:
+        fast, slow = tmp_path / f"{a}-{b}-fast", tmp_path / f"{a}-{b}-slow"
+        n = len(calls)
+        convert(tmp_path / a, fast, to=b, fast=True)
+        assert len(calls) > n, f"{a} -> {b} did not take the word path"
+        n = len(calls)
+        convert(tmp_path / a, slow, to=b, fast=False)
+        assert len(calls) == n
+        assert_tensors_same(load_file(fast / "model.safetensors"), load_file(slow / "model.safetensors"))
+    assert_tensors_same(load_file(tmp_path / "awq" / "model.safetensors"),
+                        load_file(tmp_path / "gptq-awq-fast" / "model.safetensors"))
+
+
 def test_awq_refusals_write_nothing(tmp_path):
     cfg = config_files(tmp_path)
     qws, tensors = stories_model(4, 64, layers=1)  # 172-wide MLP: in not a multiple of the group
