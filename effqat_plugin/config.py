@@ -66,6 +66,9 @@ class EQATConfig(BaseQuantizeConfig):
 
     # E2E-QP
     e2e_epochs: int = 1  # 0 disables E2E-QP
+    # auto preset with fewer optimizer steps than the paper's 128: up to this many passes, keeping the
+    # epoch with the lowest held-out loss (lr_rules.e2e_epochs; 1 = never repeat)
+    e2e_max_auto_epochs: int = 2
     e2e_batch_size: int = 4
     e2e_lr: Optional[float] = None
     e2e_train_zeros: bool = False
@@ -113,6 +116,8 @@ class EQATConfig(BaseQuantizeConfig):
             raise ValueError(f"EQATConfig: block_lr_search={self.block_lr_search}; use fractions in (0, 1] of the "
                              "auto raise, e.g. (0.25, 0.5, 1.0), or () to turn the search off")
         self.block_lr_search = tuple(float(f) for f in self.block_lr_search)
+        if self.e2e_max_auto_epochs < 1:
+            raise ValueError("EQATConfig: e2e_max_auto_epochs must be >= 1")
         if self.e2e_self_generated < 0:
             raise ValueError("EQATConfig: e2e_self_generated must be >= 0")
         if self.block_lr_recheck < 0:

@@ -69,6 +69,7 @@ class E2EReport:
     resumed_from_step: int = 0
     completed: bool = True
     eval_history: List[Dict[str, float]] = field(default_factory=list)
+    best_epoch: int = 0  # 1-based epoch whose step sizes were kept (0: the last one, not compared)
 
 
 @dataclass
@@ -78,6 +79,7 @@ class E2ESettings:
 
     bits: int = 2
     e2e_epochs: int = 1
+    e2e_max_auto_epochs: int = 2
     e2e_batch_size: int = 32  # global batch (sequences per optimizer step, all processes)
     e2e_lr: Optional[float] = None
     e2e_train_zeros: bool = False
@@ -440,13 +442,15 @@ class E2EQP:
         unwrapped = acc.unwrap_model(wrapped)
 
         steps_per_epoch = math.ceil(len(loader) / accum)
-        total = cfg.e2e_epochs * steps_per_epoch
-        train_tokens_budget = cfg.e2e_epochs * train_ds.num_tokens()
+        epochs = lr_rules.e2e_epochs(cfg.e2e_epochs, steps_per_epoch, cfg.lr_preset,
+                                     getattr(cfg, "e2e_max_auto_epochs", 1))
+        total = epochs * steps_per_epoch
+        train_tokens_budget = epochs * train_ds.num_tokens()
         lr = cfg.e2e_learning_rate(train_tokens_budget, self.lr_fraction)
         warmup = int(round(cfg.e2e_warmup_ratio * total))
         eval_bs = opts.eval_batch_size or mb
         fingerprint = self._fingerprint(n_train=len(train_ds), global_batch=global_bs, micro_batch=mb,
-                                        world=world, epochs=cfg.e2e_epochs, lr=lr, warmup=warmup,
+                                        world=world, epochs=epochs, lr=lr, warmup=warmup,
                                         train_zeros=bool(cfg.e2e_train_zeros), n_trainable=n_trainable)
 
         start_step, running, history, val_before, train_tokens = 0, float("nan"), [], None, 0
@@ -465,7 +469,7 @@ class E2EQP:
         if acc.is_main_process:
             log.info("E2E-QP: %d steps (%d epoch(s) x %d), lr %.3g, global batch %d = %d micro x %d accum x %d "
                      "process(es), mixed precision %s, %d trainable tensors (%d values)%s", total,
-                     cfg.e2e_epochs, steps_per_epoch, lr, global_bs, mb, accum, world, mp, len(params),
+                     epochs, steps_per_epoch, lr, global_bs, mb, accum, world, mp, len(params),
                      n_trainable, "" if val_before is None else f", val loss before {val_before:.4f}")
 
         def state_info(step):
@@ -478,8 +482,12 @@ class E2EQP:
                    disable=not (self.show_progress and acc.is_local_main_process))
         step = start_step
         stop_at = total if opts.stop_after is None else min(total, int(opts.stop_after))
+        # epochs added by the auto rule, with held-out data: evaluate at each epoch's end and keep the
+        # best step sizes (an explicit epoch count trains exactly that)
+        keep_best = epochs > cfg.e2e_epochs and val_ds is not None
+        best = None   # (val loss, epoch, host copies of the trainable tensors)
         try:
-            for epoch in range(start_step // steps_per_epoch, cfg.e2e_epochs):
+            for epoch in range(start_step // steps_per_epoch, epochs):
                 order.epoch = epoch
                 skip = (step - epoch * steps_per_epoch) * accum
                 epoch_loader = acc.skip_first_batches(loader, skip) if skip else loader
@@ -524,6 +532,14 @@ class E2EQP:
                             log.info("E2E-QP: step %d/%d, train loss %.4f, val loss %.4f", step, total, running, v)
                     if opts.state_dir and opts.save_every and step % opts.save_every == 0 and step < stop_at:
                         self._save_state(unwrapped, optimizer, state_info(step))
+                if keep_best and step == (epoch + 1) * steps_per_epoch:
+                    v = self.evaluate(wrapped, val_ds, eval_bs)
+                    history.append({"step": step, "epoch": epoch + 1, "val_loss": v,
+                                    "val_ppl": math.exp(min(v, 50.0))})
+                    if acc.is_main_process:
+                        log.info("E2E-QP: epoch %d/%d, train loss %.4f, val loss %.4f", epoch + 1, epochs, running, v)
+                    if best is None or v < best[0]:
+                        best = (v, epoch + 1, [p.detach().to("cpu", copy=True) for p in params])
                 if step >= stop_at:
                     break
         except KeyboardInterrupt:
@@ -540,8 +556,20 @@ class E2EQP:
             if acc.is_main_process:
                 log.info("E2E-QP: stopped after step %d of %d; state saved to %s", step, total, opts.state_dir)
 
-        val_after = None
-        if completed and val_ds is not None:
+        val_after, best_epoch = None, 0
+        if completed and best is not None:
+            val_after, best_epoch = best[0], best[1]
+            if best_epoch != epochs:
+                with torch.no_grad():
+                    for p, saved in zip(params, best[2]):
+                        p.data.copy_(saved.to(p.device))
+            if start_step and any(h.get("epoch", epochs + 1) <= start_step // steps_per_epoch
+                                  and h["val_loss"] < best[0] for h in history) and acc.is_main_process:
+                log.warning("E2E-QP: an epoch before the resume had a lower held-out loss; its step sizes were "
+                            "not saved, so epoch %d's are kept", best_epoch)
+            if acc.is_main_process:
+                log.info("E2E-QP: kept epoch %d of %d (lowest held-out loss)", best_epoch, epochs)
+        elif completed and val_ds is not None:
             val_after = self.evaluate(wrapped, val_ds, eval_bs)
             history.append({"step": step, "val_loss": val_after, "val_ppl": math.exp(min(val_after, 50.0))})
         for p in unwrapped.parameters():
@@ -559,10 +587,10 @@ class E2EQP:
             acc.free_memory()
         report = E2EReport(steps=step, lr=lr, train_loss=running, val_loss_before=val_before,
                            val_loss_after=val_after, seconds=time.time() - t0, peak_memory_mb=rt.peak_memory_mb(),
-                           total_steps=total, epochs=cfg.e2e_epochs, global_batch_size=global_bs,
+                           total_steps=total, epochs=epochs, global_batch_size=global_bs,
                            micro_batch_size=mb, grad_accum_steps=accum, world_size=world, mixed_precision=mp,
                            trainable_values=n_trainable, train_tokens=train_tokens, resumed_from_step=start_step,
-                           completed=completed, eval_history=history)
+                           completed=completed, eval_history=history, best_epoch=best_epoch)
         if val_before is not None and val_after is not None and acc.is_main_process:
             log.info("E2E-QP: val loss %.4f -> %.4f (ppl %.2f -> %.2f), %.1fs", val_before, val_after,
                      math.exp(val_before), math.exp(val_after), report.seconds)

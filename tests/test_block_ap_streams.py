@@ -43,8 +43,8 @@ def test_capture_moves_only_modules_outside_the_layers():
 def test_plugin_e2e_trains_on_self_generated_samples_too():
     """EQATConfig(e2e_self_generated=N): run_eqat samples N sequences from the still-fp model and
     E2E-QP trains on them besides the calibration's training split; recorded in meta.eqat."""
-    cfg = EQATConfig(bits=2, group_size=32, block_epochs=1, block_batch_size=4, e2e_epochs=1, e2e_batch_size=4,
-                     block_val_samples=2, e2e_self_generated=3)
+    cfg = EQATConfig(bits=2, group_size=32, block_epochs=1, block_batch_size=4, e2e_epochs=1, e2e_max_auto_epochs=1,
+                     e2e_batch_size=4, block_val_samples=2, e2e_self_generated=3)
     ids = torch.randint(0, 128, (16, 24), generator=torch.Generator().manual_seed(1))
     result = run_eqat(tiny_llama(), cfg, ids, show_progress=False)
     assert result.n_train == 14 and result.extra["e2e_samples"] == 17

@@ -9,7 +9,8 @@ from safetensors.torch import save_file
 from effqat_plugin.cli import main
 from effqat_plugin.data import sample_from_model, save_token_file
 
-SMALL = ["--n-samples", "24", "--seq-len", "64", "--block-epochs", "1", "--e2e-epochs", "1", "--quiet"]
+SMALL = ["--n-samples", "24", "--seq-len", "64", "--block-epochs", "1", "--e2e-epochs", "1", "--e2e-max-auto-epochs", "1",
+         "--quiet"]
 
 
 @pytest.fixture(scope="module")

@@ -40,7 +40,7 @@ def data_file(tmp_path_factory):
 
 def e2e(quant, out, data, *extra):
     return main(["e2e", str(quant), str(out), "--data", str(data), "--seq-len", "32", "--batch-size", "4",
-                 "--micro-batch-size", "2", "--val-samples", "4", "--quiet", *extra])
+                 "--micro-batch-size", "2", "--val-samples", "4", "--max-auto-epochs", "1", "--quiet", *extra])
 
 
 def scales(folder):
@@ -108,7 +108,7 @@ def test_cli_instruction_data_on_an_original_eqat_folder(quant_dir, tmp_path, ca
     data.write_text("\n".join(json.dumps(r) for r in recs))
     out = tmp_path / "out-eqat"
     assert main(["e2e", str(eqat), str(out), "--data", str(data), "--format", "instruction", "--batch-size", "2",
-                 "--micro-batch-size", "1", "--val-samples", "2", "--quiet"]) == 0
+                 "--micro-batch-size", "1", "--val-samples", "2", "--max-auto-epochs", "1", "--quiet"]) == 0
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["format"] == "eqat" and line["train_rows"] == 8 and line["steps"] == 4
     fmt, got, _, _ = load_quantized(str(out))

@@ -27,7 +27,7 @@ def train(micro_batch_size: int):
 
     model = tiny_packed_llama()
     tr, va = data()
-    settings = E2ESettings(bits=2, e2e_epochs=2, e2e_batch_size=GLOBAL_BATCH, e2e_lr=5e-3)
+    settings = E2ESettings(bits=2, e2e_epochs=2, e2e_max_auto_epochs=1, e2e_batch_size=GLOBAL_BATCH, e2e_lr=5e-3)
     trainer = E2EQP(model, settings, resolve_runtime("cpu"), show_progress=False,
                     options=E2EOptions(micro_batch_size=micro_batch_size))
     report = trainer.run(tr, va)
@@ -90,7 +90,7 @@ def test_accelerate_launch_cli_two_processes_matches_one(tmp_path, stories260k_d
     save_quantized(quant, fmt="gptq_v2", qweights=qw, tensors=tensors, config_dir_or_files=str(stories260k_dir))
     save_token_file(str(data), torch.randint(3, 512, (20, 32), generator=torch.Generator().manual_seed(0)))
     common = ["--data", str(data), "--seq-len", "32", "--batch-size", "4", "--val-samples", "4", "--quiet",
-              "--device", "cpu"]
+              "--device", "cpu", "--max-auto-epochs", "1"]
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

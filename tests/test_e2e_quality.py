@@ -23,7 +23,7 @@ def test_e2e_lowers_heldout_perplexity_after_block_ap_w2g64(stories260k_dir):
     run_eqat(model, EQATConfig(bits=2, group_size=64, block_epochs=1, block_batch_size=4, e2e_epochs=0,
                                block_val_samples=4), train, show_progress=False)
     before = causal_lm_loss(model, held, 12, rt)
-    report = E2EQP(model, EQATConfig(bits=2, group_size=64, e2e_epochs=1, e2e_batch_size=4), rt,
+    report = E2EQP(model, EQATConfig(bits=2, group_size=64, e2e_epochs=1, e2e_max_auto_epochs=1, e2e_batch_size=4), rt,
                    show_progress=False).run(train, held)
     after = causal_lm_loss(model, held, 12, rt)
     assert report.steps == 12 and report.val_loss_before == pytest.approx(before, abs=1e-4)

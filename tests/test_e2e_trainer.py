@@ -33,7 +33,8 @@ def assert_same_scales(a, b, rtol=1e-5, atol=1e-6):
 
 
 def run(model, ids, val=None, bs=4, epochs=2, lr=5e-3, warmup=0.2, **opts):
-    st = E2ESettings(bits=2, e2e_epochs=epochs, e2e_batch_size=bs, e2e_lr=lr, e2e_warmup_ratio=warmup)
+    st = E2ESettings(bits=2, e2e_epochs=epochs, e2e_max_auto_epochs=1, e2e_batch_size=bs, e2e_lr=lr,
+                     e2e_warmup_ratio=warmup)
     return E2EQP(model, st, RT, show_progress=False, options=E2EOptions(**opts)).run(ids, val)
 
 
@@ -95,7 +96,8 @@ def test_samples_are_shuffled_with_the_runs_seed():
     runs = {}
     for seed in (0, 1):
         model = tiny_packed_llama()
-        st = E2ESettings(bits=2, e2e_epochs=2, e2e_batch_size=4, e2e_lr=5e-3, e2e_warmup_ratio=0.2, seed=seed)
+        st = E2ESettings(bits=2, e2e_epochs=2, e2e_max_auto_epochs=1, e2e_batch_size=4, e2e_lr=5e-3,
+                         e2e_warmup_ratio=0.2, seed=seed)
         E2EQP(model, st, RT, show_progress=False).run(ids)
         ref = tiny_packed_llama()
         reference_loop(ref, ids, bs=4, epochs=2, lr=5e-3, warmup_ratio=0.2, seed=seed)
@@ -165,7 +167,7 @@ def test_train_zeros_trains_float_zero_points():
     ids = token_data(8)
     model = tiny_packed_llama(train_zeros=True)
     z0 = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith(".zeros")}
-    st = E2ESettings(e2e_epochs=1, e2e_batch_size=4, e2e_lr=5e-2, e2e_train_zeros=True)
+    st = E2ESettings(e2e_epochs=1, e2e_max_auto_epochs=1, e2e_batch_size=4, e2e_lr=5e-2, e2e_train_zeros=True)
     rep = E2EQP(model, st, RT, show_progress=False).run(ids)
     assert rep.trainable_values == sum(m.scales.numel() * 2 for m in quantized_modules(model))
     assert any(not torch.equal(z0[n], p) for n, p in model.named_parameters() if n.endswith(".zeros"))
@@ -210,3 +212,30 @@ def test_bad_batch_geometry_is_refused():
 def test_fsdp_where_accelerate_cannot_shard_is_a_clear_error():
     with pytest.raises(ValueError, match="FSDP"):
         run(tiny_packed_llama(), token_data(8), bs=4, fsdp=True)
+
+
+def test_auto_preset_repeats_short_runs_and_keeps_the_best_epoch(monkeypatch):
+    """Below the paper's 128 optimizer steps the auto preset repeats the data (at most
+    e2e_max_auto_epochs), evaluates each epoch and keeps the step sizes of the best one; the paper
+    preset and an explicit count train exactly e2e_epochs."""
+    from effqat_plugin import lr_rules
+
+    assert lr_rules.e2e_epochs(1, 30, "auto", 3) == 3 and lr_rules.e2e_epochs(1, 64, "auto", 3) == 2
+    assert lr_rules.e2e_epochs(1, 128, "auto", 3) == 1 and lr_rules.e2e_epochs(1, 30, "paper", 3) == 1
+    assert lr_rules.e2e_epochs(4, 30, "auto", 3) == 4 and lr_rules.e2e_epochs(0, 30, "auto", 3) == 0
+    ids, val = token_data(12), token_data(4, seed=2)
+    seen = []
+    real = E2EQP.evaluate
+
+    def evaluate(self, model, data, bs):   # each epoch-end evaluation returns a made-up loss, the
+        v = real(self, model, data, bs)     # second epoch's the lowest, and remembers the scales
+        seen.append((v, scales_of(model)))
+        return [v, 3.0, 1.0, 2.0][len(seen) - 1] if len(seen) <= 4 else v
+    monkeypatch.setattr(E2EQP, "evaluate", evaluate)
+    model = tiny_packed_llama()
+    st = E2ESettings(bits=2, e2e_epochs=1, e2e_max_auto_epochs=3, e2e_batch_size=4, e2e_lr=5e-3)
+    rep = E2EQP(model, st, RT, show_progress=False).run(ids, val)
+    assert rep.epochs == 3 and rep.steps == rep.total_steps == 9 and rep.best_epoch == 2
+    assert [h["epoch"] for h in rep.eval_history] == [1, 2, 3] and rep.val_loss_after == 1.0
+    assert_same_scales(scales_of(model), seen[2][1], rtol=0, atol=0)   # epoch 2's scales, not the last
+    assert not torch.equal(seen[2][1][next(iter(seen[2][1]))], seen[3][1][next(iter(seen[3][1]))])

@@ -19,7 +19,8 @@ from gptqmodel import BACKEND, GPTQModel  # noqa: E402  (after effqat_plugin: en
 
 
 def small_config(**kw):
-    base = dict(bits=2, group_size=64, block_epochs=1, block_batch_size=4, e2e_epochs=1, e2e_batch_size=4,
+    base = dict(bits=2, group_size=64, block_epochs=1, block_batch_size=4, e2e_epochs=1, e2e_max_auto_epochs=1,
+                e2e_batch_size=4,
                 block_val_samples=4)
     base.update(kw)
     return EQATConfig(**base)

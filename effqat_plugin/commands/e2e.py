@@ -24,6 +24,8 @@ import math
 import os
 import shutil
 
+from effqat_plugin.commands.quantize import positive_int
+
 log = logging.getLogger("effqat.e2e")
 
 
@@ -50,6 +52,9 @@ def add_parser(sub) -> None:
     p.add_argument("--source-len", type=int, default=384, help="instruction: max source tokens (default 384)")
     p.add_argument("--target-len", type=int, default=128, help="instruction: max target tokens (default 128)")
     p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--max-auto-epochs", type=positive_int, default=2, metavar="N",
+                   help="--lr-preset auto with fewer steps than the paper's 128: repeat the data up to N epochs, "
+                        "keeping the one with the lowest held-out loss (1 = never repeat)")
     p.add_argument("--lr", type=float, default=None,
                    help="learning rate (default: the paper's 2e-5 at w2 / 1e-5 at w3-w4, raised by --lr-preset auto "
                         "when there are fewer steps than the paper's 128)")
@@ -134,7 +139,8 @@ def run(args) -> int:
     if hi >= vocab:
         raise ValueError(f"token id {hi} in --data is outside the model's vocabulary ({vocab})")
 
-    settings = E2ESettings(bits=bits, e2e_epochs=args.epochs, e2e_batch_size=args.batch_size, e2e_lr=args.lr,
+    settings = E2ESettings(bits=bits, e2e_epochs=args.epochs, e2e_max_auto_epochs=args.max_auto_epochs,
+                           e2e_batch_size=args.batch_size, e2e_lr=args.lr,
                            e2e_train_zeros=args.train_zeros, e2e_warmup_ratio=args.warmup_ratio,
                            e2e_max_grad_norm=args.max_grad_norm, lr_preset=args.lr_preset, seed=args.seed)
     pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None

@@ -30,6 +30,9 @@ def add_parser(sub) -> None:
     p.add_argument("--block-weight-lr", type=float, default=None, help="Block-AP lr for weights and norms")
     p.add_argument("--block-early-stop", type=int, default=0, help="patience in epochs (0 = off)")
     p.add_argument("--e2e-epochs", type=int, default=1, help="E2E-QP epochs over the calibration data (0 = off)")
+    p.add_argument("--e2e-max-auto-epochs", type=positive_int, default=2, metavar="N",
+                   help="--lr-preset auto with fewer E2E-QP steps than the paper's 128: repeat the data up to N "
+                        "epochs, keeping the one with the lowest held-out loss (1 = never repeat)")
     p.add_argument("--e2e-data", metavar="FILE", default=None,
                    help="E2E-QP trains on this file (same formats as --calib, --seq-len tokens per sample, "
                         "all of it) instead of the Block-AP calibration, e.g. larger or other-domain text")
@@ -68,6 +71,17 @@ def lr_search_fractions(text: str):
         raise argparse.ArgumentTypeError(f"{text!r}: give comma separated fractions such as 0.25,0.5,1, or off")
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return n
+
+
 def self_generated_arg(text: str):
     """'auto' or a count >= 0 (checked by argparse, before any model is loaded)."""
     if text.strip().lower() == "auto":
@@ -94,7 +108,8 @@ def config_from_args(args):
         bits=args.bits, group_size=args.group_size, save_format=args.save_format,
         block_epochs=args.block_epochs, block_batch_size=args.block_batch_size,
         block_quant_lr=args.block_quant_lr, block_weight_lr=args.block_weight_lr,
-        block_early_stop=args.block_early_stop, block_lr_search=args.block_lr_search, e2e_epochs=args.e2e_epochs, e2e_lr=args.e2e_lr,
+        block_early_stop=args.block_early_stop, block_lr_search=args.block_lr_search,
+        e2e_epochs=args.e2e_epochs, e2e_max_auto_epochs=args.e2e_max_auto_epochs, e2e_lr=args.e2e_lr,
         e2e_batch_size=args.e2e_batch_size, e2e_train_zeros=args.train_zeros, lr_preset=args.lr_preset,
         seed=args.seed, compute_device=args.device, kernel_backend=args.kernel)
 
