@@ -17,7 +17,9 @@ Packing runs along a chosen axis (``dim=0``: along rows, as GPTQ ``qweight`` pac
 """
 from __future__ import annotations
 
+import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 
 import numpy as np
@@ -144,6 +146,33 @@ def unpack_stream(words: torch.Tensor, bits: int, n: int, dim: int = 0) -> torch
     return _move(out, dim).contiguous()
 
 
+# --- block-parallel helpers for the write-time transforms --------------------------------------
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _in_halves(n: int, step: int, body) -> None:
+    """Run ``body(start, stop)`` over ``range(0, n, step)`` blocks, the second half on a pool thread
+    when the host has 2+ cores: the numpy lookups and copies inside release the GIL, so a
+    compute-bound transform (BitBLAS's table lookups, AWQ's nibble transpose) runs on two cores."""
+    global _POOL
+    blocks = list(range(0, n, step))
+    if len(blocks) < 2 or (os.cpu_count() or 1) < 2:
+        for j in blocks:
+            body(j, min(j + step, n))
+        return
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(1, thread_name_prefix="effqat-transform")
+    half = len(blocks) // 2
+
+    def run(part):
+        for j in part:
+            body(j, min(j + step, n))
+    fut = _POOL.submit(run, blocks[half:])
+    run(blocks[:half])
+    fut.result()
+
+
 # --- word-wide arithmetic (GPTQ v1 zero points) -------------------------------------------------
 
 def word_constant(bits: int) -> int:
@@ -224,11 +253,13 @@ def transpose_permute(bits: int, positions: list[int]):
         o = out.view(np.uint32).reshape(c, r)
         w16 = words.view(np.uint16).reshape(r, c, 2)
         step = max(16, (128 << 10) // max(r, 1))  # column blocks of ~512 KB: the transpose stays in cache
-        for j in range(0, c, step):
-            blk = w16[:, j:j + step]
+
+        def block(j, k):
+            blk = w16[:, j:k]
             v = np.take(lo, blk[..., 0], mode="clip")
             v |= np.take(hi, blk[..., 1], mode="clip")
-            o[j:j + step] = v.T
+            o[j:k] = v.T
+        _in_halves(c, step, block)
     return fn
 
 
@@ -277,16 +308,16 @@ def nibble_transpose(order, inverse: bool = False):
     order = np.asarray(order, dtype=np.intp)
     inv = np.argsort(order)
 
-    def blocks(rows: int, row_bytes: int):
-        step = max(1, (256 << 10) // max(row_bytes, 1))
-        return ((i, min(i + step, rows)) for i in range(0, rows, step))
+    def rows_per_block(row_bytes: int) -> int:
+        return max(1, (256 << 10) // max(row_bytes, 1))
 
     def forward(words: np.ndarray, out: np.ndarray) -> None:
         r, c = words.shape
         k = c // 8
         w = words.view(np.uint32).reshape(r, k, 8)
         o = out.view(np.uint8).reshape(r, 4, 2, k, 4)                      # [row8, b, e, k, q]
-        for i, j in blocks(r, 4 * c):
+
+        def block(i, j):
             picked = np.take(w[i:j], order, axis=2)                         # [row8, k, j] in order
             by = picked.view(np.uint8).reshape(j - i, c, 4)
             planes = np.empty((j - i, 4, c), dtype=np.uint8)               # [row8, b, (k j)]
@@ -297,13 +328,15 @@ def nibble_transpose(order, inverse: bool = False):
             pairs = planes.reshape(j - i, 4, k * 4, 2)                     # [row8, b, (k q), e]
             for e in (0, 1):
                 o[i:j, :, e] = pairs[..., e].reshape(j - i, 4, k, 4)
+        _in_halves(r, rows_per_block(4 * c), block)
 
     def backward(words: np.ndarray, out: np.ndarray) -> None:
         rows, k = words.shape
         r, c = rows // 8, 8 * k
         a = words.view(np.uint8).reshape(r, 4, 2, k, 4)
         o = out.view(np.uint32).reshape(r, k, 8)
-        for i, j in blocks(r, 4 * c):
+
+        def block(i, j):
             pairs = np.empty((j - i, 4, k * 4, 2), dtype=np.uint8)          # [row8, b, (k q), e]
             for e in (0, 1):
                 pairs[..., e] = a[i:j, :, e].reshape(j - i, 4, k * 4)
@@ -314,6 +347,7 @@ def nibble_transpose(order, inverse: bool = False):
             for b in range(4):
                 picked[..., b] = planes[:, b]
             o[i:j] = np.take(picked.view(np.uint32).reshape(j - i, k, 8), inv, axis=2)
+        _in_halves(r, rows_per_block(4 * c), block)
 
     return backward if inverse else forward
 
