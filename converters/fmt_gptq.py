@@ -211,6 +211,9 @@ class GptqFormat(InPackedFormat):
         if self.v2:
             return qzeros
         words = packing.add_word_constant(qzeros, bits, -1)
+        if not packing.any_zero_field(qzeros, bits, out_features):   # no zero point, no borrow: a per-field
+            ctx.v1_total_fields += qzeros.shape[0] * out_features    # reader decodes every field right
+            return words
         zeros_go = packing.unpack_words(qzeros, bits, 32 // bits, out_features, dim=1)
         ctx.v1_borrow_fields += field_misreads(words, zeros_go, bits)
         ctx.v1_total_fields += zeros_go.numel()

@@ -190,6 +190,23 @@ def add_word_constant(words: torch.Tensor, bits: int, sign: int) -> torch.Tensor
     return torch.from_numpy(out.view(np.int32))
 
 
+def any_zero_field(words: torch.Tensor, bits: int, n: int) -> bool:
+    """Whether any of the ``n`` ``bits``-wide fields along dim 1 of per-word packed ``words``
+    (``[rows, ceil(n / (32 // bits))]``, 2/4/8-bit) is 0, by OR-folding each field into its low bit
+    (word-wide shifts) instead of unpacking every field; padded fields past ``n`` do not count."""
+    pf = 32 // bits
+    t = _as_int32(words).contiguous().numpy().view(np.uint32).copy()
+    s = 1
+    while s < bits:
+        np.bitwise_or(t, t >> np.uint32(s), out=t)
+        s <<= 1
+    low = np.uint32(word_constant(bits))
+    if n % pf and t.size:
+        pad = sum(1 << (bits * j) for j in range(n % pf, pf))
+        t[:, -1] |= np.uint32(pad)
+    return bool(np.any((t & low) != low))
+
+
 # --- BitBLAS byte layout ------------------------------------------------------------------------
 
 def lop3_positions(bits: int) -> list[int]:

@@ -221,3 +221,21 @@ def test_write_safetensors_background_writer(tmp_path, monkeypatch, staged):
     monkeypatch.setattr(checkpoint._Scratch, "append_to", lambda self, *a: broken())
     with pytest.raises(OSError, match="disk full"):
         checkpoint.write_safetensors(tmp_path / "b.safetensors", tensors, {"format": "pt"})
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_any_zero_field_matches_unpacked_codes(bits):
+    """The word-level zero-field test equals unpacking every field, ragged widths included (padded
+    fields are zero and must not count)."""
+    g = torch.Generator().manual_seed(bits)
+    maxq = (1 << bits) - 1
+    for n in (32 // bits, 37, 64, 5):
+        codes = torch.randint(1, maxq + 1, (6, n), generator=g).to(torch.uint8)   # no zero field
+        words = packing.pack_words(codes, bits, 32 // bits, dim=1)
+        assert not packing.any_zero_field(words, bits, n)
+        for r, c in ((0, 0), (5, n - 1), (3, n // 2)):
+            z = codes.clone()
+            z[r, c] = 0
+            zw = packing.pack_words(z, bits, 32 // bits, dim=1)
+            assert packing.any_zero_field(zw, bits, n) == bool((packing.unpack_words(zw, bits, 32 // bits, n, dim=1) == 0).any())
+            assert packing.any_zero_field(zw, bits, n)
