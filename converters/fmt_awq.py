@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import torch
 
-from effqat_plugin.qweight import QuantFormatError, default_g_idx
+from effqat_plugin.qweight import QuantFormatError
 
 from . import packing
 from .checkpoint import DerivedTensor
 from .registry import (ModuleSpec, QuantFormat, WriteContext, check_codes, check_finite_scales,
-                       g_idx_is_default, make_qweight, qw_group, register)
+                       g_idx_is_default, make_qweight, register, words_g_idx_is_default)
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 AWQ_BITS = (4,)
@@ -143,9 +143,7 @@ class AwqFormat(QuantFormat):
     def write_words(self, words, spec, stored_bits, ctx):
         if stored_bits != spec.bits or not self._words_ok(spec):
             return None
-        g_idx = words["g_idx"]
-        if g_idx is not None and not torch.equal(
-                g_idx.to(torch.int32), default_g_idx(spec.in_features, qw_group(spec.group_size, spec.in_features))):
+        if not words_g_idx_is_default(words["g_idx"], spec):
             return None  # act-order: the general path refuses it with its message
         q = words["qweight"]
         q = q if isinstance(q, torch.Tensor) else q.materialize()

@@ -20,7 +20,7 @@ from effqat_plugin.qweight import QuantFormatError
 from . import packing
 from .checkpoint import DerivedTensor
 from .registry import (ModuleSpec, QuantFormat, WriteContext, check_codes, check_finite_scales, g_idx_is_default,
-                       make_qweight, register)
+                       make_qweight, register, words_g_idx_is_default)
 
 BITBLAS_BITS = (2, 4, 8)
 BITBLAS_GROUPS = (-1, 32, 64, 128)
@@ -142,10 +142,7 @@ class BitblasFormat(QuantFormat):
         b = spec.bits
         if stored_bits != b or b not in BITBLAS_BITS:
             return None
-        if words["g_idx"] is not None and not torch.equal(
-                words["g_idx"].to(torch.int32),
-                torch.arange(spec.in_features, dtype=torch.int32) // (spec.group_size if spec.group_size > 0
-                                                                      else spec.in_features)):
+        if not words_g_idx_is_default(words["g_idx"], spec):
             return None
         q, pos = words["qweight"], self._lop3(b)
         fn = packing.transpose_permute(b, pos) if isinstance(q, torch.Tensor) and q.dtype == torch.int32 else None

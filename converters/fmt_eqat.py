@@ -18,7 +18,7 @@ from . import packing
 from effqat_plugin.qweight import default_g_idx
 
 from .registry import (ModuleSpec, QuantFormat, WriteContext, check_codes, g_idx_is_default,
-                       make_qweight, qw_group, register)
+                       make_qweight, qw_group, register, words_g_idx_is_default)
 
 
 class InPackedFormat(QuantFormat):
@@ -121,11 +121,10 @@ class InPackedFormat(QuantFormat):
         if stored_bits != spec.bits or spec.bits not in (2, 4, 8):
             return None
         g_idx = words["g_idx"]
-        default = default_g_idx(spec.in_features, qw_group(spec.group_size, spec.in_features))
-        if g_idx is None:
-            g_idx = default
-        elif not torch.equal(g_idx.to(torch.int32), default):
+        if not words_g_idx_is_default(g_idx, spec):
             return None  # act-order: let the general path decide
+        if g_idx is None:
+            g_idx = default_g_idx(spec.in_features, qw_group(spec.group_size, spec.in_features))
         out = {"qweight": words["qweight"].contiguous(),
                "qzeros": self.zeros_words_from_v2(words["qzeros"], spec.bits, spec.out_features, ctx),
                "scales": words["scales"].to(torch.float16).contiguous(),

@@ -41,9 +41,9 @@ from packaging.version import InvalidVersion, Version
 from . import packing
 from .checkpoint import DerivedTensor
 from .fmt_eqat import InPackedFormat
-from effqat_plugin.qweight import QuantizedWeight, default_g_idx
+from effqat_plugin.qweight import QuantizedWeight
 
-from .registry import ModuleSpec, WriteContext, package_version, register
+from .registry import ModuleSpec, WriteContext, package_version, register, words_g_idx_is_default
 
 log = logging.getLogger("effqat.converters")
 
@@ -231,20 +231,16 @@ class GptqFormat(InPackedFormat):
         if words is None or self.v2:
             return words
         maxq = (1 << spec.bits) - 1
-        if words["g_idx"] is not None and not torch.equal(
-                words["g_idx"].to(torch.int32), default_g_idx(spec.in_features, spec.group_size
-                                                              if spec.n_groups > 1 else -1)):
+        if not words_g_idx_is_default(words["g_idx"], spec):
             return None  # act-order: the general path handles flipped groups
         z = packing.unpack_words(words["qzeros"], spec.bits, 32 // spec.bits, spec.out_features, dim=1)
         return flip_words(words, (z.numpy() == maxq) & _sign_bits(words["scales"]), spec)
 
     def write_words(self, words, spec, stored_bits, ctx):
         if not self.v2 and ctx.v1_encoding == "signflip" and stored_bits == spec.bits:
-            z = packing.unpack_words(words["qzeros"], spec.bits, 32 // spec.bits, spec.out_features, dim=1)
-            if words["g_idx"] is not None and not torch.equal(
-                    words["g_idx"].to(torch.int32), default_g_idx(spec.in_features, spec.group_size
-                                                                  if spec.n_groups > 1 else -1)):
+            if not words_g_idx_is_default(words["g_idx"], spec):
                 return None
+            z = packing.unpack_words(words["qzeros"], spec.bits, 32 // spec.bits, spec.out_features, dim=1)
             words = flip_words(words, z.numpy() == 0, spec, lazy=True)
         return super().write_words(words, spec, stored_bits, ctx)
 

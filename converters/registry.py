@@ -268,6 +268,13 @@ def g_idx_is_default(qw: QuantizedWeight, group: int) -> bool:
     return torch.equal(qw.g_idx.to(torch.int32), default_g_idx(qw.in_features, group))
 
 
+def words_g_idx_is_default(g_idx: torch.Tensor | None, spec: ModuleSpec) -> bool:
+    """The packed-word path's check: ``g_idx`` (None when the folder stores none) is the plain
+    ``i // group_size`` of ``spec``, i.e. no act-order permutation to carry."""
+    return g_idx is None or torch.equal(
+        g_idx.to(torch.int32), default_g_idx(spec.in_features, qw_group(spec.group_size, spec.in_features)))
+
+
 def make_qweight(int_weight, zeros, scales, bits, group, g_idx, bias, name) -> QuantizedWeight:
     try:
         return QuantizedWeight(int_weight=int_weight, zeros=zeros, scales=scales, bits=bits,
