@@ -71,13 +71,19 @@ def lr_search_fractions(text: str):
         raise argparse.ArgumentTypeError(f"{text!r}: give comma separated fractions such as 0.25,0.5,1, or off")
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
+def _int_at_least(text: str, minimum: int):
+    """``text`` as an integer if it is one and >= ``minimum``, else None."""
     try:
         n = int(text)
     except ValueError:
-        n = 0
-    if n < 1:
+        return None
+    return n if n >= minimum else None
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    n = _int_at_least(text, 1)
+    if n is None:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
     return n
 
@@ -86,11 +92,8 @@ def self_generated_arg(text: str):
     """'auto' or a count >= 0 (checked by argparse, before any model is loaded)."""
     if text.strip().lower() == "auto":
         return "auto"
-    try:
-        n = int(text)
-    except ValueError:
-        n = -1
-    if n < 0:
+    n = _int_at_least(text, 0)
+    if n is None:
         raise argparse.ArgumentTypeError(f"--e2e-self-generated must be a count >= 0 or 'auto', got {text!r}")
     return n
 
@@ -131,11 +134,12 @@ def run(args) -> int:
         from effqat_plugin.data import load_token_file
 
         e2e_ids = load_token_file(args.e2e_data, run.tokenizer, seq_len=args.seq_len)
-    n_self = self_generated_count(args, cfg, ids, args.model_dir)
-    if n_self:
-        from effqat_plugin.eqat_run import split_calibration, with_self_generated
+    from effqat_plugin.eqat_run import split_calibration, with_self_generated
 
-        base = e2e_ids if e2e_ids is not None else split_calibration(ids, cfg.block_val_samples)[0]
+    train_ids = split_calibration(ids, cfg.block_val_samples)[0]
+    n_self = self_generated_count(args, cfg, train_ids.shape[0])
+    if n_self:
+        base = e2e_ids if e2e_ids is not None else train_ids
         e2e_ids = with_self_generated(full_model(run, local_model_dir(args.model_dir)), base, n_self, args.seed)
     run.block_ap(ids, offload_dir=args.offload_streams, e2e_data=e2e_ids)
     run.result.extra["e2e_self_generated"] = n_self
@@ -207,9 +211,9 @@ def full_model(run, model_dir):
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
 
 
-def self_generated_count(args, cfg, ids, model_dir) -> int:
+def self_generated_count(args, cfg, n_train: int) -> int:
     """``--e2e-self-generated`` resolved: an explicit count, or for ``auto`` the calibration's training
-    samples when there is calibration text (self-generated calibration gains nothing from more of the
+    samples (``n_train``) when there is calibration text (self-generated calibration gains nothing from more of the
     same) and the fp32 model fits in half the free host memory; 0 when E2E-QP is off."""
     if cfg.e2e_epochs <= 0:
         return 0
@@ -218,9 +222,8 @@ def self_generated_count(args, cfg, ids, model_dir) -> int:
     if not args.calib:
         return 0
     from effqat_plugin.converters.checkpoint import SafetensorsFolder
-    from effqat_plugin.eqat_run import split_calibration
 
-    folder = SafetensorsFolder(local_model_dir(model_dir))
+    folder = SafetensorsFolder(local_model_dir(args.model_dir))
     fp32_bytes = sum(4 * math.prod(shape) for shape in folder.shapes.values())
     free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 0
     if 2 * fp32_bytes > free:
@@ -229,7 +232,7 @@ def self_generated_count(args, cfg, ids, model_dir) -> int:
             "(%.1f GB); E2E-QP trains on the calibration data only (pass a count to force sampling)",
             fp32_bytes / 1e9, free / 1e9)
         return 0
-    return int(split_calibration(ids, cfg.block_val_samples)[0].shape[0])
+    return int(n_train)
 
 
 def local_model_dir(model_dir: str) -> str:
