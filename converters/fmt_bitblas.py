@@ -145,7 +145,8 @@ class BitblasFormat(QuantFormat):
         if not words_g_idx_is_default(words["g_idx"], spec):
             return None
         q, pos = words["qweight"], self._lop3(b)
-        fn = packing.transpose_permute(b, pos) if isinstance(q, torch.Tensor) and q.dtype == torch.int32 else None
+        stages = packing.lop3_stages(b) if pos is not None else None
+        fn = packing.transpose_swap(stages) if isinstance(q, torch.Tensor) and q.dtype == torch.int32 else None
         if fn is not None:   # transposed and reordered while written ([out, in/pf] words as int8)
             w = DerivedTensor(q, (q.shape[1], q.shape[0] * 4), torch.int8, fn)
         else:

@@ -249,34 +249,53 @@ def _permute_tables(bits: int, positions: tuple, inverse: bool):
     return _permute_loop(v, bits, positions, inverse), _permute_loop(v << np.uint32(16), bits, positions, inverse)
 
 
-def transpose_permute(bits: int, positions: list[int]):
-    """``fn(words, out)``: ``out = permute_fields(words.T)`` on numpy int32 arrays (``words`` [r, c],
-    ``out`` [c, r]) for :class:`~converters.checkpoint.DerivedTensor`. Each word's low and high 16 bits
-    index the tables directly through a uint16 view (no masking or shifting passes), one block of
-    columns at a time, so the transposed copy reads from cache (3x faster than whole-array steps
-    measured on a 4096 x 256-word qweight). ``positions``
-    None: transpose only. None on a big-endian host (``permute_fields`` then does it eagerly)."""
+def lop3_stages(bits: int) -> list[tuple[int, int]]:
+    """``lop3_positions(bits)`` as delta swaps ``(shift, mask)`` applied in order to every 32-bit word
+    (see :func:`delta_swap`): 2-bit swaps fields 1/2 of each nibble pair, then nibbles 1/2 of each
+    16-bit half (evens of a byte pair to the low byte, odds to the high one, which is the interleave
+    with its byte 1/2 swap already applied); 4-bit swaps nibbles 1/2 of each half, then bytes 1/2.
+    Twelve word-wide operations instead of two table lookups per word."""
+    return {2: [(2, 0x0C0C0C0C), (4, 0x00F000F0)], 4: [(4, 0x00F000F0), (8, 0x0000FF00)]}[bits]
+
+
+def delta_swap(x: torch.Tensor, t: torch.Tensor, shift: int, mask: int) -> None:
+    """Swap the bits selected by the 32-bit ``mask`` with the bits ``shift`` above them, in every
+    32-bit word of ``x`` (int32, or int64 holding two words), in place; ``t`` is scratch of x's shape.
+    The masks never reach a word's sign bit, so arithmetic shifts are as good as logical ones."""
+    if x.dtype == torch.int64:
+        mask |= mask << 32
+    torch.bitwise_right_shift(x, shift, out=t)
+    t.bitwise_xor_(x)
+    t.bitwise_and_(mask)
+    x.bitwise_xor_(t)
+    t.bitwise_left_shift_(shift)
+    x.bitwise_xor_(t)
+
+
+def transpose_swap(stages):
+    """``fn(words, out)``: ``out = words.T`` with the delta swaps ``stages`` (``lop3_stages``; None:
+    transpose only) applied to every word, on numpy int32 arrays (``words`` [r, c], ``out`` [c, r])
+    for :class:`~converters.checkpoint.DerivedTensor`. torch's tiled transpose copy (4x numpy's on a
+    688 x 16384-word down_proj), then the swaps on 256 KB blocks of 64-bit lanes while they are in
+    cache, on two threads. None on a big-endian host (``permute_fields`` then does it eagerly)."""
     if sys.byteorder != "little":
         return None
-    if positions is None:
-        def transpose(words: np.ndarray, out: np.ndarray) -> None:
-            r, c = words.shape
-            np.copyto(out.view(np.uint32).reshape(c, r), words.view(np.uint32).T)
-        return transpose
-    lo, hi = _permute_tables(bits, tuple(positions), False)
 
     def fn(words: np.ndarray, out: np.ndarray) -> None:
         r, c = words.shape
-        o = out.view(np.uint32).reshape(c, r)
-        w16 = words.view(np.uint16).reshape(r, c, 2)
-        step = max(16, (128 << 10) // max(r, 1))  # column blocks of ~512 KB: the transpose stays in cache
+        o = torch.from_numpy(out.view(np.int32).reshape(c, r))
+        o.copy_(torch.from_numpy(words.view(np.int32)).t())
+        if not stages:
+            return
+        flat = o.view(-1)
+        lanes = flat.view(torch.int64) if flat.numel() % 2 == 0 else flat
 
         def block(j, k):
-            blk = w16[:, j:k]
-            v = np.take(lo, blk[..., 0], mode="clip")
-            v |= np.take(hi, blk[..., 1], mode="clip")
-            o[j:k] = v.T
-        _in_halves(c, step, block)
+            x = lanes[j:k]
+            t = torch.empty_like(x)
+            for shift, mask in stages:
+                delta_swap(x, t, shift, mask)
+        _in_halves(lanes.numel(), 1 << 15, block)
     return fn
 
 
@@ -296,17 +315,6 @@ def permute_fields(words: torch.Tensor, bits: int, positions: list[int], inverse
 
 
 # --- 4-bit nibble transpose (AWQ: codes packed along out instead of in) -------------------------
-
-def _swap_middle_nibbles(x: np.ndarray, t: np.ndarray) -> None:
-    """In every uint16 lane of the uint64 array ``x``, swap nibbles 1 and 2 (a 2x2 nibble transpose
-    of its two bytes), in place; ``t`` is a scratch array of ``x``'s shape."""
-    np.right_shift(x, np.uint64(4), out=t)
-    np.bitwise_xor(t, x, out=t)
-    np.bitwise_and(t, np.uint64(0x00F000F000F000F0), out=t)
-    np.bitwise_xor(x, t, out=x)
-    np.left_shift(t, np.uint64(4), out=t)
-    np.bitwise_xor(x, t, out=x)
-
 
 def nibble_transpose(order, inverse: bool = False):
     """``fn(words, out)`` moving 4-bit codes packed 8 per int32 along ``in`` (GPTQ / EQAT ``qweight``
@@ -340,8 +348,8 @@ def nibble_transpose(order, inverse: bool = False):
             planes = np.empty((j - i, 4, c), dtype=np.uint8)               # [row8, b, (k j)]
             for b in range(4):
                 planes[:, b] = by[..., b]
-            x = planes.view(np.uint64)
-            _swap_middle_nibbles(x, np.empty_like(x))
+            x = torch.from_numpy(planes.view(np.int64))   # 2x2 nibble transpose of each byte pair
+            delta_swap(x, torch.empty_like(x), 4, 0x00F000F0)
             pairs = planes.reshape(j - i, 4, k * 4, 2)                     # [row8, b, (k q), e]
             for e in (0, 1):
                 o[i:j, :, e] = pairs[..., e].reshape(j - i, 4, k, 4)
@@ -358,8 +366,8 @@ def nibble_transpose(order, inverse: bool = False):
             for e in (0, 1):
                 pairs[..., e] = a[i:j, :, e].reshape(j - i, 4, k * 4)
             planes = pairs.reshape(j - i, 4, c)
-            x = planes.view(np.uint64)
-            _swap_middle_nibbles(x, np.empty_like(x))
+            x = torch.from_numpy(planes.view(np.int64))   # 2x2 nibble transpose of each byte pair
+            delta_swap(x, torch.empty_like(x), 4, 0x00F000F0)
             picked = np.empty((j - i, c, 4), dtype=np.uint8)
             for b in range(4):
                 picked[..., b] = planes[:, b]

@@ -157,6 +157,12 @@ def test_lop3_positions_are_a_permutation(bits):
     assert sorted(pos) == list(range(0, 32, bits))
     w = torch.randint(-2**31, 2**31 - 1, (50, 7), dtype=torch.int64).to(torch.int32)
     assert torch.equal(packing.permute_fields(packing.permute_fields(w, bits, pos), bits, pos, inverse=True), w)
+    # the delta swaps the writer applies are the same permutation, on int32 words and on int64 lanes
+    for lanes in (w.clone(), w.clone().view(-1).view(torch.int64)):
+        expect = packing.permute_fields(lanes.view(torch.int32), bits, pos)
+        for shift, mask in packing.lop3_stages(bits):
+            packing.delta_swap(lanes, torch.empty_like(lanes), shift, mask)
+        assert torch.equal(lanes.view(torch.int32), expect)
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
@@ -168,14 +174,16 @@ def test_write_time_transforms_equal_the_eager_ones(bits):
     from effqat_plugin.converters.checkpoint import DerivedTensor
 
     g = torch.Generator().manual_seed(bits)
-    words = torch.randint(-2**31, 2**31 - 1, (700, 300), generator=g, dtype=torch.int64).to(torch.int32)
     pos = packing.lop3_positions(bits) if bits in (2, 4) else None
-    fn = packing.transpose_permute(bits, pos)
-    derived = DerivedTensor(words, (300, 700 * 4), torch.int8, fn).materialize()
-    eager = words.t().contiguous()
-    if pos is not None:
-        eager = packing.permute_fields(eager, bits, pos)
-    assert torch.equal(derived, eager.view(torch.int8))
+    fn = packing.transpose_swap(packing.lop3_stages(bits) if pos else None)
+    for r, c in ((7, 3), (700, 300)):   # an odd word count (int32 lanes) and many 64-bit-lane blocks
+        words = torch.randint(-2**31, 2**31 - 1, (r, c), generator=g, dtype=torch.int64).to(torch.int32)
+        derived = DerivedTensor(words, (c, r * 4), torch.int8, fn).materialize()
+        eager = words.t().contiguous()
+        if pos is not None:
+            eager = packing.permute_fields(eager, bits, pos)
+        assert torch.equal(derived, eager.view(torch.int8))
+    words = torch.randint(-2**31, 2**31 - 1, (700, 300), generator=g, dtype=torch.int64).to(torch.int32)
 
     pf = 32 // bits
     in_features, group = 700 * pf, 4 * pf
