@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from effqat_plugin.commands.quantize import add_lr_search_argument
+from effqat_plugin.commands.quantize import add_training_arguments
 from effqat_plugin.jsonio import STAGE_MARKER, read_json_or_empty, write_json_atomic
 from effqat_plugin.reports import eqat_meta
 
@@ -46,28 +46,14 @@ def add_parser(sub) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="fp HF model folder or hub id")
     p.add_argument("out_root", help="folder for every stage's output (created)")
-    p.add_argument("--bits", type=int, default=2, choices=[2, 3, 4, 8])
-    p.add_argument("--group-size", type=int, default=64)
+    add_training_arguments(p)
     p.add_argument("--formats", default="gptq,gptq_v2,bitblas,eqat",
                    help="comma separated, from: " + ",".join(ALL_FORMATS))
     p.add_argument("--name", default=None, help="base name of the outputs (default: MODEL's name)")
-    p.add_argument("--calib", help="calibration data (.txt/.jsonl/.parquet/.safetensors 'input_ids'); "
-                                   "default: sampled from the model itself")
-    p.add_argument("--n-samples", type=int, default=256)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--block-epochs", type=int, default=2)
-    p.add_argument("--block-batch-size", type=int, default=2)
-    p.add_argument("--block-quant-lr", type=float, default=None)
-    p.add_argument("--block-weight-lr", type=float, default=None)
     p.add_argument("--e2e-data", default=None,
                    help="E2E-QP training data; runs E2E-QP as its own stage (`effqat e2e`) on the Block-AP "
                         "output. Default: E2E-QP on the calibration data inside the quantize stage")
-    p.add_argument("--e2e-epochs", type=int, default=1, help="0 = no E2E-QP")
-    p.add_argument("--e2e-lr", type=float, default=None)
-    p.add_argument("--e2e-batch-size", type=int, default=4)
     p.add_argument("--e2e-seq-len", type=int, default=None, help="with --e2e-data (default: --seq-len)")
-    p.add_argument("--lr-preset", choices=["auto", "paper"], default="auto")
-    add_lr_search_argument(p)
     p.add_argument("--eval-data", action="append", default=[], help="evaluation file (repeatable)")
     p.add_argument("--eval-dataset", action="append", default=[], help="`datasets` name to evaluate on")
     p.add_argument("--eval-seq-len", type=int, default=None, help="default: --seq-len")
@@ -80,8 +66,6 @@ def add_parser(sub) -> None:
     p.add_argument("--push-dry-run", action="store_true", help="print what would be pushed; no network")
     p.add_argument("--base-model", default=None, help="hub id of MODEL for the cards (default: MODEL)")
     p.add_argument("--endpoint", default=None, help="hub endpoint (default: HF_ENDPOINT or huggingface.co)")
-    p.add_argument("--device", choices=["cpu", "cuda"], default=None)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="redo every stage")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=run)
@@ -161,12 +145,11 @@ class Pipeline:
     def quantize(self) -> tuple:
         a = self.args
         separate_e2e = bool(a.e2e_data) and a.e2e_epochs > 0
-        settings = {"bits": a.bits, "group_size": a.group_size, "block_epochs": a.block_epochs,
-                    "block_batch_size": a.block_batch_size, "block_quant_lr": a.block_quant_lr,
-                    "block_weight_lr": a.block_weight_lr, "lr_preset": a.lr_preset, "seed": a.seed,
-                    "block_lr_search": list(a.block_lr_search),
-                    "e2e_epochs": 0 if separate_e2e else a.e2e_epochs, "e2e_lr": a.e2e_lr,
-                    "e2e_batch_size": a.e2e_batch_size}
+        from effqat_plugin.commands.quantize import config_from_args, streamed_quantization, train
+
+        cfg = config_from_args(a, MASTER_FORMAT, e2e_epochs=0 if separate_e2e else None)
+        # everything that shapes the checkpoint: the whole config (a changed default redoes the stage too)
+        settings = {**cfg.eqat_settings(), "e2e_self_generated": a.e2e_self_generated}
         key = _hash({"stage": "quantize", "model": model_fingerprint(a.model), "settings": settings,
                      "calib": file_fingerprint(a.calib), "n_samples": a.n_samples, "seq_len": a.seq_len})
         out = self.folder(MASTER_FORMAT, blockap=separate_e2e)
@@ -174,21 +157,12 @@ class Pipeline:
         if not a.force and stage_done(out, key):
             self.note(stage, "skipped (up to date)", output=str(out))
             return out, key
-        from effqat_plugin import EQATConfig
-        from effqat_plugin.commands.quantize import streamed_quantization
-
-        cfg = EQATConfig(bits=a.bits, group_size=a.group_size, save_format=MASTER_FORMAT,
-                         block_epochs=a.block_epochs, block_batch_size=a.block_batch_size,
-                         block_quant_lr=a.block_quant_lr, block_weight_lr=a.block_weight_lr,
-                         e2e_epochs=settings["e2e_epochs"], e2e_lr=a.e2e_lr, e2e_batch_size=a.e2e_batch_size,
-                         block_lr_search=a.block_lr_search, lr_preset=a.lr_preset, seed=a.seed,
-                         compute_device=a.device)
         t0 = time.time()
         # Layers streamed from the shards, checkpoint written layer by layer (streamed_run.py).
         work_dir = os.path.normpath(str(out)) + ".effqat-work"
         ids, run = streamed_quantization(a.model, cfg, work_dir, a.calib, a.n_samples, a.seq_len, a.seed,
                                          show_progress=not a.quiet)
-        run.block_ap(ids)
+        train(run, a, cfg, a.model, ids)
         run.finish(str(out), overwrite=True, fmt=MASTER_FORMAT)
         shutil.rmtree(work_dir, ignore_errors=True)
         del run
@@ -201,8 +175,8 @@ class Pipeline:
         a = self.args
         seq = a.e2e_seq_len or a.seq_len
         key = _hash({"stage": "e2e_qp", "src": src_key, "data": file_fingerprint(a.e2e_data), "epochs": a.e2e_epochs,
-                     "lr": a.e2e_lr, "batch": a.e2e_batch_size, "seq_len": seq, "lr_preset": a.lr_preset,
-                     "seed": a.seed})
+                     "max_auto_epochs": a.e2e_max_auto_epochs, "train_zeros": a.train_zeros, "lr": a.e2e_lr,
+                     "batch": a.e2e_batch_size, "seq_len": seq, "lr_preset": a.lr_preset, "seed": a.seed})
         out = self.folder(MASTER_FORMAT)
         if not a.force and stage_done(out, key):
             self.note("e2e_qp", "skipped (up to date)", output=str(out))
@@ -212,8 +186,10 @@ class Pipeline:
         parser = argparse.ArgumentParser(prog="effqat")
         e2e_cmd.add_parser(parser.add_subparsers(dest="command"))
         argv = ["e2e", str(src), str(out), "--data", a.e2e_data, "--seq-len", str(seq), "--epochs", str(a.e2e_epochs),
-                "--batch-size", str(a.e2e_batch_size), "--lr-preset", a.lr_preset, "--seed", str(a.seed),
-                "--overwrite"]
+                "--max-auto-epochs", str(a.e2e_max_auto_epochs), "--batch-size", str(a.e2e_batch_size),
+                "--lr-preset", a.lr_preset, "--seed", str(a.seed), "--overwrite"]
+        if a.train_zeros:
+            argv.append("--train-zeros")
         if a.e2e_lr is not None:
             argv += ["--lr", str(a.e2e_lr)]
         if a.device:

@@ -17,13 +17,33 @@ def add_parser(sub) -> None:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("model_dir", help="fp16/fp32 HF model folder or hub id")
     p.add_argument("out_dir", help="output folder (must not exist unless --overwrite)")
+    p.add_argument("--format", dest="save_format", default="gptq", choices=["gptq", "gptq_v2", "eqat", "bitblas"])
+    add_training_arguments(p)
+    p.add_argument("--e2e-data", metavar="FILE", default=None,
+                   help="E2E-QP trains on this file (same formats as --calib, --seq-len tokens per sample, "
+                        "all of it) instead of the Block-AP calibration, e.g. larger or other-domain text")
+    p.add_argument("--kernel", choices=["auto", "reference", "triton", "cuda"], default=None,
+                   help="E2E-QP kernel backend (default: EFFQAT_KERNEL env or auto)")
+    p.add_argument("--work-dir", default=None,
+                   help="Block-AP progress folder (default OUT_DIR.effqat-work); a re-run of the same "
+                        "command resumes after the last finished layer; removed after a successful save")
+    p.add_argument("--offload-streams", metavar="DIR", default=None,
+                   help="keep Block-AP's two activation streams (samples x seq_len x hidden each) in "
+                        "memory-mapped files in DIR instead of RAM")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def add_training_arguments(p) -> None:
+    """The Block-AP / E2E-QP settings `effqat quantize` and `effqat pipeline`'s quantize stage share, so
+    the two commands train the same model from the same arguments and defaults."""
     p.add_argument("--bits", type=int, default=2, choices=[2, 3, 4, 8])
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--calib", help="calibration data: .txt, .jsonl ('text'), .parquet, or .safetensors "
                                    "with int64 'input_ids' [N, T]; default: sampled from the model itself")
     p.add_argument("--n-samples", type=int, default=DEFAULT_SAMPLES, help="calibration sequences")
     p.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN, help="tokens per calibration sequence")
-    p.add_argument("--format", dest="save_format", default="gptq", choices=["gptq", "gptq_v2", "eqat", "bitblas"])
     p.add_argument("--block-epochs", type=int, default=2)
     p.add_argument("--block-batch-size", type=int, default=2)
     p.add_argument("--block-quant-lr", type=float, default=None, help="Block-AP lr for s and z")
@@ -33,9 +53,6 @@ def add_parser(sub) -> None:
     p.add_argument("--e2e-max-auto-epochs", type=positive_int, default=2, metavar="N",
                    help="--lr-preset auto with fewer E2E-QP steps than the paper's 128: repeat the data up to N "
                         "epochs, keeping the one with the lowest held-out loss (1 = never repeat)")
-    p.add_argument("--e2e-data", metavar="FILE", default=None,
-                   help="E2E-QP trains on this file (same formats as --calib, --seq-len tokens per sample, "
-                        "all of it) instead of the Block-AP calibration, e.g. larger or other-domain text")
     p.add_argument("--e2e-self-generated", type=self_generated_arg, default="auto", metavar="N|auto",
                    help="E2E-QP also trains on N sequences the fp model writes itself (sampled once, seed + 2). "
                         "auto: as many as the calibration's training samples when --calib is given and the fp32 "
@@ -47,18 +64,7 @@ def add_parser(sub) -> None:
                    help="auto: paper rates scaled up when there are fewer steps than the paper's; paper: as published")
     add_lr_search_argument(p)
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
-    p.add_argument("--kernel", choices=["auto", "reference", "triton", "cuda"], default=None,
-                   help="E2E-QP kernel backend (default: EFFQAT_KERNEL env or auto)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--work-dir", default=None,
-                   help="Block-AP progress folder (default OUT_DIR.effqat-work); a re-run of the same "
-                        "command resumes after the last finished layer; removed after a successful save")
-    p.add_argument("--offload-streams", metavar="DIR", default=None,
-                   help="keep Block-AP's two activation streams (samples x seq_len x hidden each) in "
-                        "memory-mapped files in DIR instead of RAM")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=run)
 
 
 def lr_search_fractions(text: str):
@@ -104,17 +110,36 @@ def add_lr_search_argument(p) -> None:
                         "the lowest held-out loss picks the rates of every layer ('off' = always the full raise)")
 
 
-def config_from_args(args):
+def config_from_args(args, save_format: str, e2e_epochs: int | None = None, kernel_backend: str | None = None):
+    """The EQATConfig of the training arguments (``add_training_arguments``); validates bits / group."""
     from effqat_plugin import EQATConfig
 
     return EQATConfig(
-        bits=args.bits, group_size=args.group_size, save_format=args.save_format,
+        bits=args.bits, group_size=args.group_size, save_format=save_format,
         block_epochs=args.block_epochs, block_batch_size=args.block_batch_size,
         block_quant_lr=args.block_quant_lr, block_weight_lr=args.block_weight_lr,
         block_early_stop=args.block_early_stop, block_lr_search=args.block_lr_search,
-        e2e_epochs=args.e2e_epochs, e2e_max_auto_epochs=args.e2e_max_auto_epochs, e2e_lr=args.e2e_lr,
+        e2e_epochs=args.e2e_epochs if e2e_epochs is None else e2e_epochs,
+        e2e_max_auto_epochs=args.e2e_max_auto_epochs, e2e_lr=args.e2e_lr,
         e2e_batch_size=args.e2e_batch_size, e2e_train_zeros=args.train_zeros, lr_preset=args.lr_preset,
-        seed=args.seed, compute_device=args.device, kernel_backend=args.kernel)
+        seed=args.seed, compute_device=args.device, kernel_backend=kernel_backend)
+
+
+def train(run, args, cfg, model_dir: str, ids, e2e_ids=None, offload_dir=None):
+    """Block-AP, then E2E-QP on ``e2e_ids`` (default: the calibration's training split) plus the
+    ``--e2e-self-generated`` samples, on ``run`` (a streamed or in-memory quantization). Returns the
+    E2E-QP data when it is not the calibration split (else None) and how many of its samples are
+    self-generated (also recorded in the run's meta)."""
+    from effqat_plugin.eqat_run import split_calibration, with_self_generated
+
+    train_ids = split_calibration(ids, cfg.block_val_samples)[0]
+    n_self = self_generated_count(args.e2e_self_generated, args.calib, model_dir, cfg, train_ids.shape[0])
+    if n_self:
+        base = e2e_ids if e2e_ids is not None else train_ids
+        e2e_ids = with_self_generated(full_model(run, local_model_dir(model_dir)), base, n_self, args.seed)
+    run.block_ap(ids, offload_dir=offload_dir, e2e_data=e2e_ids)
+    run.result.extra["e2e_self_generated"] = n_self
+    return e2e_ids, n_self
 
 
 def run(args) -> int:
@@ -125,7 +150,7 @@ def run(args) -> int:
         raise FileNotFoundError(f"calibration file not found: {args.calib}")
     if args.e2e_data and not os.path.isfile(args.e2e_data):
         raise FileNotFoundError(f"E2E-QP data file not found: {args.e2e_data}")
-    cfg = config_from_args(args)  # validates bits / group before the model is loaded
+    cfg = config_from_args(args, args.save_format, kernel_backend=args.kernel)  # before the model is loaded
     work_dir = args.work_dir or os.path.normpath(args.out_dir) + ".effqat-work"
     ids, run = streamed_quantization(args.model_dir, cfg, work_dir, args.calib, args.n_samples, args.seq_len,
                                      args.seed, show_progress=not args.quiet)
@@ -134,15 +159,7 @@ def run(args) -> int:
         from effqat_plugin.data import load_token_file
 
         e2e_ids = load_token_file(args.e2e_data, run.tokenizer, seq_len=args.seq_len)
-    from effqat_plugin.eqat_run import split_calibration, with_self_generated
-
-    train_ids = split_calibration(ids, cfg.block_val_samples)[0]
-    n_self = self_generated_count(args, cfg, train_ids.shape[0])
-    if n_self:
-        base = e2e_ids if e2e_ids is not None else train_ids
-        e2e_ids = with_self_generated(full_model(run, local_model_dir(args.model_dir)), base, n_self, args.seed)
-    run.block_ap(ids, offload_dir=args.offload_streams, e2e_data=e2e_ids)
-    run.result.extra["e2e_self_generated"] = n_self
+    e2e_ids, n_self = train(run, args, cfg, args.model_dir, ids, e2e_ids, offload_dir=args.offload_streams)
     report = run.finish(args.out_dir, overwrite=args.overwrite)
     shutil.rmtree(work_dir, ignore_errors=True)
     summary = {"eqat": run.result.meta(cfg)}
@@ -211,19 +228,20 @@ def full_model(run, model_dir):
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
 
 
-def self_generated_count(args, cfg, n_train: int) -> int:
-    """``--e2e-self-generated`` resolved: an explicit count, or for ``auto`` the calibration's training
-    samples (``n_train``) when there is calibration text (self-generated calibration gains nothing from more of the
-    same) and the fp32 model fits in half the free host memory; 0 when E2E-QP is off."""
+def self_generated_count(requested, calib, model_dir: str, cfg, n_train: int) -> int:
+    """``--e2e-self-generated`` (``requested``) resolved: an explicit count, or for ``auto`` the
+    calibration's training samples (``n_train``) when there is calibration text (``calib``;
+    self-generated calibration gains nothing from more of the same) and the fp32 model fits in half the
+    free host memory; 0 when E2E-QP is off."""
     if cfg.e2e_epochs <= 0:
         return 0
-    if args.e2e_self_generated != "auto":
-        return args.e2e_self_generated
-    if not args.calib:
+    if requested != "auto":
+        return requested
+    if not calib:
         return 0
     from effqat_plugin.converters.checkpoint import SafetensorsFolder
 
-    folder = SafetensorsFolder(local_model_dir(args.model_dir))
+    folder = SafetensorsFolder(local_model_dir(model_dir))
     fp32_bytes = sum(4 * math.prod(shape) for shape in folder.shapes.values())
     free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 0
     if 2 * fp32_bytes > free:
