@@ -21,7 +21,7 @@ from effqat_plugin.qweight import QuantFormatError
 
 from . import packing
 from .checkpoint import DerivedTensor
-from .registry import (ModuleSpec, QuantFormat, WriteContext, check_codes, check_finite_scales,
+from .registry import (ModuleSpec, QuantFormat, WriteContext, check_codes,
                        g_idx_is_default, make_qweight, register, words_g_idx_is_default)
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
@@ -107,7 +107,9 @@ class AwqFormat(QuantFormat):
                     f"(group_size={s.group_size}, in_features={s.in_features}); use gptq_v2")
 
     # data
-    def read(self, get, spec, params):
+    def _fetch(self, get, spec):
+        """qweight / qzeros / scales of one module, checked for both read paths (present, shaped as
+        bits/group imply, finite scales, int32, 8 | out_features), else a QuantFormatError."""
         name, bits = spec.name, spec.bits
         if bits not in AWQ_BITS:
             raise QuantFormatError(f"{name}: AWQ folders hold 4-bit weights here, not {bits}")
@@ -116,10 +118,15 @@ class AwqFormat(QuantFormat):
             raise QuantFormatError(f"{name}: AWQ qweight/qzeros must be int32")
         if spec.out_features % 8:
             raise QuantFormatError(f"{name}: AWQ out_features must be a multiple of 8")
+        return qweight, qzeros, scales
+
+    def read(self, get, spec, params):
+        bits = spec.bits
+        qweight, qzeros, scales = self._fetch(get, spec)
         w = _interleave(packing.unpack_words(qweight, bits, 8, spec.out_features, dim=1), inverse=True)
         z = _interleave(packing.unpack_words(qzeros, bits, 8, spec.out_features, dim=1), inverse=True)
         return make_qweight(w.t().contiguous(), z.t().contiguous(), scales.t().contiguous(), bits,
-                            spec.group_size, None, get("bias"), name)
+                            spec.group_size, None, get("bias"), spec.name)
 
     # -- packed-word fast path (4-bit words <-> GPTQ-v2 words, see registry.QuantFormat) ----------
     def _words_ok(self, spec: ModuleSpec) -> bool:
@@ -129,12 +136,7 @@ class AwqFormat(QuantFormat):
     def read_words(self, get, spec, params):
         if not self._words_ok(spec):
             return None
-        qweight, qzeros, scales = (get(k) for k in ("qweight", "qzeros", "scales"))
-        exp = self.shapes_for(spec.bits, spec.in_features, spec.out_features, spec.n_groups)
-        if any(t is None or tuple(t.shape) != exp[k] or (k != "scales" and t.dtype != torch.int32)
-               for k, t in (("qweight", qweight), ("qzeros", qzeros), ("scales", scales))):
-            return None  # the general path reports the precise error
-        check_finite_scales(spec.name, scales)
+        qweight, qzeros, scales = self._fetch(get, spec)
         words = torch.empty(spec.in_features // 8, spec.out_features, dtype=torch.int32)
         packing.nibble_transpose(AWQ_ORDER, inverse=True)(qweight.contiguous().numpy(), words.numpy())
         return {"qweight": words, "qzeros": packing.permute_fields(qzeros, 4, _ZERO_POSITIONS, inverse=True),

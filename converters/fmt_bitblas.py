@@ -19,7 +19,7 @@ from effqat_plugin.qweight import QuantFormatError
 
 from . import packing
 from .checkpoint import DerivedTensor
-from .registry import (ModuleSpec, QuantFormat, WriteContext, check_codes, check_finite_scales, g_idx_is_default,
+from .registry import (ModuleSpec, QuantFormat, WriteContext, check_codes, g_idx_is_default,
                        make_qweight, register, words_g_idx_is_default)
 
 BITBLAS_BITS = (2, 4, 8)
@@ -100,7 +100,9 @@ class BitblasFormat(QuantFormat):
                 raise QuantFormatError(
                     f"{s.name}: BitBLAS needs in_features ({s.in_features}) divisible by the group size ({g})")
 
-    def read(self, get, spec, params):
+    def _fetch(self, get, spec):
+        """qweight / qzeros / scales of one module, checked for both read paths (present, shaped as
+        bits/group imply, finite scales, int8, dims BitBLAS can hold), else a QuantFormatError."""
         name, bits = spec.name, spec.bits
         if bits not in BITBLAS_BITS:
             raise QuantFormatError(f"{name}: BitBLAS folders hold 2/4/8-bit weights, not {bits}")
@@ -109,6 +111,11 @@ class BitblasFormat(QuantFormat):
             raise QuantFormatError(f"{name}: BitBLAS qweight/qzeros must be int8")
         if spec.in_features % 16 or spec.out_features % 16:
             raise QuantFormatError(f"{name}: BitBLAS dims must be multiples of 16")
+        return qweight, qzeros, scales
+
+    def read(self, get, spec, params):
+        name, bits = spec.name, spec.bits
+        qweight, qzeros, scales = self._fetch(get, spec)
         pw = 32 // bits
         words = qweight.contiguous().view(torch.int32)          # [out, in/pw]
         pos = self._lop3(bits)
@@ -123,14 +130,7 @@ class BitblasFormat(QuantFormat):
     # -- packed-word fast path: GPTQ-v2 words <-> BitBLAS bytes without unpacking codes --------
     def read_words(self, get, spec, params):
         bits = spec.bits
-        qweight, qzeros, scales = get("qweight"), get("qzeros"), get("scales")
-        if bits not in BITBLAS_BITS or qweight is None or qzeros is None or scales is None:
-            return None
-        exp = self.shapes_for(bits, spec.in_features, spec.out_features, spec.n_groups)
-        if any(tuple(t.shape) != exp[k] or (k != "scales" and t.dtype != torch.int8)
-               for k, t in (("qweight", qweight), ("qzeros", qzeros), ("scales", scales))):
-            return None  # the general path reports the precise error
-        check_finite_scales(spec.name, scales)
+        qweight, qzeros, scales = self._fetch(get, spec)
         words = qweight.contiguous().view(torch.int32)
         pos = self._lop3(bits)
         if pos is not None:
