@@ -49,6 +49,9 @@ def add_training_arguments(p) -> None:
     p.add_argument("--block-quant-lr", type=float, default=None, help="Block-AP lr for s and z")
     p.add_argument("--block-weight-lr", type=float, default=None, help="Block-AP lr for weights and norms")
     p.add_argument("--block-early-stop", type=int, default=0, help="patience in epochs (0 = off)")
+    p.add_argument("--block-loss", choices=["mse", "token_relative"], default="mse",
+                   help="Block-AP reconstruction loss: mse (the paper's) or token_relative (each token's error "
+                        "over its own mean square; for models with massive first-token activations)")
     p.add_argument("--e2e-epochs", type=int, default=1, help="E2E-QP epochs over the calibration data (0 = off)")
     p.add_argument("--e2e-max-auto-epochs", type=positive_int, default=2, metavar="N",
                    help="--lr-preset auto with fewer E2E-QP steps than the paper's 128: repeat the data up to N "
@@ -118,7 +121,7 @@ def config_from_args(args, save_format: str, e2e_epochs: int | None = None, kern
         bits=args.bits, group_size=args.group_size, save_format=save_format,
         block_epochs=args.block_epochs, block_batch_size=args.block_batch_size,
         block_quant_lr=args.block_quant_lr, block_weight_lr=args.block_weight_lr,
-        block_early_stop=args.block_early_stop, block_lr_search=args.block_lr_search,
+        block_early_stop=args.block_early_stop, block_lr_search=args.block_lr_search, block_loss=args.block_loss,
         e2e_epochs=args.e2e_epochs if e2e_epochs is None else e2e_epochs,
         e2e_max_auto_epochs=args.e2e_max_auto_epochs, e2e_lr=args.e2e_lr,
         e2e_batch_size=args.e2e_batch_size, e2e_train_zeros=args.train_zeros, lr_preset=args.lr_preset,
