@@ -58,8 +58,9 @@ def add_training_arguments(p) -> None:
                         "epochs, keeping the one with the lowest held-out loss (1 = never repeat)")
     p.add_argument("--e2e-self-generated", type=self_generated_arg, default="auto", metavar="N|auto",
                    help="E2E-QP also trains on N sequences the fp model writes itself (sampled once, seed + 2). "
-                        "auto: as many as the calibration's training samples when --calib is given and the fp32 "
-                        "model fits in half the free host memory (it is loaded once to sample), else 0")
+                        "auto: as many as the calibration's training samples, at least 128, when --calib is "
+                        "given and the fp32 model fits in half the free host memory (it is loaded once to "
+                        "sample), else 0")
     p.add_argument("--e2e-lr", type=float, default=None)
     p.add_argument("--e2e-batch-size", type=int, default=4)
     p.add_argument("--train-zeros", action="store_true", help="E2E-QP also trains zero points")
@@ -232,8 +233,8 @@ def full_model(run, model_dir):
 
 
 def self_generated_count(requested, calib, model_dir: str, cfg, n_train: int) -> int:
-    """``--e2e-self-generated`` (``requested``) resolved: an explicit count, or for ``auto`` the
-    calibration's training samples (``n_train``) when there is calibration text (``calib``;
+    """``--e2e-self-generated`` (``requested``) resolved: an explicit count, or for ``auto``
+    ``auto_self_generated(n_train)`` when there is calibration text (``calib``;
     self-generated calibration gains nothing from more of the same) and the fp32 model fits in half the
     free host memory; 0 when E2E-QP is off."""
     if cfg.e2e_epochs <= 0:
@@ -243,6 +244,7 @@ def self_generated_count(requested, calib, model_dir: str, cfg, n_train: int) ->
     if not calib:
         return 0
     from effqat_plugin.converters.checkpoint import SafetensorsFolder
+    from effqat_plugin.eqat_run import auto_self_generated
 
     folder = SafetensorsFolder(local_model_dir(model_dir))
     fp32_bytes = sum(4 * math.prod(shape) for shape in folder.shapes.values())
@@ -253,7 +255,7 @@ def self_generated_count(requested, calib, model_dir: str, cfg, n_train: int) ->
             "(%.1f GB); E2E-QP trains on the calibration data only (pass a count to force sampling)",
             fp32_bytes / 1e9, free / 1e9)
         return 0
-    return int(n_train)
+    return auto_self_generated(n_train)
 
 
 def local_model_dir(model_dir: str) -> str:
