@@ -266,20 +266,6 @@ class _TrainedLayer:
     experts_without_tokens: int
 
 
-def block_loss(y: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
-    """Block-AP's reconstruction loss of a layer's output ``y`` against the fp ``target`` ([B, T, H]).
-
-    ``mse``: the paper's mean squared error. ``token_relative``: each token's squared error divided by
-    its target's mean square, averaged over tokens. Models with massive activations (SmolLM2 from
-    layer 12 on: the first token of every sample carries a mean square ~3e4x the median token's, in
-    one channel) make plain MSE a loss on that one token, whose small relative errors RMSNorm then
-    erases; the relative loss weighs every token's error by what the next layer sees of it."""
-    if kind == "mse":
-        return F.mse_loss(y, target)
-    err = (y - target).pow(2).mean(-1)
-    return (err / target.pow(2).mean(-1).clamp_min(1e-12)).mean()
-
-
 def _cosine(step: int, total: int, min_ratio: float) -> float:
     if total <= 1:
         return 1.0
@@ -424,8 +410,7 @@ class BlockAP:
             for i in range(start, stop, bs):
                 j = min(i + bs, stop)
                 y = self._forward(index, layer, inputs[i:j].to(self.rt.device, torch.float32))
-                target = targets[i:j].to(self.rt.device, torch.float32)
-                total += block_loss(y.float(), target, self.cfg.block_loss).item() * (j - i)
+                total += F.mse_loss(y.float(), targets[i:j].to(self.rt.device, torch.float32)).item() * (j - i)
                 count += j - i
         return total / max(count, 1)
 
@@ -507,7 +492,7 @@ class BlockAP:
                     group["lr"] = lr * factor
                 x = q_in[i:j].to(rt.device, torch.float32)
                 target = fp_out[i:j].to(rt.device, torch.float32)
-                loss = block_loss(self._forward(index, layer, x).float(), target, cfg.block_loss)
+                loss = F.mse_loss(self._forward(index, layer, x).float(), target)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"Block-AP layer {index}: loss became {loss.item()} at step {step}; "
                                              "lower the learning rates (--block-quant-lr/--block-weight-lr)")

@@ -58,8 +58,6 @@ class EQATConfig(BaseQuantizeConfig):
     block_val_samples: int = 16
     block_early_stop: int = 0  # patience in epochs; 0 = off. When on, the best state is restored.
     block_weight_decay: float = 0.0
-    # reconstruction loss: "mse" (the paper's) | "token_relative" (see block_ap.block_loss)
-    block_loss: str = "mse"
     # auto preset below the paper budget: fractions of the token-budget raise k tried on layer 0
     # (the best held-out loss wins); () = always k. Then, at this many evenly spaced later layers,
     # the current rate is checked against half of it (0 = layer 0 only).
@@ -122,8 +120,6 @@ class EQATConfig(BaseQuantizeConfig):
             raise ValueError("EQATConfig: e2e_max_auto_epochs must be >= 1")
         if self.e2e_self_generated < 0:
             raise ValueError("EQATConfig: e2e_self_generated must be >= 0")
-        if self.block_loss not in ("mse", "token_relative"):
-            raise ValueError(f"EQATConfig: block_loss must be 'mse' or 'token_relative', not {self.block_loss!r}")
         if self.block_lr_recheck < 0:
             raise ValueError("EQATConfig: block_lr_recheck must be >= 0")
         if self.block_epochs < 1 or self.block_batch_size < 1 or self.e2e_epochs < 0 or self.e2e_batch_size < 1:

@@ -117,18 +117,6 @@ def self_generated_seed(seed: int) -> int:
     return seed + 2
 
 
-# ``--e2e-self-generated auto`` samples at least this many (and as many as the calibration's training
-# split when that is larger). SmolLM2-135M w2g64, 56 wikitext calibration samples, same Block-AP
-# checkpoint, two E2E-QP epochs: 64 self-generated samples gave wikitext-2 test / self-generated / KJV
-# perplexities 46.9 / 202 / 109 (56: 49.1 / 203 / 99.8), 128 gave 47.1 / 172 / 97.1.
-AUTO_SELF_GENERATED_MIN = 128
-
-
-def auto_self_generated(n_train: int) -> int:
-    """How many self-generated samples ``auto`` adds to E2E-QP's ``n_train`` calibration samples."""
-    return max(int(n_train), AUTO_SELF_GENERATED_MIN)
-
-
 def with_self_generated(model: nn.Module, e2e_ids: torch.Tensor, n: int, seed: int) -> torch.Tensor:
     """``e2e_ids`` plus ``n`` sequences of the same length that the (full-precision) ``model`` writes
     itself. Calibration text alone (tens of thousands of tokens of one corpus) fits its topics; the

@@ -172,8 +172,7 @@ def eqat_rows(model_dir, bits, group, calib, evals, out, text_calib=False):
 
     from effqat_plugin import EQATConfig
     from effqat_plugin.e2e_qp import E2EQP
-    from effqat_plugin.eqat_run import (auto_self_generated, collect_qweights, split_calibration,
-                                        with_self_generated)
+    from effqat_plugin.eqat_run import collect_qweights, split_calibration, with_self_generated
     from effqat_plugin.runtime import resolve_runtime
 
     fmt = "gptq_v2" if bits == 3 else "gptq"
@@ -185,7 +184,7 @@ def eqat_rows(model_dir, bits, group, calib, evals, out, text_calib=False):
         from transformers import AutoModelForCausalLM
 
         fp = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-        e2e_ids = with_self_generated(fp, train_ids, auto_self_generated(train_ids.shape[0]), full_cfg.seed)
+        e2e_ids = with_self_generated(fp, train_ids, train_ids.shape[0], full_cfg.seed)
         del fp
     model = GPTQModel.load(model_dir, cfg, dtype=torch.float32)
     clock = Clock()

@@ -49,18 +49,14 @@ def add_training_arguments(p) -> None:
     p.add_argument("--block-quant-lr", type=float, default=None, help="Block-AP lr for s and z")
     p.add_argument("--block-weight-lr", type=float, default=None, help="Block-AP lr for weights and norms")
     p.add_argument("--block-early-stop", type=int, default=0, help="patience in epochs (0 = off)")
-    p.add_argument("--block-loss", choices=["mse", "token_relative"], default="mse",
-                   help="Block-AP reconstruction loss: mse (the paper's) or token_relative (each token's error "
-                        "over its own mean square; for models with massive first-token activations)")
     p.add_argument("--e2e-epochs", type=int, default=1, help="E2E-QP epochs over the calibration data (0 = off)")
     p.add_argument("--e2e-max-auto-epochs", type=positive_int, default=2, metavar="N",
                    help="--lr-preset auto with fewer E2E-QP steps than the paper's 128: repeat the data up to N "
                         "epochs, keeping the one with the lowest held-out loss (1 = never repeat)")
     p.add_argument("--e2e-self-generated", type=self_generated_arg, default="auto", metavar="N|auto",
                    help="E2E-QP also trains on N sequences the fp model writes itself (sampled once, seed + 2). "
-                        "auto: as many as the calibration's training samples, at least 128, when --calib is "
-                        "given and the fp32 model fits in half the free host memory (it is loaded once to "
-                        "sample), else 0")
+                        "auto: as many as the calibration's training samples when --calib is given and the fp32 "
+                        "model fits in half the free host memory (it is loaded once to sample), else 0")
     p.add_argument("--e2e-lr", type=float, default=None)
     p.add_argument("--e2e-batch-size", type=int, default=4)
     p.add_argument("--train-zeros", action="store_true", help="E2E-QP also trains zero points")
@@ -122,7 +118,7 @@ def config_from_args(args, save_format: str, e2e_epochs: int | None = None, kern
         bits=args.bits, group_size=args.group_size, save_format=save_format,
         block_epochs=args.block_epochs, block_batch_size=args.block_batch_size,
         block_quant_lr=args.block_quant_lr, block_weight_lr=args.block_weight_lr,
-        block_early_stop=args.block_early_stop, block_lr_search=args.block_lr_search, block_loss=args.block_loss,
+        block_early_stop=args.block_early_stop, block_lr_search=args.block_lr_search,
         e2e_epochs=args.e2e_epochs if e2e_epochs is None else e2e_epochs,
         e2e_max_auto_epochs=args.e2e_max_auto_epochs, e2e_lr=args.e2e_lr,
         e2e_batch_size=args.e2e_batch_size, e2e_train_zeros=args.train_zeros, lr_preset=args.lr_preset,
@@ -233,8 +229,8 @@ def full_model(run, model_dir):
 
 
 def self_generated_count(requested, calib, model_dir: str, cfg, n_train: int) -> int:
-    """``--e2e-self-generated`` (``requested``) resolved: an explicit count, or for ``auto``
-    ``auto_self_generated(n_train)`` when there is calibration text (``calib``;
+    """``--e2e-self-generated`` (``requested``) resolved: an explicit count, or for ``auto`` the
+    calibration's training samples (``n_train``) when there is calibration text (``calib``;
     self-generated calibration gains nothing from more of the same) and the fp32 model fits in half the
     free host memory; 0 when E2E-QP is off."""
     if cfg.e2e_epochs <= 0:
@@ -244,7 +240,6 @@ def self_generated_count(requested, calib, model_dir: str, cfg, n_train: int) ->
     if not calib:
         return 0
     from effqat_plugin.converters.checkpoint import SafetensorsFolder
-    from effqat_plugin.eqat_run import auto_self_generated
 
     folder = SafetensorsFolder(local_model_dir(model_dir))
     fp32_bytes = sum(4 * math.prod(shape) for shape in folder.shapes.values())
@@ -255,7 +250,7 @@ def self_generated_count(requested, calib, model_dir: str, cfg, n_train: int) ->
             "(%.1f GB); E2E-QP trains on the calibration data only (pass a count to force sampling)",
             fp32_bytes / 1e9, free / 1e9)
         return 0
-    return auto_self_generated(n_train)
+    return int(n_train)
 
 
 def local_model_dir(model_dir: str) -> str:
