@@ -27,10 +27,12 @@ _PATCHED = False
 
 def _eqat_quantize(self, calibration=None, tokenizer=None, seq_len: Optional[int] = None,
                    show_progress: bool = True, work_dir: Optional[str] = None,
-                   offload_dir: Optional[str] = None, e2e_data=None, **_ignored):
+                   offload_dir: Optional[str] = None, e2e_data=None, self_generated=None, **_ignored):
     """Block-AP (+ E2E-QP when ``e2e_epochs > 0``) on ``self.model`` in place; ``work_dir`` makes
     Block-AP resumable (see ``resume.py``); ``offload_dir`` keeps its activation streams in
-    memory-mapped files instead of RAM; ``e2e_data`` gives E2E-QP its own training samples."""
+    memory-mapped files instead of RAM; ``e2e_data`` gives E2E-QP its own training samples;
+    ``self_generated``: samples the fp model wrote, for both phases (else ``e2e_self_generated``
+    of them are sampled)."""
     from .eqat_run import run_eqat
 
     if getattr(self, "_eqat_result", None) is not None or self.quantized:
@@ -42,7 +44,7 @@ def _eqat_quantize(self, calibration=None, tokenizer=None, seq_len: Optional[int
     result = run_eqat(self.model, self.quantize_config, calibration,
                       tokenizer=tokenizer or getattr(self, "tokenizer", None), definition=definition,
                       seq_len=seq_len, show_progress=show_progress, work_dir=work_dir,
-                      offload_dir=offload_dir, e2e_data=e2e_data)
+                      offload_dir=offload_dir, e2e_data=e2e_data, self_generated=self_generated)
     self._eqat_result = result
     return {"eqat": result.meta(self.quantize_config)}
 

@@ -24,7 +24,7 @@ import torch
 from .block_ap import BlockAP
 from .config import EQATConfig
 from .layout import check_fully_quantized, definition_for, resolve_layout
-from .eqat_run import EQATResult, collect_qweights, prepare_calibration, prepare_e2e_data
+from .eqat_run import EQATResult, collect_qweights, prepare_calibration, prepare_e2e_data, with_self_generated
 from .resume import LayerStore
 from .runtime import resolve_runtime, seed_everything
 from .streaming import StreamedModel
@@ -61,13 +61,15 @@ class StreamedQuantization:
         return self.layout.quantized_names()
 
     def block_ap(self, calibration, seq_len: Optional[int] = None, offload_dir: Optional[str] = None,
-                 e2e_data=None) -> EQATResult:
+                 e2e_data=None, self_generated: Optional[torch.Tensor] = None) -> EQATResult:
         """Block-AP over the streamed layers; ``e2e_data`` (as ``run_eqat``'s) is checked now, before
-        hours of Block-AP, and used by :meth:`e2e_and_save`."""
+        hours of Block-AP, and used by :meth:`e2e_and_save`; ``self_generated`` samples join both
+        phases' training data (``with_self_generated``)."""
         t0 = time.time()
         ids, train_ids, val_ids = prepare_calibration(self.model, self.layout, self.cfg, calibration,
                                                       self.tokenizer, seq_len)
         e2e_ids = prepare_e2e_data(self.model, self.cfg, e2e_data, self.tokenizer, seq_len, default=train_ids)
+        block_train, e2e_ids = with_self_generated(self.cfg, train_ids, e2e_ids, self_generated)
         self.sm.attach_layout(self.layout)
         # The in-memory path runs a CPU model upcast to fp32 and a CUDA model in its own dtype.
         compute = torch.float32 if self.rt.device.type == "cpu" else self.sm.dtype
@@ -76,7 +78,7 @@ class StreamedQuantization:
         try:
             block = BlockAP(self.model, self.layout, self.cfg, self.rt, self.show_progress,
                             layer_source=self.sm, keep_qweights=False).run(
-                train_ids, val_ids, work_dir=self.work_dir, offload_dir=offload_dir)
+                block_train, val_ids, work_dir=self.work_dir, offload_dir=offload_dir)
         finally:
             if handle is not None:
                 handle.remove()
@@ -88,7 +90,9 @@ class StreamedQuantization:
             n_val=0 if val_ids is None else val_ids.shape[0], seq_len=ids.shape[1], seconds=time.time() - t0,
             source_dtype=_out_dtype(self.sm.source_dtype),
             extra={"base_model": getattr(self.model.config, "_name_or_path", None) or None,
-                   "e2e_samples": 0, "e2e_seq_len": int(e2e_ids.shape[1])})
+                   "e2e_samples": 0, "e2e_seq_len": int(e2e_ids.shape[1]),
+                   "e2e_self_generated": 0 if self_generated is None else int(self_generated.shape[0]),
+                   "block_ap_samples": int(block_train.shape[0])})
         self._t0 = t0
         self._calibration = (e2e_ids, val_ids)
         return self.result
@@ -248,9 +252,10 @@ class InMemoryQuantization:
         self.result: Optional[EQATResult] = None
 
     def block_ap(self, calibration, seq_len: Optional[int] = None, offload_dir: Optional[str] = None,
-                 e2e_data=None) -> EQATResult:
+                 e2e_data=None, self_generated: Optional[torch.Tensor] = None) -> EQATResult:
         self.qmodel.quantize(calibration, seq_len=seq_len, show_progress=self.show_progress,
-                             work_dir=self.work_dir, offload_dir=offload_dir, e2e_data=e2e_data)
+                             work_dir=self.work_dir, offload_dir=offload_dir, e2e_data=e2e_data,
+                             self_generated=self_generated)
         self.result = self.qmodel._eqat_result
         return self.result
 

@@ -166,29 +166,31 @@ def autoround_rows(method, model_dir, bits, group, calib, evals, out):
 def eqat_rows(model_dir, bits, group, calib, evals, out, text_calib=False):
     """Block-AP once (saved: the Block-AP-only row), then E2E-QP on the same in-memory model as
     ``eqat_run.run_eqat`` does (saved: the full row); EQATConfig defaults throughout, and with text
-    calibration E2E-QP also trains on as many self-generated samples, as ``effqat quantize`` does by
-    default (sampling is not timed: the CLI does it once before Block-AP)."""
+    calibration both phases also train on as many self-generated samples, as ``effqat quantize`` does
+    by default (sampling is not timed: the CLI does it once before Block-AP)."""
     from gptqmodel import GPTQModel
 
     from effqat_plugin import EQATConfig
     from effqat_plugin.e2e_qp import E2EQP
-    from effqat_plugin.eqat_run import collect_qweights, split_calibration, with_self_generated
+    from effqat_plugin.eqat_run import (collect_qweights, sample_self_generated, split_calibration,
+                                        with_self_generated)
     from effqat_plugin.runtime import resolve_runtime
 
     fmt = "gptq_v2" if bits == 3 else "gptq"
     full_cfg = EQATConfig(bits=bits, group_size=group)
     cfg = EQATConfig(bits=bits, group_size=group, e2e_epochs=0)
     train_ids, val_ids = split_calibration(calib, full_cfg.block_val_samples)
-    e2e_ids = train_ids
+    extra = None
     if text_calib:  # as `effqat quantize --e2e-self-generated auto`: as many samples the fp model writes
         from transformers import AutoModelForCausalLM
 
         fp = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-        e2e_ids = with_self_generated(fp, train_ids, train_ids.shape[0], full_cfg.seed)
+        extra = sample_self_generated(fp, train_ids.shape[0], calib.shape[1], full_cfg.seed)
         del fp
+    e2e_ids = with_self_generated(full_cfg, train_ids, train_ids, extra)[1]
     model = GPTQModel.load(model_dir, cfg, dtype=torch.float32)
     clock = Clock()
-    model.quantize(calib, show_progress=False)
+    model.quantize(calib, show_progress=False, self_generated=extra)  # Block-AP trains on them too
     t_block = clock.lap()
     model.save(out + "-blockap", fmt=fmt)
     blk = model._eqat_result.block_ap

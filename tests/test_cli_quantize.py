@@ -78,7 +78,8 @@ def test_e2e_trains_on_self_generated_samples_besides_calibration_text(tmp_path,
     held-out evaluation samples); recorded in the output line and meta.eqat."""
     from transformers import AutoModelForCausalLM
 
-    from effqat_plugin.eqat_run import self_generated_seed, with_self_generated
+    from effqat_plugin import EQATConfig
+    from effqat_plugin.eqat_run import sample_self_generated, self_generated_seed, with_self_generated
 
     out = tmp_path / "q"
     assert main(["quantize", str(stories260k_dir), str(out), "--calib", str(data_files / "calib.safetensors"),
@@ -87,12 +88,20 @@ def test_e2e_trains_on_self_generated_samples_besides_calibration_text(tmp_path,
     assert line["e2e_self_generated"] == 21 and line["e2e_data"] == [42, 64]
     meta = json.loads((out / "quantize_config.json").read_text())["meta"]["eqat"]
     assert meta["calibration"]["e2e_self_generated"] == 21 and meta["calibration"]["e2e_samples"] == 42
+    assert meta["calibration"]["block_ap_samples"] == 42  # Block-AP trained on them too (the default)
+    assert all(layer["steps"] == 21 for layer in meta["block_ap"]["layers"])  # 1 epoch of 42 in batches of 2
     assert meta["e2e_qp"]["total_steps"] == 11
     assert self_generated_seed(0) not in (0, 1)
     model = AutoModelForCausalLM.from_pretrained(str(stories260k_dir), dtype=torch.float32).eval()
     base = torch.zeros(2, 16, dtype=torch.int64)
-    mixed = with_self_generated(model, base, 3, seed=0)
-    assert mixed.shape == (5, 16) and torch.equal(mixed[:2], base) and int(mixed[2:, 0].eq(1).sum()) == 3
+    extra = sample_self_generated(model, 3, 16, seed=0)
+    assert extra.shape == (3, 16) and int(extra[:, 0].eq(1).sum()) == 3  # from BOS
+    block, e2e = with_self_generated(EQATConfig(), base, base, extra)
+    assert torch.equal(block, torch.cat([base, extra])) and torch.equal(e2e, block)
+    block, e2e = with_self_generated(EQATConfig(block_self_generated=False), base, base, extra)
+    assert torch.equal(block, base) and torch.equal(e2e, torch.cat([base, extra]))
+    block, e2e = with_self_generated(EQATConfig(e2e_epochs=0), base, base, extra)
+    assert torch.equal(block, torch.cat([base, extra])) and torch.equal(e2e, base)
     # no calibration file (the calibration is self-generated already) or E2E-QP off: nothing added
     assert main(["quantize", str(stories260k_dir), str(tmp_path / "s"), "--n-samples", "8", "--seq-len", "32",
                  "--block-epochs", "1", "--e2e-epochs", "1", "--quiet"]) == 0
