@@ -74,9 +74,10 @@ class EQATConfig(BaseQuantizeConfig):
     e2e_train_zeros: bool = False
     e2e_warmup_ratio: float = 0.03
     e2e_max_grad_norm: float = 0.3
-    # E2E-QP also trains on this many sequences the fp model writes itself (sampled before Block-AP,
-    # seed + 2, as long as E2E-QP's samples): on SmolLM2 with 64 x 256 wikitext tokens it lowered w2g64 perplexity
-    # in domain (60.0 -> 51.5) and out of it (KJV 253 -> 120). 0 = off (needs the model in memory).
+    # E2E-QP (and Block-AP, below) also train on this many sequences the fp model writes itself
+    # (sampled before Block-AP, seed + 2, calibration length): in E2E-QP, on SmolLM2 with 64 x 256
+    # wikitext tokens, they lowered w2g64 perplexity in domain (60.0 -> 51.5) and out of it (KJV 253 ->
+    # 120). 0 = off (needs the model in memory). The name predates their use in Block-AP.
     e2e_self_generated: int = 0
     # Block-AP trains on those self-generated samples too (besides the calibration's training split):
     # SmolLM2 w2g64 49.1 -> 42.6 wikitext-2 test ppl, KJV 99.8 -> 70.2 (eqat_run.with_self_generated)

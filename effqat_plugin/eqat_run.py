@@ -125,7 +125,8 @@ def sample_self_generated(model: nn.Module, n: int, seq_len: int, seed: int) -> 
     bos = getattr(model.config, "bos_token_id", None)
     log.info("sampling %d x %d tokens from the full-precision model (seed %d) to train on besides the data",
              n, seq_len, self_generated_seed(seed))
-    return sample_from_model(model, n, seq_len, seed=self_generated_seed(seed), bos_token_id=1 if bos is None else int(bos))
+    return sample_from_model(model, n, seq_len, seed=self_generated_seed(seed),
+                             bos_token_id=1 if bos is None else int(bos))
 
 
 def with_self_generated(cfg: EQATConfig, train_ids: torch.Tensor, e2e_ids: torch.Tensor,
