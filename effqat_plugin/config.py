@@ -161,6 +161,10 @@ class EQATConfig(BaseQuantizeConfig):
         """E2E-QP lr; ``train_tokens`` = samples x seq_len x epochs; ``fraction``: see ``lr_rules.e2e_lr``."""
         return lr_rules.e2e_lr(self.bits, self.lr_preset, self.max_lr_scale, train_tokens, self.e2e_lr, fraction)
 
+    def trains_on_self_generated(self) -> bool:
+        """Whether either phase would train on self-generated samples (else sampling them is wasted)."""
+        return self.e2e_epochs > 0 or self.block_self_generated
+
     def eqat_settings(self) -> Dict[str, Any]:
         """The settings recorded in `quantize_config.json` meta.eqat."""
         names = [f for f in EQATConfig.__dataclass_fields__ if f.startswith(("block_", "e2e_"))]

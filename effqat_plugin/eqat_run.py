@@ -181,7 +181,7 @@ def run_eqat(hf_model: nn.Module, cfg: EQATConfig, calibration, tokenizer=None, 
     ids, train_ids, val_ids = prepare_calibration(hf_model, layout, cfg, calibration, tokenizer, seq_len)
     model_type = getattr(hf_model.config, "model_type", "")
     e2e_ids = prepare_e2e_data(hf_model, cfg, e2e_data, tokenizer, seq_len, default=train_ids)
-    if self_generated is None and cfg.e2e_self_generated > 0 and (cfg.e2e_epochs > 0 or cfg.block_self_generated):
+    if self_generated is None and cfg.e2e_self_generated > 0 and cfg.trains_on_self_generated():
         # while the model is still full precision
         self_generated = sample_self_generated(hf_model, cfg.e2e_self_generated, ids.shape[1], cfg.seed)
     block_train, e2e_ids = with_self_generated(cfg, train_ids, e2e_ids, self_generated)

@@ -129,10 +129,10 @@ def config_from_args(args, save_format: str, e2e_epochs: int | None = None, kern
         seed=args.seed, compute_device=args.device, kernel_backend=kernel_backend)
 
 
-def train(run, args, cfg, model_dir: str, ids, e2e_ids=None, offload_dir=None):
+def train(run, args, cfg, model_dir: str, ids, e2e_ids=None, offload_dir=None) -> None:
     """Block-AP, then E2E-QP on ``e2e_ids`` (default: the calibration's training split), both also on
     the ``--e2e-self-generated`` samples (``eqat_run.with_self_generated``), on ``run`` (a streamed or
-    in-memory quantization). Returns E2E-QP's sample count and how many of them are self-generated."""
+    in-memory quantization); the sample counts end up in the run's meta."""
     from effqat_plugin.eqat_run import sample_self_generated, split_calibration
 
     train_ids = split_calibration(ids, cfg.block_val_samples)[0]
@@ -141,8 +141,6 @@ def train(run, args, cfg, model_dir: str, ids, e2e_ids=None, offload_dir=None):
     if n_self:
         extra = sample_self_generated(full_model(run, local_model_dir(model_dir)), n_self, ids.shape[1], args.seed)
     run.block_ap(ids, offload_dir=offload_dir, e2e_data=e2e_ids, self_generated=extra)
-    e2e_rows = (train_ids.shape[0] if e2e_ids is None else e2e_ids.shape[0]) + (n_self if cfg.e2e_epochs > 0 else 0)
-    return e2e_rows, n_self
 
 
 def run(args) -> int:
@@ -162,16 +160,17 @@ def run(args) -> int:
         from effqat_plugin.data import load_token_file
 
         e2e_ids = load_token_file(args.e2e_data, run.tokenizer, seq_len=args.seq_len)
-    e2e_rows, n_self = train(run, args, cfg, args.model_dir, ids, e2e_ids, offload_dir=args.offload_streams)
+    train(run, args, cfg, args.model_dir, ids, e2e_ids, offload_dir=args.offload_streams)
     report = run.finish(args.out_dir, overwrite=args.overwrite)
     shutil.rmtree(work_dir, ignore_errors=True)
     summary = {"eqat": run.result.meta(cfg)}
     e2e = summary["eqat"]["e2e_qp"]
     line = {"out_dir": args.out_dir, "format": args.save_format, "bits": args.bits, "group_size": args.group_size,
             "calibration": list(ids.shape)}
-    if cfg.e2e_epochs > 0 and (e2e_ids is not None or n_self):
-        line["e2e_data"] = [e2e_rows, ids.shape[1] if e2e_ids is None else e2e_ids.shape[1]]
-        line["e2e_self_generated"] = n_self
+    cal = summary["eqat"]["calibration"]   # what E2E-QP really trained on, as recorded by the run
+    if cfg.e2e_epochs > 0 and (e2e_ids is not None or cal["e2e_self_generated"]):
+        line["e2e_data"] = [cal["e2e_samples"], cal["e2e_seq_len"]]
+        line["e2e_self_generated"] = cal["e2e_self_generated"]
     if e2e and e2e.get("val_loss_after") is not None:
         line["val_ppl_before_e2e"] = round(math.exp(e2e["val_loss_before"]), 3)
         line["val_ppl"] = round(math.exp(e2e["val_loss_after"]), 3)
@@ -236,7 +235,7 @@ def self_generated_count(requested, calib, model_dir: str, cfg, n_train: int) ->
     calibration's training samples (``n_train``) when there is calibration text (``calib``;
     self-generated calibration gains nothing from more of the same) and the fp32 model fits in half the
     free host memory; 0 when neither phase would train on them."""
-    if cfg.e2e_epochs <= 0 and not cfg.block_self_generated:
+    if not cfg.trains_on_self_generated():
         return 0
     if requested != "auto":
         return requested
