@@ -74,11 +74,13 @@ class EQATConfig(BaseQuantizeConfig):
     e2e_train_zeros: bool = False
     e2e_warmup_ratio: float = 0.03
     e2e_max_grad_norm: float = 0.3
+
+    # Both phases
     # E2E-QP (and Block-AP, below) also train on this many sequences the fp model writes itself
     # (sampled before Block-AP, seed + 2, calibration length): in E2E-QP, on SmolLM2 with 64 x 256
     # wikitext tokens, they lowered w2g64 perplexity in domain (60.0 -> 51.5) and out of it (KJV 253 ->
-    # 120). 0 = off (needs the model in memory). The name predates their use in Block-AP.
-    e2e_self_generated: int = 0
+    # 120). 0 = off (needs the model in memory). Called e2e_self_generated before Block-AP used them.
+    self_generated: int = 0
     # Block-AP trains on those self-generated samples too (besides the calibration's training split):
     # SmolLM2 w2g64 49.1 -> 42.6 wikitext-2 test ppl, KJV 99.8 -> 70.2 (eqat_run.with_self_generated)
     block_self_generated: bool = True
@@ -122,8 +124,8 @@ class EQATConfig(BaseQuantizeConfig):
         self.block_lr_search = tuple(float(f) for f in self.block_lr_search)
         if self.e2e_max_auto_epochs < 1:
             raise ValueError("EQATConfig: e2e_max_auto_epochs must be >= 1")
-        if self.e2e_self_generated < 0:
-            raise ValueError("EQATConfig: e2e_self_generated must be >= 0")
+        if self.self_generated < 0:
+            raise ValueError("EQATConfig: self_generated must be >= 0")
         if self.block_lr_recheck < 0:
             raise ValueError("EQATConfig: block_lr_recheck must be >= 0")
         if self.block_epochs < 1 or self.block_batch_size < 1 or self.e2e_epochs < 0 or self.e2e_batch_size < 1:
@@ -169,7 +171,8 @@ class EQATConfig(BaseQuantizeConfig):
         """The settings recorded in `quantize_config.json` meta.eqat."""
         names = [f for f in EQATConfig.__dataclass_fields__ if f.startswith(("block_", "e2e_"))]
         out = {n: getattr(self, n) for n in names}
-        out.update(bits=self.bits, group_size=self.group_size, lr_preset=self.lr_preset,
+        out.update(bits=self.bits, group_size=self.group_size, self_generated=self.self_generated,
+                   lr_preset=self.lr_preset,
                    max_lr_scale=self.max_lr_scale, seed=self.seed, save_format=self.save_format)
         return out
 

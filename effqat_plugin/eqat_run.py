@@ -50,7 +50,7 @@ class EQATResult:
             "settings": cfg.eqat_settings(),
             "calibration": {"train_samples": self.n_train, "val_samples": self.n_val, "seq_len": self.seq_len,
                             "e2e_samples": self.extra.get("e2e_samples"), "e2e_seq_len": self.extra.get("e2e_seq_len"),
-                            "e2e_self_generated": self.extra.get("e2e_self_generated", 0),
+                            "self_generated": self.extra.get("self_generated", 0),
                             "block_ap_samples": self.extra.get("block_ap_samples", self.n_train)},
             "block_ap": {
                 "quant_lr": self.block_ap.quant_lr,
@@ -172,7 +172,7 @@ def run_eqat(hf_model: nn.Module, cfg: EQATConfig, calibration, tokenizer=None, 
     ``calibration`` accepts, any sequence length) instead of Block-AP's, as the paper trains E2E-QP on
     other, larger data; its held-out loss is still measured on Block-AP's validation split.
     ``self_generated``: samples the fp model wrote (``sample_self_generated``, calibration length),
-    else ``cfg.e2e_self_generated`` of them are sampled here; see ``with_self_generated``.
+    else ``cfg.self_generated`` of them are sampled here; see ``with_self_generated``.
     """
     t0 = time.time()
     seed_everything(cfg.seed)
@@ -181,9 +181,9 @@ def run_eqat(hf_model: nn.Module, cfg: EQATConfig, calibration, tokenizer=None, 
     ids, train_ids, val_ids = prepare_calibration(hf_model, layout, cfg, calibration, tokenizer, seq_len)
     model_type = getattr(hf_model.config, "model_type", "")
     e2e_ids = prepare_e2e_data(hf_model, cfg, e2e_data, tokenizer, seq_len, default=train_ids)
-    if self_generated is None and cfg.e2e_self_generated > 0 and cfg.trains_on_self_generated():
+    if self_generated is None and cfg.self_generated > 0 and cfg.trains_on_self_generated():
         # while the model is still full precision
-        self_generated = sample_self_generated(hf_model, cfg.e2e_self_generated, ids.shape[1], cfg.seed)
+        self_generated = sample_self_generated(hf_model, cfg.self_generated, ids.shape[1], cfg.seed)
     block_train, e2e_ids = with_self_generated(cfg, train_ids, e2e_ids, self_generated)
     n_self = 0 if self_generated is None else int(self_generated.shape[0])
 
@@ -216,7 +216,7 @@ def run_eqat(hf_model: nn.Module, cfg: EQATConfig, calibration, tokenizer=None, 
                         source_dtype=source_dtype if source_dtype in (torch.float16, torch.bfloat16) else torch.float16,
                         extra={"base_model": getattr(hf_model.config, "_name_or_path", None) or None,
                                "e2e_samples": int(e2e_ids.shape[0]) if e2e is not None else 0,
-                               "e2e_seq_len": int(e2e_ids.shape[1]), "e2e_self_generated": n_self,
+                               "e2e_seq_len": int(e2e_ids.shape[1]), "self_generated": n_self,
                                "block_ap_samples": int(block_train.shape[0])})
     log.info("EQAT done in %.1fs: %d quantized linears at w%dg%d%s", result.seconds, len(qweights), cfg.bits,
              cfg.group_size, "" if e2e is None or e2e.val_loss_after is None

@@ -31,7 +31,7 @@ def _eqat_quantize(self, calibration=None, tokenizer=None, seq_len: Optional[int
     """Block-AP (+ E2E-QP when ``e2e_epochs > 0``) on ``self.model`` in place; ``work_dir`` makes
     Block-AP resumable (see ``resume.py``); ``offload_dir`` keeps its activation streams in
     memory-mapped files instead of RAM; ``e2e_data`` gives E2E-QP its own training samples;
-    ``self_generated``: samples the fp model wrote, for both phases (else ``e2e_self_generated``
+    ``self_generated``: samples the fp model wrote, for both phases (else ``self_generated``
     of them are sampled)."""
     from .eqat_run import run_eqat
 

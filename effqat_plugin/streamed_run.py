@@ -91,7 +91,7 @@ class StreamedQuantization:
             source_dtype=_out_dtype(self.sm.source_dtype),
             extra={"base_model": getattr(self.model.config, "_name_or_path", None) or None,
                    "e2e_samples": 0, "e2e_seq_len": int(e2e_ids.shape[1]),
-                   "e2e_self_generated": 0 if self_generated is None else int(self_generated.shape[0]),
+                   "self_generated": 0 if self_generated is None else int(self_generated.shape[0]),
                    "block_ap_samples": int(block_train.shape[0])})
         self._t0 = t0
         self._calibration = (e2e_ids, val_ids)

@@ -181,7 +181,7 @@ def eqat_rows(model_dir, bits, group, calib, evals, out, text_calib=False):
     cfg = EQATConfig(bits=bits, group_size=group, e2e_epochs=0)
     train_ids, val_ids = split_calibration(calib, full_cfg.block_val_samples)
     extra = None
-    if text_calib:  # as `effqat quantize --e2e-self-generated auto`: as many samples the fp model writes
+    if text_calib:  # as `effqat quantize --self-generated auto`: as many samples the fp model writes
         from transformers import AutoModelForCausalLM
 
         fp = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()

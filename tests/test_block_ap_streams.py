@@ -41,15 +41,15 @@ def test_capture_moves_only_modules_outside_the_layers():
 
 
 def test_plugin_e2e_trains_on_self_generated_samples_too():
-    """EQATConfig(e2e_self_generated=N): run_eqat samples N sequences from the still-fp model and
+    """EQATConfig(self_generated=N): run_eqat samples N sequences from the still-fp model and
     Block-AP and E2E-QP train on them besides the calibration's training split; recorded in meta.eqat."""
     cfg = EQATConfig(bits=2, group_size=32, block_epochs=1, block_batch_size=4, e2e_epochs=1, e2e_max_auto_epochs=1,
-                     e2e_batch_size=4, block_val_samples=2, e2e_self_generated=3)
+                     e2e_batch_size=4, block_val_samples=2, self_generated=3)
     ids = torch.randint(0, 128, (16, 24), generator=torch.Generator().manual_seed(1))
     result = run_eqat(tiny_llama(), cfg, ids, show_progress=False)
     assert result.n_train == 14 and result.extra["e2e_samples"] == 17
     meta = result.meta(cfg)
-    assert meta["calibration"]["e2e_self_generated"] == 3 and meta["settings"]["e2e_self_generated"] == 3
+    assert meta["calibration"]["self_generated"] == 3 and meta["settings"]["self_generated"] == 3
     assert result.e2e.total_steps == 5  # ceil(17 / 4)
     # Block-AP trained on them as well (block_self_generated, the default): 17 samples, 5 steps per layer
     assert meta["calibration"]["block_ap_samples"] == 17 and meta["settings"]["block_self_generated"] is True

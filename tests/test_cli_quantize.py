@@ -62,6 +62,7 @@ def test_e2e_data_trains_e2e_qp_on_its_own_samples(tmp_path, stories260k_dir, da
     assert main(["quantize", str(stories260k_dir), str(out), "--calib", str(data_files / "calib.safetensors"),
                  "--e2e-data", str(e2e), "--e2e-batch-size", "4", "--e2e-self-generated", "0", *SMALL]) == 0
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # the option's former name still works: no self-generated samples were added to the 12
     assert line["calibration"] == [24, 64] and line["e2e_data"] == [12, 64]
     meta = json.loads((out / "quantize_config.json").read_text())["meta"]["eqat"]
     assert meta["calibration"]["e2e_samples"] == 12 and meta["calibration"]["train_samples"] == 21
@@ -73,7 +74,7 @@ def test_e2e_data_trains_e2e_qp_on_its_own_samples(tmp_path, stories260k_dir, da
 
 def test_e2e_trains_on_self_generated_samples_besides_calibration_text(tmp_path, stories260k_dir, data_files,
                                                                      capsys):
-    """--e2e-self-generated auto (the default) with a calibration file: E2E-QP trains on the calibration's
+    """--self-generated auto (the default) with a calibration file: E2E-QP trains on the calibration's
     training split plus as many sequences sampled from the fp model (seed + 2, never the seed + 1 of
     held-out evaluation samples); recorded in the output line and meta.eqat."""
     from transformers import AutoModelForCausalLM
@@ -85,9 +86,9 @@ def test_e2e_trains_on_self_generated_samples_besides_calibration_text(tmp_path,
     assert main(["quantize", str(stories260k_dir), str(out), "--calib", str(data_files / "calib.safetensors"),
                  "--e2e-batch-size", "4", *SMALL]) == 0
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert line["e2e_self_generated"] == 21 and line["e2e_data"] == [42, 64]
+    assert line["self_generated"] == 21 and line["e2e_data"] == [42, 64]
     meta = json.loads((out / "quantize_config.json").read_text())["meta"]["eqat"]
-    assert meta["calibration"]["e2e_self_generated"] == 21 and meta["calibration"]["e2e_samples"] == 42
+    assert meta["calibration"]["self_generated"] == 21 and meta["calibration"]["e2e_samples"] == 42
     assert meta["calibration"]["block_ap_samples"] == 42  # Block-AP trained on them too (the default)
     assert all(layer["steps"] == 21 for layer in meta["block_ap"]["layers"])  # 1 epoch of 42 in batches of 2
     assert meta["e2e_qp"]["total_steps"] == 11
@@ -105,12 +106,12 @@ def test_e2e_trains_on_self_generated_samples_besides_calibration_text(tmp_path,
     # no calibration file (the calibration is self-generated already) or E2E-QP off: nothing added
     assert main(["quantize", str(stories260k_dir), str(tmp_path / "s"), "--n-samples", "8", "--seq-len", "32",
                  "--block-epochs", "1", "--e2e-epochs", "1", "--quiet"]) == 0
-    assert "e2e_self_generated" not in json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert "self_generated" not in json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     with pytest.raises(SystemExit) as e:  # argparse refuses it before any model is loaded
         main(["quantize", str(stories260k_dir), str(tmp_path / "b"), "--calib",
-              str(data_files / "calib.safetensors"), "--e2e-self-generated", "x", *SMALL])
+              str(data_files / "calib.safetensors"), "--self-generated", "x", *SMALL])
     assert e.value.code == 2
-    assert "--e2e-self-generated must be" in capsys.readouterr().err and not (tmp_path / "b").exists()
+    assert "--self-generated must be" in capsys.readouterr().err and not (tmp_path / "b").exists()
 
 
 def _expect_error(argv, capsys, needle):

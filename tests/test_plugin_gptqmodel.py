@@ -80,7 +80,7 @@ def test_meta_records_identity_settings_and_losses(quantized, tmp_path):
     eqat = meta["eqat"]
     assert eqat["settings"]["bits"] == 2 and eqat["settings"]["group_size"] == 64
     assert eqat["calibration"] == {"train_samples": 28, "val_samples": 4, "seq_len": 64, "e2e_samples": 28,
-                                   "e2e_seq_len": 64, "e2e_self_generated": 0, "block_ap_samples": 28}
+                                   "e2e_seq_len": 64, "self_generated": 0, "block_ap_samples": 28}
     layers = eqat["block_ap"]["layers"]
     assert [r["index"] for r in layers] == [0, 1, 2, 3, 4]
     assert all(r["val_loss"] is not None and math.isfinite(r["val_loss"]) for r in layers)

@@ -149,7 +149,7 @@ class Pipeline:
 
         cfg = config_from_args(a, MASTER_FORMAT, e2e_epochs=0 if separate_e2e else None)
         # everything that shapes the checkpoint: the whole config (a changed default redoes the stage too)
-        settings = {**cfg.eqat_settings(), "e2e_self_generated": a.e2e_self_generated}
+        settings = {**cfg.eqat_settings(), "self_generated": a.self_generated}
         key = _hash({"stage": "quantize", "model": model_fingerprint(a.model), "settings": settings,
                      "calib": file_fingerprint(a.calib), "n_samples": a.n_samples, "seq_len": a.seq_len})
         out = self.folder(MASTER_FORMAT, blockap=separate_e2e)

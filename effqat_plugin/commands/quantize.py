@@ -53,7 +53,7 @@ def add_training_arguments(p) -> None:
     p.add_argument("--e2e-max-auto-epochs", type=positive_int, default=2, metavar="N",
                    help="--lr-preset auto with fewer E2E-QP steps than the paper's 128: repeat the data up to N "
                         "epochs, keeping the one with the lowest held-out loss (1 = never repeat)")
-    p.add_argument("--e2e-self-generated", type=self_generated_arg, default="auto", metavar="N|auto",
+    p.add_argument("--self-generated", "--e2e-self-generated", type=self_generated_arg, default="auto", metavar="N|auto",
                    help="Block-AP and E2E-QP also train on N sequences the fp model writes itself (sampled once, "
                         "seed + 2). "
                         "auto: as many as the calibration's training samples when --calib is given and the fp32 "
@@ -104,7 +104,7 @@ def self_generated_arg(text: str):
         return "auto"
     n = _int_at_least(text, 0)
     if n is None:
-        raise argparse.ArgumentTypeError(f"--e2e-self-generated must be a count >= 0 or 'auto', got {text!r}")
+        raise argparse.ArgumentTypeError(f"--self-generated must be a count >= 0 or 'auto', got {text!r}")
     return n
 
 
@@ -131,12 +131,12 @@ def config_from_args(args, save_format: str, e2e_epochs: int | None = None, kern
 
 def train(run, args, cfg, model_dir: str, ids, e2e_ids=None, offload_dir=None) -> None:
     """Block-AP, then E2E-QP on ``e2e_ids`` (default: the calibration's training split), both also on
-    the ``--e2e-self-generated`` samples (``eqat_run.with_self_generated``), on ``run`` (a streamed or
+    the ``--self-generated`` samples (``eqat_run.with_self_generated``), on ``run`` (a streamed or
     in-memory quantization); the sample counts end up in the run's meta."""
     from effqat_plugin.eqat_run import sample_self_generated, split_calibration
 
     train_ids = split_calibration(ids, cfg.block_val_samples)[0]
-    n_self = self_generated_count(args.e2e_self_generated, args.calib, model_dir, cfg, train_ids.shape[0])
+    n_self = self_generated_count(args.self_generated, args.calib, model_dir, cfg, train_ids.shape[0])
     extra = None
     if n_self:
         extra = sample_self_generated(full_model(run, local_model_dir(model_dir)), n_self, ids.shape[1], args.seed)
@@ -168,9 +168,9 @@ def run(args) -> int:
     line = {"out_dir": args.out_dir, "format": args.save_format, "bits": args.bits, "group_size": args.group_size,
             "calibration": list(ids.shape)}
     cal = summary["eqat"]["calibration"]   # what E2E-QP really trained on, as recorded by the run
-    if cfg.e2e_epochs > 0 and (e2e_ids is not None or cal["e2e_self_generated"]):
+    if cfg.e2e_epochs > 0 and (e2e_ids is not None or cal["self_generated"]):
         line["e2e_data"] = [cal["e2e_samples"], cal["e2e_seq_len"]]
-        line["e2e_self_generated"] = cal["e2e_self_generated"]
+        line["self_generated"] = cal["self_generated"]
     if e2e and e2e.get("val_loss_after") is not None:
         line["val_ppl_before_e2e"] = round(math.exp(e2e["val_loss_before"]), 3)
         line["val_ppl"] = round(math.exp(e2e["val_loss_after"]), 3)
@@ -231,7 +231,7 @@ def full_model(run, model_dir):
 
 
 def self_generated_count(requested, calib, model_dir: str, cfg, n_train: int) -> int:
-    """``--e2e-self-generated`` (``requested``) resolved: an explicit count, or for ``auto`` the
+    """``--self-generated`` (``requested``) resolved: an explicit count, or for ``auto`` the
     calibration's training samples (``n_train``) when there is calibration text (``calib``;
     self-generated calibration gains nothing from more of the same) and the fp32 model fits in half the
     free host memory; 0 when neither phase would train on them."""
@@ -248,8 +248,8 @@ def self_generated_count(requested, calib, model_dir: str, cfg, n_train: int) ->
     free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 0
     if 2 * fp32_bytes > free:
         logging.getLogger("effqat").info(
-            "--e2e-self-generated auto: the fp32 model (%.1f GB) does not fit in half the free host memory "
-            "(%.1f GB); E2E-QP trains on the calibration data only (pass a count to force sampling)",
+            "--self-generated auto: the fp32 model (%.1f GB) does not fit in half the free host memory "
+            "(%.1f GB); both phases train on the calibration data only (pass a count to force sampling)",
             fp32_bytes / 1e9, free / 1e9)
         return 0
     return int(n_train)
