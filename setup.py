@@ -27,7 +27,7 @@ setup(
         "effqat_plugin.kernels": "kernels",
     },
     package_data={
-        "effqat_plugin": ["assets/stories260k/*"],
+        "effqat_plugin": ["assets/stories260k/*", "assets/*.json"],
         "effqat_plugin.kernels": ["csrc/*.cu", "csrc/*.cpp", "csrc/*.h"],
     },
     install_requires=[

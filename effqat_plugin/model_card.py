@@ -2,11 +2,14 @@
 
 The card says how the checkpoint was made (bits, group, Block-AP / E2E-QP settings and learning
 rates actually used, calibration data), how well it does (the quality table from
-``effqat_eval.json`` and the per-layer Block-AP losses, with their PNG plots when present), and how to
-load it with GPTQModel (or, for the original EQAT layout, how to convert it).
+``effqat_eval.json`` and the per-layer Block-AP losses, with their PNG plots when present), how
+EfficientQAT compares with GPTQ and AutoRound at the same bits / group size (effqat's own benchmark
+table, ``assets/reference_quality.json``, labelled as measured on another model), and how to load it
+with GPTQModel (or, for the original EQAT layout, how to convert it).
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -16,6 +19,9 @@ from typing import List, Optional, Tuple
 
 FORMAT_NAMES = {"gptq": "GPTQ (v1 zero points, GPTQModel convention)", "gptq_v2": "GPTQ v2 (true zero points)",
                 "bitblas": "BitBLAS", "eqat": "original EfficientQAT layout"}
+
+# EQAT vs GPTQ / AutoRound on a small real model, per bits / group (scripts/bench_quality.py --json)
+REFERENCE_QUALITY = Path(__file__).parent / "assets" / "reference_quality.json"
 
 LICENSE_TEXT_HINTS = (
     (re.compile(r"\bMIT License\b|Permission is hereby granted, free of charge", re.I), "mit"),
@@ -123,6 +129,33 @@ def _lr_search_note(searches) -> str:
             parts.append(f"layer {search.get('layer')} " + "/".join(f"{t.get('scale', 0):g}" for t in trials)
                          + f" -> {best.get('scale', 0):g}")
     return " (lr scale by held-out loss: " + ", ".join(parts) + ")" if parts else ""
+
+
+def reference_section(bits: int, group: int, path=REFERENCE_QUALITY) -> List[str]:
+    """Card lines comparing EQAT with GPTQ and AutoRound at this checkpoint's bits / group size, from
+    the benchmark table shipped with effqat (``scripts/bench_quality.py --json``, on a small real
+    model); [] when that table has no such config or cannot be read."""
+    try:
+        ref = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return []
+    rows = (ref.get("configs") or {}).get(f"w{bits}g{group}") or []
+    if not rows:
+        return []
+    cols = list(ref.get("evaluation") or {})
+    body = ([("fp32 (unquantized)", ref["fp"], None)] if ref.get("fp") else []) + [
+        (r.get("label", r.get("method")), r.get("ppl") or {}, r.get("cpu_time_vs_gptq")) for r in rows]
+    what = ", ".join(f"{c} ({d})" for c, d in ref["evaluation"].items())
+    out = ["## EfficientQAT against GPTQ and AutoRound (reference, not this model)", "",
+           f"Measured by effqat's `{ref.get('made_by', 'scripts/bench_quality.py')}` on {ref.get('model')} at "
+           f"w{bits}g{group}, every method on the same calibration ({ref.get('calibration')}); perplexity (lower "
+           f"is better) on {what}. Every quantized row is a checkpoint reloaded through GPTQModel. It shows how "
+           "the methods compare, not how this checkpoint does (see Quality).", "",
+           "| method | " + " | ".join(f"{c} ppl" for c in cols) + " | quantization CPU time / GPTQ |",
+           "|---|" + "---|" * (len(cols) + 1)]
+    out += ["| " + " | ".join([label, *(f"{ppl[c]:,.2f}" if c in ppl else "-" for c in cols),
+                               f"{ratio:.2f}x" if ratio else "-"]) + " |" for label, ppl, ratio in body]
+    return out + [""]
 
 
 def _fmt_num(v, digits=4) -> str:
@@ -234,6 +267,9 @@ def render_card(inp: CardInputs) -> str:
             out += [f"![quality]({QUALITY_PNG})", ""]
     else:
         out += ["Not evaluated yet (run `effqat eval` on the folder before pushing).", ""]
+
+    if info.kind == "quantized" and bits and group:
+        out += reference_section(int(bits), int(group))
 
     layers = (eqat.get("block_ap") or {}).get("layers") or []
     if layers:

@@ -234,8 +234,12 @@ def child(method, model_dir, config, work):
 
 
 def run_child(args, method, config) -> list:
-    """The rows of one method (cached in WORK/<config>/<method>.json); a failure becomes a note row."""
+    """The rows of one method (cached in WORK/<config>/<method>.json); a failure becomes a note row.
+    With ``--cached-only`` a row not measured yet is left out instead of run."""
     result = os.path.join(args.work, config, method + ".json")
+    if not os.path.exists(result) and args.cached_only:
+        print(f"  {config} {method}: not measured in {args.work} (left out)", flush=True)
+        return []
     if not os.path.exists(result):
         log = os.path.join(args.work, config, method + ".log")
         os.makedirs(os.path.dirname(log), exist_ok=True)
@@ -294,10 +298,24 @@ def prepare_data(args):
     with open(labels_path, "w") as f:
         json.dump(labels, f)
     calib = load_token_file(os.path.join(args.work, "calib.safetensors"))
+    sources = {data_label(spec): source_name(spec) for spec, _ in wanted}
+    sources["self-generated"] = "text the fp model writes, seed 1"
     with open(os.path.join(args.work, "data.json"), "w") as f:
         json.dump({"calib": [args.text_calib or "sampled from the model (seed 0)", list(calib.shape)],
                    "eval": {lb: list(load_token_file(os.path.join(args.work, f"eval_{lb}.safetensors")).shape)
-                            for lb in labels}}, f)
+                            for lb in labels},
+                   "sources": {lb: sources.get(lb, lb) for lb in labels}}, f)
+
+
+def source_name(path: str) -> str:
+    """A data file as a table names it: its folder and file name (``wikitext-2/test.txt``)."""
+    path = os.path.normpath(str(path))
+    return os.path.join(os.path.basename(os.path.dirname(path)), os.path.basename(path))
+
+
+def gptq_cpu_seconds(rows):
+    """GPTQ's quantization CPU time in one config's rows: what the other methods' times are divided by."""
+    return next((r["cpu_seconds"] for r in rows if r["method"] == "gptq" and r.get("cpu_seconds")), None)
 
 
 def format_table(args, results) -> str:
@@ -311,7 +329,7 @@ def format_table(args, results) -> str:
              + ", ".join(f"{lb} {s[0]} x {s[1]}" for lb, s in data["eval"].items()),
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for config, rows in results.items():
-        gptq = next((r["cpu_seconds"] for r in rows if r["method"] == "gptq" and r.get("cpu_seconds")), None)
+        gptq = gptq_cpu_seconds(rows)
         for r in rows:
             ppl = [f"{r['ppl'][lb]:,.2f}" if lb in r.get("ppl", {}) and math.isfinite(r["ppl"][lb]) else "n/a"
                    for lb in labels]
@@ -321,6 +339,30 @@ def format_table(args, results) -> str:
                                             *ppl, f"{sec:.0f} s" if sec else "–", ratio,
                                             f"{wall:.0f} s" if wall else "–", r.get("note", "")]) + " |")
     return "\n".join(lines)
+
+
+def reference_table(args, results) -> dict:
+    """The table as data (``effqat_plugin.model_card.reference_section`` renders one config of it):
+    what was measured on which tokens, and per config each method's perplexities and CPU time as a
+    ratio to that config's GPTQ row."""
+    with open(os.path.join(args.work, "data.json")) as f:
+        data = json.load(f)
+    sources = data.get("sources", {})
+    calib_src, (n, t) = data["calib"]
+    out = {"schema": "effqat-reference-quality/1", "made_by": "scripts/bench_quality.py",
+           "model": os.path.basename(os.path.normpath(args.model)),
+           "calibration": f"{n} x {t} tokens of {source_name(calib_src) if os.sep in str(calib_src) else calib_src}",
+           "evaluation": {lb: f"{s[0]} x {s[1]} tokens of {sources.get(lb, lb)}" for lb, s in data["eval"].items()},
+           "fp": None, "configs": {}}
+    ppl = lambda r: {lb: round(v, 2) for lb, v in r["ppl"].items() if math.isfinite(v)}  # noqa: E731
+    for config, rows in results.items():
+        gptq = gptq_cpu_seconds(rows)
+        out["fp"] = next((ppl(r) for r in rows if r["method"] == "fp" and r.get("ppl")), out["fp"])
+        out["configs"][config] = [
+            {"method": r["method"], "label": LABELS.get(r["method"], r["method"]), "ppl": ppl(r),
+             "cpu_time_vs_gptq": round(r["cpu_seconds"] / gptq, 2) if r.get("cpu_seconds") and gptq else None}
+            for r in rows if r.get("ppl") and r["method"] != "fp"]
+    return out
 
 
 def main(argv=None):
@@ -341,7 +383,10 @@ def main(argv=None):
     ap.add_argument("--n-eval", type=int, default=32)
     ap.add_argument("--eval-len", type=int, default=1024)
     ap.add_argument("--work", default="runs/bench-quality", help="work folder (checkpoints, logs, per-row results)")
-    ap.add_argument("--json", help="also write the results as JSON here")
+    ap.add_argument("--json", help="also write the table as JSON here (the form of the reference table that "
+                                   "model cards quote: effqat_plugin/assets/reference_quality.json)")
+    ap.add_argument("--cached-only", action="store_true",
+                    help="build the table from the rows already measured in --work; run nothing")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -368,7 +413,8 @@ def main(argv=None):
         f.write(table + "\n")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+            json.dump(reference_table(args, results), f, indent=1)
+            f.write("\n")
     return 0
 
 

@@ -16,6 +16,7 @@ import sys
 import threading
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
@@ -287,10 +288,46 @@ def test_card_front_matter_and_content(qfolder, stories260k_dir):
     assert "(lr scale by held-out loss: layer 0 32/64/128 -> " in card  # the auto preset's lr search
     assert "| calibration data | 14 train + 2 validation sequences of 32 tokens" in card
     assert card.count("| 4 |") >= 1 and "## Block-AP per-layer loss" in card
+    # the shipped reference comparison at the checkpoint's own bits / group size (w2g64)
+    ref = json.loads(REFERENCE.read_text())
+    eqat = next(r for r in ref["configs"]["w2g64"] if r["method"] == "eqat")
+    assert "## EfficientQAT against GPTQ and AutoRound (reference, not this model)" in card
+    assert f"| {eqat['label']} | {eqat['ppl']['test']:,.2f} |" in card and "at w2g64" in card
     # a hub id given explicitly wins, and an explicit license overrides
     plan2 = hub.plan_push(qfolder, "me/x", base_model="karpathy/tinyllamas", license="apache-2.0")
     fm2 = front_matter(plan2.card)
     assert fm2["base_model"] == "karpathy/tinyllamas" and fm2["license"] == "apache-2.0"
+
+
+REFERENCE = Path(__file__).resolve().parents[1] / "effqat_plugin" / "assets" / "reference_quality.json"
+
+
+def test_card_reference_section_only_for_measured_configs(tmp_path):
+    """The card quotes the benchmark table for the checkpoint's config only, fp first, methods in the
+    table's order with their CPU-time ratio to GPTQ; nothing for a config the table lacks or a
+    missing / corrupt table."""
+    from effqat_plugin.model_card import reference_section
+
+    table = {"made_by": "bench", "model": "m", "calibration": "4 x 8 tokens of a.txt",
+             "evaluation": {"test": "2 x 8 tokens of b.txt", "kjv": "1 x 8 tokens of c.txt"},
+             "fp": {"test": 10.0, "kjv": 12.5},
+             "configs": {"w3g128": [{"method": "gptq", "label": "GPTQ", "ppl": {"test": 30.0, "kjv": 1234.5},
+                                     "cpu_time_vs_gptq": 1.0},
+                                    {"method": "eqat", "label": "EQAT", "ppl": {"test": 11.0},
+                                     "cpu_time_vs_gptq": 7.5}]}}
+    path = tmp_path / "ref.json"
+    path.write_text(json.dumps(table))
+    lines = reference_section(3, 128, path)
+    rows = [ln for ln in lines if ln.startswith("| ")]
+    assert rows == ["| method | test ppl | kjv ppl | quantization CPU time / GPTQ |",
+                    "| fp32 (unquantized) | 10.00 | 12.50 | - |", "| GPTQ | 30.00 | 1,234.50 | 1.00x |",
+                    "| EQAT | 11.00 | - | 7.50x |"]
+    assert "at w3g128" in lines[2] and "test (2 x 8 tokens of b.txt)" in lines[2]
+    assert reference_section(2, 64, path) == []
+    path.write_text("{not json")
+    assert reference_section(3, 128, path) == [] and reference_section(3, 128, tmp_path / "none.json") == []
+    shipped = json.loads(REFERENCE.read_text())
+    assert {"w2g64", "w3g128", "w4g128"} <= set(shipped["configs"]) and shipped["fp"]["test"] > 0
 
 
 def test_push_sends_one_commit_with_card_and_only_checkpoint_files(tmp_path, qfolder, fake_hub):
