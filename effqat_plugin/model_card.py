@@ -9,13 +9,14 @@ with GPTQModel (or, for the original EQAT layout, how to convert it).
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Tuple
+
+from .jsonio import read_json_or_empty
 
 FORMAT_NAMES = {"gptq": "GPTQ (v1 zero points, GPTQModel convention)", "gptq_v2": "GPTQ v2 (true zero points)",
                 "bitblas": "BitBLAS", "eqat": "original EfficientQAT layout"}
@@ -135,17 +136,15 @@ def reference_section(bits: int, group: int, path=REFERENCE_QUALITY) -> List[str
     """Card lines comparing EQAT with GPTQ and AutoRound at this checkpoint's bits / group size, from
     the benchmark table shipped with effqat (``scripts/bench_quality.py --json``, on a small real
     model); [] when that table has no such config or cannot be read."""
-    try:
-        ref = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return []
+    ref = read_json_or_empty(path)
     rows = (ref.get("configs") or {}).get(f"w{bits}g{group}") or []
     if not rows:
         return []
-    cols = list(ref.get("evaluation") or {})
+    evaluation = ref.get("evaluation") or {}
+    cols = list(evaluation)
     body = ([("fp32 (unquantized)", ref["fp"], None)] if ref.get("fp") else []) + [
         (r.get("label", r.get("method")), r.get("ppl") or {}, r.get("cpu_time_vs_gptq")) for r in rows]
-    what = ", ".join(f"{c} ({d})" for c, d in ref["evaluation"].items())
+    what = ", ".join(f"{c} ({d})" for c, d in evaluation.items())
     out = ["## EfficientQAT against GPTQ and AutoRound (reference, not this model)", "",
            f"Measured by effqat's `{ref.get('made_by', 'scripts/bench_quality.py')}` on {ref.get('model')} at "
            f"w{bits}g{group}, every method on the same calibration ({ref.get('calibration')}); perplexity (lower "
