@@ -48,6 +48,8 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8"],
+        # scripts/test.sh with EFFQAT_TEST_ORDER=random|SEED (shuffled test order; CI keeps the default)
+        "test-order": ["pytest-randomly==5.1.0"],
         "eval": ["lm-eval>=0.4.8"],
         # scripts/get_smollm2.py (GGUF -> HF) and scripts/bench_quality.py's AutoRound rows
         "bench": ["gguf==0.19.0", "auto-round==0.16.1"],

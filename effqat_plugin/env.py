@@ -40,7 +40,8 @@ def quiet_third_party_logs(imports_gptqmodel: bool = True) -> None:
     global _QUIET
     _QUIET = True
     try:
-        from logbar import LogBar  # GPTQModel's logger (a logging.Logger subclass writing to stdout)
+        with contextlib.redirect_stdout(io.StringIO()):  # logbar prints a blank line at import
+            from logbar import LogBar  # GPTQModel's logger (a logging.Logger subclass writing to stdout)
 
         LogBar.shared().setLevel(logging.ERROR)
     except ImportError:  # pragma: no cover - gptqmodel always brings logbar
@@ -50,6 +51,8 @@ def quiet_third_party_logs(imports_gptqmodel: bool = True) -> None:
     for name in ("torch", "torch.utils._pytree", "torch.utils.cpp_extension", "transformers", "accelerate",
                  "auto_round", "tokenicer", "tokenicer.tokenicer"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # "generated new fontManager" (INFO, once per fresh matplotlib cache) when a report is plotted
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
     import warnings
 
     # transformers 5.x deprecation notice for the KV-cache argument name (raised inside torch's Module call)

@@ -227,27 +227,63 @@ _BODIES = {"dequant": _dequant_kernel, "gemv": _gemv_kernel, "gemm": _gemm_kerne
 _CACHE = {}
 
 
-@contextlib.contextmanager
-def _interpreted_stdlib():
-    """When triton was imported without TRITON_INTERPRET=1, its own @jit helpers (tl.zeros, tl.sum,
-    ...) are compiled-mode JITFunctions that refuse to run inside the interpreter; swap them for
-    interpreted copies for the duration of one launch (no-op when they already are)."""
-    from triton.runtime.interpreter import InterpretedFunction
-    from triton.runtime.jit import JITFunction
+def _language_namespaces():
+    """Every namespace Triton's interpreter patches: the language modules and the classes whose
+    methods it rebinds (``triton.language`` and ``triton.language.core`` are separate modules that
+    share function objects, so both are listed)."""
     import triton.language.core as core
     import triton.language.math as tmath
     import triton.language.standard as std
-    saved = []
-    for mod in (tl, std, core, tmath):
+    return (tl, core, tmath, std, core.tensor, core.dtype, core.tensor_descriptor_base)
+
+
+@contextlib.contextmanager
+def _interpreter_sandbox():
+    """Run one interpreter launch and leave ``triton.language`` exactly as it was.
+
+    Two things happen inside:
+
+    * When triton was imported without TRITON_INTERPRET=1, its own @jit helpers (tl.zeros, tl.sum,
+      ...) are compiled-mode JITFunctions that refuse to run inside the interpreter; they are
+      swapped for interpreted copies.
+    * Triton 3.8's interpreter does not undo all of its patches: a *device* function call
+      (``InterpretedFunction.__call__``, e.g. ``tl.sum`` inside a kernel) rebinds ~60 builtins of
+      ``triton.language.core`` (``arange``, ``full``, ``cast``, ...) to interpreter versions and
+      never restores them, and rewriting such a helper injects the interpreter's globals into
+      ``triton.language.standard``. The real compiler then trips over the leftovers the next time
+      it has to build a kernel from scratch (``'ir.value' object has no attribute 'dtype'`` at the
+      first ``tl.arange``), which a warm Triton cache hides. (Triton PR #8735 made the grid
+      launch clean up; the device-function path still leaks.) So every namespace the interpreter
+      touches is snapshotted before the launch and restored after it: attributes it added are
+      removed (submodules imported meanwhile stay), attributes it rebound get their original
+      objects back.
+    """
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+    spaces = _language_namespaces()
+    snapshots = [(ns, dict(vars(ns))) for ns in spaces]
+    for mod in spaces[:4]:
         for name, val in list(vars(mod).items()):
             if isinstance(val, JITFunction):
-                saved.append((mod, name, val))
                 setattr(mod, name, InterpretedFunction(val.fn))
     try:
         yield
     finally:
-        for mod, name, val in reversed(saved):
-            setattr(mod, name, val)
+        for ns, before in snapshots:
+            now = vars(ns)
+            for name in [n for n, v in now.items() if n not in before and not _is_module(v)]:
+                delattr(ns, name)
+            for name, val in before.items():
+                if now.get(name, _ABSENT) is not val:
+                    setattr(ns, name, val)
+
+
+_ABSENT = object()
+
+
+def _is_module(value) -> bool:
+    import types
+    return isinstance(value, types.ModuleType)
 
 
 class _InterpretedKernel:
@@ -259,7 +295,7 @@ class _InterpretedKernel:
         launch = self._k[grid]
 
         def run(*args, **kwargs):
-            with _interpreted_stdlib():
+            with _interpreter_sandbox():
                 return launch(*args, **kwargs)
         return run
 

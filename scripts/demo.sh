@@ -8,7 +8,7 @@ bash scripts/setup.sh
 OUT=${OUT:-runs/demo}
 V=${VERBOSE:+--verbose}
 rm -rf "$OUT"; mkdir -p "$OUT"
-.venv/bin/python scripts/make_eval_data.py effqat_plugin/assets/stories260k "$OUT/eval.safetensors" --n-samples 32 --seed 1
+.venv/bin/python scripts/make_eval_data.py effqat_plugin/assets/stories260k "$OUT/eval.safetensors" --n-samples 32 --seed 1 $V
 .venv/bin/effqat quantize effqat_plugin/assets/stories260k "$OUT/stories260k-w2g64" --bits 2 --group-size 64 --quiet $V
 echo
 .venv/bin/effqat eval effqat_plugin/assets/stories260k "$OUT/stories260k-w2g64" --data "$OUT/eval.safetensors" \

@@ -1,7 +1,7 @@
 """Write held-out token data sampled from a model itself (for models whose tokenizer is a stand-in)."""
 import argparse
 
-from effqat_plugin.env import prepare_runtime_env
+from effqat_plugin.env import prepare_runtime_env, quiet_third_party_logs
 
 
 def main():
@@ -12,7 +12,10 @@ def main():
     ap.add_argument("--n-samples", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--seed", type=int, default=1, help="use a seed other than calibration's (0)")
+    ap.add_argument("--verbose", action="store_true", help="also show torch's / transformers' own log lines")
     args = ap.parse_args()
+    if not args.verbose:
+        quiet_third_party_logs(imports_gptqmodel=False)
     import torch
     from transformers import AutoModelForCausalLM
 

@@ -14,6 +14,7 @@ from effqat_plugin.converters import convert, get_format, load_quantized, save_q
 from effqat_plugin.converters.registry import WriteContext
 from effqat_plugin.qweight import QuantFormatError
 
+from kernel_helpers import close
 from test_converters_helpers import (assert_same, assert_tensors_same, config_files, llama_linears, rand_qweight,
                                      read_qcfg, stories_model)
 
@@ -151,6 +152,9 @@ def test_awq_loads_with_logits_equal_to_gptq_v2(tmp_path):
             c = hf(x).logits.float()
         assert torch.isfinite(b).all() and b.abs().max() > 0
         assert torch.equal(a, b)
-        torch.testing.assert_close(c, b, rtol=2e-3, atol=2e-3)
+        # transformers' AWQ pick is another CPU kernel (other fp16 summation order): agreement to
+        # fp16 rounding of the largest logit
+        kinds = {type(m).__name__ for m in hf.modules() if hasattr(m, "qweight")}
+        close(c, b, 1e-3, f"transformers ({sorted(kinds)}) vs GPTQModel")
     finally:
         torch._dynamo.config.disable = old

@@ -14,6 +14,7 @@ import torch
 
 from effqat_plugin.converters import convert, save_quantized
 
+from kernel_helpers import close
 from test_converters_helpers import config_files, llama_linears, read_qcfg, stories_model
 
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
@@ -69,11 +70,13 @@ def test_transformers_equals_gptqmodel(tmp_path, libs, fmt, bits):
         assert any(bool((qw.zeros == 0).any()) for qw in qws.values())  # flipped groups exist
     a, b, kinds = logits_both(d)
     assert torch.isfinite(b).all() and b.abs().max() > 0
-    # the 4-bit CPU pick (TorchCpuAvx512Linear) is another kernel than GPTQModel's TorchLinear
+    # transformers' 4-bit CPU pick (TorchCpuAvx512Linear with AVX-512, else TorchAtenLinear) is
+    # another kernel than GPTQModel's TorchLinear: same weights, other fp16 summation order, so the
+    # logits agree to fp16 rounding of the largest logit (measured: 0.0156 of 67.5, 2.3e-4)
     if kinds == {"TorchLinear"}:
         assert torch.equal(a, b)
     else:
-        torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3)
+        close(a, b, 1e-3, f"transformers ({sorted(kinds)}) vs GPTQModel TorchLinear")
 
 
 def test_ragged_shapes_name_the_torch_kernel(tmp_path, libs):

@@ -5,6 +5,8 @@ Tolerances (max abs error / max |reference|): fp32 1e-5, fp16 2e-3, bf16 1.6e-2 
 (the kernels round W to the activation dtype, the CPU reference keeps it in fp32); grad_s / grad_z
 (fp32 accumulations of the same rounded inputs) 1e-4 for every dtype.
 """
+import types
+
 import pytest
 import torch
 
@@ -149,29 +151,75 @@ _CONSTS = {
 }
 
 
-@pytest.mark.skipif(__import__("os").environ.get("EFFQAT_SKIP_NVCC_TEST") == "1",
-                    reason="EFFQAT_SKIP_NVCC_TEST=1")
-@pytest.mark.parametrize("dt,bits", [("fp16", 2), ("bf16", 3)])
-def test_triton_kernels_compile_to_cubin_sm80_sm90(monkeypatch, dt, bits):
-    """Compile (no GPU needed) every kernel to sm_80 and sm_90 cubins: catches what the interpreter
-    does not check (types, tl.dot operand rules, constexpr use)."""
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+def _compile(name, dt, bits, archs=(80, 90)):
+    """Compile one kernel for the given sm archs (no GPU needed); returns the cubins."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    ks = tk._kernels(False)
-    for name, spec in _SIGS.items():
-        fn = ks[name]
-        sig = {}
-        for item in spec.format(dt=dt).split():
-            k, _, ty = item.partition(":")
-            sig[k] = ty or "i32"
-        consts = dict(BITS=bits, VPW=32 // bits, **_CONSTS[name])
-        if "DOT_F32" in consts:
-            consts["PREC"] = "tf32"
-        sig.update({k: "constexpr" for k in consts})
-        src = ASTSource(fn=fn, signature=sig,
-                        constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
-        for arch in (80, 90):
-            c = triton.compile(src, target=GPUTarget("cuda", arch, 32))
-            assert len(c.asm["cubin"]) > 1000, (name, arch)
+    fn = tk._kernels(False)[name]
+    sig = {}
+    for item in _SIGS[name].format(dt=dt).split():
+        k, _, ty = item.partition(":")
+        sig[k] = ty or "i32"
+    consts = dict(BITS=bits, VPW=32 // bits, **_CONSTS[name])
+    if "DOT_F32" in consts:
+        consts["PREC"] = "tf32"
+    sig.update({k: "constexpr" for k in consts})
+    src = ASTSource(fn=fn, signature=sig,
+                    constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+    return [triton.compile(src, target=GPUTarget("cuda", arch, 32)).asm["cubin"] for arch in archs]
+
+
+_needs_ptxas = pytest.mark.skipif(__import__("os").environ.get("EFFQAT_SKIP_NVCC_TEST") == "1",
+                                  reason="EFFQAT_SKIP_NVCC_TEST=1")
+
+
+@_needs_ptxas
+@pytest.mark.parametrize("dt,bits", [("fp16", 2), ("bf16", 3)])
+def test_triton_kernels_compile_to_cubin_sm80_sm90(monkeypatch, tmp_path, dt, bits):
+    """Compile (no GPU needed) every kernel to sm_80 and sm_90 cubins: catches what the interpreter
+    does not check (types, tl.dot operand rules, constexpr use). An empty cache folder makes Triton
+    build every kernel from scratch, whatever ran before."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    for name in _SIGS:
+        for cubin in _compile(name, dt, bits):
+            assert len(cubin) > 1000, name
+
+
+def _language_state():
+    import triton.language as tl
+    import triton.language.core as core
+    import triton.language.math as tmath
+    import triton.language.standard as std
+    spaces = (tl, core, tmath, std, core.tensor, core.dtype, core.tensor_descriptor_base)
+    return [(ns, dict(vars(ns))) for ns in spaces]
+
+
+def test_interpreter_launch_leaves_triton_language_unchanged():
+    """The interpreter rebinds triton.language builtins while it runs (and Triton 3.8 leaves some
+    rebound after device-function calls such as tl.sum); every launch must restore them all."""
+    before = _language_state()
+    p, z, s, g = rand_case(24, 100, 3, 32, seed=11)
+    x = torch.randn(2, 100, generator=g).to(torch.float16)
+    gy = torch.randn(2, 24, generator=g).to(torch.float16)
+    tk.forward(x, p, s, z, 3, 32, 100)                          # gemv: tl.sum, tl.zeros
+    tk.grad_scales_zeros(x, gy, p, s, z, 3, 32, 100, True, True)
+    for ns, old in before:
+        now = dict(vars(ns))
+        changed = sorted(n for n in set(old) | set(now) if old.get(n, old) is not now.get(n, old)
+                         and not isinstance(now.get(n), types.ModuleType))  # lazy submodule imports
+        assert not changed, f"{ns.__name__}: {changed[:8]}"
+
+
+@_needs_ptxas
+def test_compile_from_empty_cache_after_interpreter_launch(monkeypatch, tmp_path):
+    """The fresh-machine failure: an interpreter launch, then a from-scratch compile in the same
+    process (it failed with 'ir.value' object has no attribute 'dtype' before the sandbox)."""
+    p, z, s, g = rand_case(24, 100, 2, 32, seed=12)
+    tk.forward(torch.randn(1, 100, generator=g).to(torch.float16), p, s, z, 2, 32, 100)
+    monkeypatch.delenv("TRITON_INTERPRET")
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    (cubin,) = _compile("dequant", "fp16", 2, archs=(80,))
+    assert len(cubin) > 1000
+    assert any(tmp_path.rglob("*.cubin")), "compiled from scratch into the empty cache"
