@@ -208,8 +208,11 @@ def _write(dst: Path, fmt: QuantFormat, ctx: WriteContext, stored: dict, items: 
 # ----------------------------------------------------------------------------------------------
 def convert(src, dst, *, to: str, bits=None, group_size=None, overwrite=False, dry_run=False,
             max_shard_size="4GB", v1_zeros: str = "auto", fast: bool = True,
-            v1_encoding: str = "signflip") -> dict:
-    """Convert a quantized folder (EQAT / GPTQ v1 / GPTQ v2 / BitBLAS) to format ``to``.
+            v1_encoding: str = "signflip", gguf_options: dict | None = None) -> dict:
+    """Convert a quantized folder (EQAT / GPTQ v1 / GPTQ v2 / BitBLAS / AWQ) to format ``to``.
+
+    ``to="gguf"`` writes one llama.cpp file ``dst`` instead (lossless block types; see
+    :mod:`.gguf_export`); ``gguf_options`` takes its ``embedding_type`` / ``output_type``.
 
     ``bits`` / ``group_size`` are needed only when neither the folder's config, its tensor shapes nor
     its name tell them; when given they must agree with the tensors. ``v1_zeros`` ('auto', 'word',
@@ -217,6 +220,10 @@ def convert(src, dst, *, to: str, bits=None, group_size=None, overwrite=False, d
     modules move as whole packed words when both formats support it (identical output; tested).
     Returns a report dict.
     """
+    if to == "gguf":  # one llama.cpp model file, not a folder format (see gguf_export)
+        from .gguf_export import convert_to_gguf
+        return convert_to_gguf(src, dst, bits=bits, group_size=group_size, overwrite=overwrite,
+                               dry_run=dry_run, v1_zeros=v1_zeros, **(gguf_options or {}))
     t0 = time.time()
     dst_fmt = get_format(to)
     src = Path(src)

@@ -48,7 +48,9 @@ def quiet_third_party_logs(imports_gptqmodel: bool = True) -> None:
         pass
     import torch  # noqa: F401  (its logging setup runs at import; adjust levels afterwards)
 
-    for name in ("torch", "torch.utils._pytree", "torch.utils.cpp_extension", "transformers", "accelerate",
+    # gguf / hf-to-gguf: llama.cpp's converter logs every tensor and vocab step at INFO (effqat
+    # convert --to gguf prints its own summary)
+    for name in ("gguf", "hf-to-gguf", "torch", "torch.utils._pytree", "torch.utils.cpp_extension", "transformers", "accelerate",
                  "auto_round", "tokenicer", "tokenicer.tokenicer"):
         logging.getLogger(name).setLevel(logging.ERROR)
     # "generated new fontManager" (INFO, once per fresh matplotlib cache) when a report is plotted

@@ -1,0 +1,99 @@
+"""GGUF block layouts that hold EfficientQAT's ``x = s * (q - z)`` exactly, and their encoders.
+
+ggml's legacy block types run along each row (along in_features) in blocks of 32, with one fp16
+step ``d`` per block (layouts as in ``gguf.quants``, whose dequantizers are the tests' oracle):
+
+* ``Q4_0``: ``x = d * (c - 8)``,  ``c`` in [0, 15]: 2 and 3 bits (``c = q - z + 8`` is in [1, 15]).
+* ``Q5_0``: ``x = d * (c - 16)``, ``c`` in [0, 31]: 4 bits (``c = q - z + 16`` is in [1, 31]).
+* ``Q8_0``: ``x = d * c``, ``c`` an int8: up to 8 bits when every ``q - z`` is in [-128, 127]
+  (always for <= 7 bits; for 8 bits only when zero points sit near the middle).
+
+With ``d = s`` (the checkpoint's fp16 scale of the block's group) all three are lossless; a block
+must not straddle two groups, so the group size must be a multiple of 32 (or one group per row).
+Q4_1 / Q5_1 (``x = d * c + m``) would round ``m = -s * z`` to fp16 and are never used here.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from effqat_plugin.qweight import QuantFormatError, QuantizedWeight
+
+BLOCK = 32
+# name -> (code offset, bytes per block)
+LOSSLESS_TYPES = {"Q4_0": (8, 18), "Q5_0": (16, 22), "Q8_0": (0, 34)}
+_ORDER = ("Q4_0", "Q5_0", "Q8_0")
+
+
+def group_fits_blocks(group_size: int, in_features: int) -> bool:
+    """Every 32-wide block of a row lies inside one quantization group."""
+    return group_size == -1 or group_size >= in_features or group_size % BLOCK == 0
+
+
+def needed_type(qw: QuantizedWeight) -> str | None:
+    """The smallest lossless block type for ``qw``, or None (then only exact F32 holds it):
+    rows that are not a multiple of 32 long, or 8-bit codes whose ``q - z`` leaves int8."""
+    if qw.in_features % BLOCK or not group_fits_blocks(qw.group_size, qw.in_features):
+        return None
+    if qw.bits <= 3:
+        return "Q4_0"
+    if qw.bits == 4:
+        return "Q5_0"
+    lo, hi = _delta_range(qw)
+    return "Q8_0" if lo >= -128 and hi <= 127 else None
+
+
+def widest(types) -> str | None:
+    """One type that holds every listed need (a row set stored as one tensor); None if any is F32."""
+    types = list(types)
+    if any(t is None for t in types):
+        return None
+    return max(types, key=_ORDER.index)
+
+
+def _delta_range(qw: QuantizedWeight) -> tuple[int, int]:
+    d = qw.int_weight.to(torch.int16) - qw.zeros.to(torch.int16)[:, qw.g_idx.long()]
+    return int(d.min()), int(d.max())
+
+
+def _block_params(qw: QuantizedWeight):
+    """Per-block zero points (int16) and fp16 steps ``[out, in / 32]``; steps must be fp16 already."""
+    nb = qw.in_features // BLOCK
+    gidx = qw.g_idx.long()[torch.arange(nb) * BLOCK]
+    s = qw.scales[:, gidx]
+    s16 = s.to(torch.float16)
+    if not torch.equal(s16.float(), s.float()):
+        raise QuantFormatError("scales are not fp16 values; a GGUF block step is fp16, so it would round")
+    return qw.zeros.to(torch.int16)[:, gidx], s16
+
+
+def encode(qw: QuantizedWeight, qtype: str) -> np.ndarray:
+    """Rows of ``qw`` as ``qtype`` blocks: uint8 ``[out, in / 32 * bytes_per_block]``."""
+    offset, nbytes = LOSSLESS_TYPES[qtype]
+    out, nb = qw.out_features, qw.in_features // BLOCK
+    z, d = _block_params(qw)
+    c = qw.int_weight.to(torch.int16).reshape(out, nb, BLOCK) - z[..., None] + offset
+    lo, hi = (-128, 127) if qtype == "Q8_0" else (0, 2 * offset - 1)
+    if int(c.min()) < lo or int(c.max()) > hi:
+        raise QuantFormatError(f"codes minus zero points leave {qtype}'s range")
+    d_bytes = d.contiguous().numpy().view(np.uint8).reshape(out, nb, 2)
+    c = c.numpy()
+    if qtype == "Q8_0":
+        body = c.astype(np.int8).view(np.uint8)
+    else:
+        c = c.astype(np.uint8)
+        low = (c[..., :16] & 0x0F) | ((c[..., 16:] & 0x0F) << 4)
+        if qtype == "Q4_0":
+            body = low
+        else:  # Q5_0: a little-endian uint32 of the 32 fifth bits, then the nibbles
+            qh = np.packbits((c >> 4) & 1, axis=-1, bitorder="little")
+            body = np.concatenate([qh, low], axis=-1)
+    blocks = np.concatenate([d_bytes, body.astype(np.uint8)], axis=-1)
+    assert blocks.shape[-1] == nbytes
+    return np.ascontiguousarray(blocks.reshape(out, nb * nbytes))
+
+
+def dequantized_f32(qw: QuantizedWeight) -> np.ndarray:
+    """The exact weights ``(q - z) * s`` in float32 (every product of an fp16 step and a small
+    integer is exact in float32): the fallback for rows no block type holds."""
+    return qw.dequantize().to(torch.float32).numpy()

