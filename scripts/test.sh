@@ -14,6 +14,8 @@ if [ "$ORDER" = default ]; then
   ORDER_ARGS=(-p no:randomly)
 else
   .venv/bin/python -c "import pytest_randomly" 2>/dev/null || .venv/bin/python -m pip install -q -e ".[test-order]"
-  ORDER_ARGS=(-p randomly "--randomly-seed=$([ "$ORDER" = random ] && echo $RANDOM$RANDOM || echo "$ORDER")")
+  SEED=$([ "$ORDER" = random ] && echo $((RANDOM * 32768 + RANDOM)) || echo "$ORDER")
+  echo "test order: shuffled, seed $SEED (EFFQAT_TEST_ORDER=$SEED bash scripts/test.sh repeats it)"
+  ORDER_ARGS=(-p randomly "--randomly-seed=$SEED")
 fi
 .venv/bin/python -m pytest -q -p no:cacheprovider "${ORDER_ARGS[@]}" tests "$@"

@@ -41,6 +41,18 @@ def first_run(tmp_path_factory, stories260k_dir, eval_file):
     return root, argv
 
 
+@pytest.fixture
+def run_copy(first_run, tmp_path):
+    """A private copy of the first run's output folder (and its argv), so tests that re-run the
+    pipeline never change what another test sees, whatever the order."""
+    root, argv = first_run
+    copy = tmp_path / "out"
+    shutil.copytree(root, copy)
+    argv = list(argv)
+    argv[argv.index(str(root))] = str(copy)
+    return copy, argv
+
+
 def test_every_stage_output(first_run):
     from effqat_plugin.converters import plan_folder
 
@@ -65,21 +77,16 @@ def test_every_stage_output(first_run):
     assert (root / "reports" / "quality.png").is_file() and (root / "reports" / "block_ap_loss.png").is_file()
 
 
-def test_rerun_skips_everything_and_setting_change_redoes(first_run, tmp_path):
-    root, argv = first_run
+def test_rerun_skips_everything_and_setting_change_redoes(run_copy):
+    root, argv = run_copy
     master = root / f"{NAME}-gptq_v2" / "model.safetensors"
     mtime = master.stat().st_mtime_ns
     assert main(argv) == 0
     assert all(s.startswith("skipped") for s in stages(root).values()), stages(root)
     assert master.stat().st_mtime_ns == mtime
     # a quantization setting changed: quantize, every format and the evaluation are redone
-    # (on a copy, so the other tests keep the first run's state)
-    copy = tmp_path / "copy"
-    shutil.copytree(root, copy)
-    root = copy
     i = argv.index("--block-epochs")
     argv2 = argv[:i + 1] + ["2"] + argv[i + 2:]
-    argv2[argv2.index(str(first_run[0]))] = str(copy)
     assert main(argv2) == 0
     st = stages(root)
     assert st["block_ap+e2e_qp"].startswith("done") and st["format gptq"] == "done"
@@ -96,9 +103,8 @@ def test_rerun_skips_everything_and_setting_change_redoes(first_run, tmp_path):
     assert marker["settings"]["e2e_max_auto_epochs"] == 1
 
 
-def test_incomplete_stage_is_redone(first_run):
-    root, argv = first_run
-    argv = [a for a in argv]
+def test_incomplete_stage_is_redone(run_copy):
+    root, argv = run_copy
     folder = root / f"{NAME}-eqat"
     (folder / ".effqat_stage.json").unlink()  # e.g. killed between the rename and the marker
     assert main(argv) == 0
@@ -107,9 +113,8 @@ def test_incomplete_stage_is_redone(first_run):
     assert st["block_ap+e2e_qp"].startswith("skipped")
 
 
-def test_unholdable_format_reported_others_complete(first_run, capsys):
-    root, argv = first_run
-    argv = list(argv)
+def test_unholdable_format_reported_others_complete(run_copy, capsys):
+    root, argv = run_copy
     argv[argv.index("--formats") + 1] = "gptq,bitblas"
     assert main(argv) == 1  # BitBLAS cannot hold the 172-wide MLP at g64
     out = capsys.readouterr().out
@@ -120,9 +125,9 @@ def test_unholdable_format_reported_others_complete(first_run, capsys):
     assert not [p for p in root.iterdir() if ".tmp-" in p.name]  # no partial folder left behind
 
 
-def test_pipeline_push_to_stand_in_hub(first_run, fake_hub, tmp_path):
-    root, argv = first_run
-    argv = list(argv) + ["--push", "me/s260k", "--endpoint", fake_hub.url, "--base-model", "karpathy/tinyllamas"]
+def test_pipeline_push_to_stand_in_hub(run_copy, fake_hub):
+    root, argv = run_copy
+    argv = argv + ["--push", "me/s260k", "--endpoint", fake_hub.url, "--base-model", "karpathy/tinyllamas"]
     assert main(argv) == 0
     repos = {c["repo_id"] for c in fake_hub.commits}
     assert repos == {"me/s260k-GPTQ", "me/s260k-GPTQv2", "me/s260k-EQAT"}
