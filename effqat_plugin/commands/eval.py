@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 
 log = logging.getLogger("effqat.eval")
+RUNTIMES = ("effqat", "gptqmodel", "llama.cpp")
 
 
 def add_parser(sub) -> None:
@@ -35,7 +36,9 @@ def add_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--runtime", type=_runtimes, default="effqat",
                    help="run quantized folders on effqat's kernels (effqat), through GPTQModel's TORCH backend "
-                        "(gptqmodel, GPTQ folders), or both (effqat,gptqmodel: one table row per runtime)")
+                        "(gptqmodel, GPTQ folders), in llama.cpp (llama.cpp: a lossless GGUF of the folder, "
+                        "perplexity only), or several (effqat,gptqmodel,llama.cpp: one table row per "
+                        "runtime). A .gguf MODEL is always run in llama.cpp")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--tasks", default=None,
                    help="lm-eval-harness tasks, comma separated; 'paper' = winogrande,piqa,hellaswag,arc_easy,"
@@ -54,9 +57,10 @@ def add_parser(sub) -> None:
 
 def _runtimes(spec: str):
     out = [r.strip() for r in spec.split(",") if r.strip()]
-    bad = [r for r in out if r not in ("effqat", "gptqmodel")]
+    bad = [r for r in out if r not in RUNTIMES]
     if not out or bad:
-        raise argparse.ArgumentTypeError(f"runtime {spec!r}: use effqat, gptqmodel or effqat,gptqmodel")
+        raise argparse.ArgumentTypeError(f"runtime {spec!r}: use one or more of {', '.join(RUNTIMES)} "
+                                         "(comma separated)")
     return list(dict.fromkeys(out))
 
 
@@ -66,6 +70,9 @@ def _writable_target(model_dir: str) -> bool:
     from effqat_plugin import __file__ as pkg_init
     from effqat_plugin.loading import is_quantized_folder
 
+    if model_dir.endswith(".gguf"):
+        log.info("%s is a GGUF file; its results are not written next to it (use --out)", model_dir)
+        return False
     assets = Path(pkg_init).resolve().parent / "assets"
     p = Path(model_dir).resolve()
     if p == assets or assets in p.parents:
@@ -105,8 +112,8 @@ def run(args) -> int:
         if not os.path.isfile(d):
             raise FileNotFoundError(f"data file not found: {d}")
     for m in args.model_dir:
-        if not os.path.isdir(m):
-            raise FileNotFoundError(f"model folder not found: {m}")
+        if not (os.path.isdir(m) or (m.endswith(".gguf") and os.path.isfile(m))):
+            raise FileNotFoundError(f"model folder (or .gguf file) not found: {m}")
     if args.json_path and len(args.model_dir) > 1:
         raise ValueError("--json takes one model folder; with several, each gets MODEL_DIR/effqat_eval.json")
     if args.name and len(args.name) != len(args.model_dir):
@@ -121,15 +128,21 @@ def run(args) -> int:
     dest = args.out or (os.path.dirname(os.path.abspath(args.json_path)) if args.json_path else None)
     for m in args.model_dir:
         mp = Path(m).resolve()
-        if dest and not is_quantized_folder(str(mp)) and (Path(dest).resolve() == mp or mp in Path(dest).resolve().parents):
+        if dest and mp.is_dir() and not is_quantized_folder(str(mp)) and (Path(dest).resolve() == mp or mp in Path(dest).resolve().parents):
             raise ValueError(f"{dest} lies inside the input model folder {m}; results never go into an fp model folder")
 
     runtimes = args.runtime if isinstance(args.runtime, list) else [args.runtime]
     cache: dict = {}
     all_results, rows = [], []
     for n, m in zip(names, args.model_dir):
-        # fp folders run the same on every runtime: evaluated once; quantized ones once per runtime
-        per_rt = runtimes if is_quantized_folder(m) else runtimes[:1]
+        # fp folders run the same on every runtime: evaluated once (by torch); quantized ones once
+        # per runtime; a .gguf file only in llama.cpp
+        if m.endswith(".gguf"):
+            per_rt = ["llama.cpp"]
+        elif is_quantized_folder(m):
+            per_rt = runtimes
+        else:
+            per_rt = [next((r for r in runtimes if r != "llama.cpp"), "effqat")]
         first = None
         for rt in per_rt:
             res = evaluate_folder(m, data, seq_len=args.seq_len, n_samples=args.n_samples,
