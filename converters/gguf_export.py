@@ -34,7 +34,7 @@ from effqat_plugin.qweight import QuantFormatError, QuantizedWeight
 from . import gguf_blocks
 from .convert import read_module
 from .detect import plan_folder
-from .registry import g_idx_is_default
+from .registry import words_g_idx_is_default
 
 log = logging.getLogger("effqat.converters.gguf")
 
@@ -95,7 +95,8 @@ def _architecture(src: Path, conversion) -> tuple[str, type, dict]:
 
 
 def _check_modules(plan) -> None:
-    """Refuse before anything is written: group sizes blocks cannot follow, act-order."""
+    """Refuse before anything is read: group sizes 32-blocks cannot follow (act-order g_idx is
+    refused per module before its rows are handed to the converter)."""
     bad = [s.name for s in plan.specs.values()
            if not gguf_blocks.group_fits_blocks(s.group_size, s.in_features)]
     if bad:
@@ -106,30 +107,62 @@ def _check_modules(plan) -> None:
             f"size that is a multiple of 32")
 
 
+class _LazyRows:
+    """One GGUF tensor of quantized rows, encoded only when the writer writes it (``tofile``), so a
+    conversion holds one tensor's blocks at a time, never the whole model (gguf's writer keeps what
+    ``add_tensor`` is given until the file is written)."""
+
+    def __init__(self, rows: "_Rows", owners: np.ndarray, flat: np.ndarray, qtype, shape, width: int):
+        self._rows, self._owners, self._flat, self.qtype = rows, owners, flat, qtype
+        self.dtype = np.dtype(np.uint8 if qtype else np.float32)
+        self.shape = (*shape, width)
+        self.nbytes = int(np.prod(self.shape)) * self.dtype.itemsize
+
+    def tofile(self, fout) -> None:
+        out = np.empty((self._flat.size, self.shape[-1]), dtype=self.dtype)
+        for o in np.unique(self._owners):
+            qw = self._rows.read(int(o))
+            enc = gguf_blocks.encode(qw, self.qtype) if self.qtype else gguf_blocks.dequantized_f32(qw)
+            sel = self._owners == o
+            out[sel] = enc[self._flat[sel] - o]
+        out.tofile(fout)
+
+
 class _Rows:
-    """Quantized modules handed to the converter, and the GGUF tensors their rows end up in."""
+    """Quantized modules handed to the converter as row ids, and the GGUF tensors their rows end up in."""
 
     def __init__(self, plan):
         self.plan = plan
-        self.modules: dict[int, QuantizedWeight] = {}   # row-id offset -> weight
+        self.names: dict[int, str] = {}                 # row-id offset -> module
         self.offsets: list[int] = []
         self.total = 0
-        self.seen = 0
+        self.seen: list[np.ndarray] = []
         self.tensors: list[dict] = []                   # report: one entry per GGUF tensor
 
-    def register(self, qw: QuantizedWeight) -> torch.Tensor:
+    def register(self, module: str) -> torch.Tensor:
+        out = self.plan.specs[module].out_features
         off = self.total
-        self.modules[off] = qw
+        self.names[off] = module
         self.offsets.append(off)
-        self.total += qw.out_features
-        return (torch.arange(qw.out_features, dtype=torch.int64) + off)[:, None]
+        self.total += out
+        return (torch.arange(out, dtype=torch.int64) + off)[:, None]
 
-    def _owner(self, ids: np.ndarray):
-        pos = np.searchsorted(np.asarray(self.offsets), ids, side="right") - 1
-        return pos
+    def read(self, offset: int) -> QuantizedWeight:
+        m = self.names[offset]
+        qw = read_module(self.plan, m)
+        self.plan.folder.drop_pages(self.plan.module_keys(m))
+        return qw
 
-    def gather(self, new_name: str, ids: torch.Tensor):
-        """The GGUF tensor ``new_name`` from a converter output of row ids; (array, qtype)."""
+    def _needed_type(self, offset: int):
+        s = self.plan.specs[self.names[offset]]
+        if s.in_features % gguf_blocks.BLOCK:
+            return None
+        if s.true_bits == 8:            # Q8_0 only when every q - z fits int8: look at the codes
+            return gguf_blocks.needed_type(self.read(offset))
+        return "Q4_0" if s.true_bits <= 3 else "Q5_0"
+
+    def gather(self, new_name: str, ids: torch.Tensor) -> _LazyRows:
+        """The GGUF tensor ``new_name`` from a converter output of row ids."""
         if ids.dtype != torch.int64 or ids.shape[-1] != 1:
             raise NotImplementedError(
                 f"{new_name}: llama.cpp's converter changes the values or the column layout of this "
@@ -138,23 +171,26 @@ class _Rows:
         flat = ids.reshape(-1).numpy()
         if flat.size and (flat.min() < 0 or flat.max() >= self.total):
             raise NotImplementedError(f"{new_name}: the converter rewrote this weight's values")
-        owners = np.asarray(self.offsets)[self._owner(flat)]
-        mods = [self.modules[int(o)] for o in np.unique(owners)]
-        qtype = gguf_blocks.widest(gguf_blocks.needed_type(q) for q in mods)
-        rows = {}
-        for o in np.unique(owners):
-            qw = self.modules[int(o)]
-            rows[int(o)] = gguf_blocks.encode(qw, qtype) if qtype else gguf_blocks.dequantized_f32(qw)
-        width = next(iter(rows.values())).shape[1]
-        if any(r.shape[1] != width for r in rows.values()):
+        offsets = np.asarray(self.offsets)
+        owners = offsets[np.searchsorted(offsets, flat, side="right") - 1]
+        mods = [int(o) for o in np.unique(owners)]
+        ins = {self.plan.specs[self.names[o]].in_features for o in mods}
+        if len(ins) != 1:
             raise NotImplementedError(f"{new_name}: the converter joins weights of different widths")
-        out = np.empty((flat.size, width), dtype=next(iter(rows.values())).dtype)
-        for o, r in rows.items():
-            sel = owners == o
-            out[sel] = r[flat[sel] - o]
-        self.seen += flat.size
-        shape = tuple(ids.shape[:-1])
-        return out.reshape(*shape, width), qtype
+        qtype = gguf_blocks.widest(self._needed_type(o) for o in mods)
+        n_in = ins.pop()
+        width = n_in // gguf_blocks.BLOCK * gguf_blocks.LOSSLESS_TYPES[qtype][1] if qtype else n_in
+        self.seen.append(flat)
+        self.tensors.append({"name": new_name, "type": qtype or "F32", "shape": [*ids.shape[:-1], n_in]})
+        return _LazyRows(self, owners, flat, qtype, tuple(ids.shape[:-1]), width)
+
+    def check_complete(self) -> None:
+        """Every quantized row reached exactly one GGUF tensor (no row dropped or written twice)."""
+        ids = np.concatenate(self.seen) if self.seen else np.zeros(0, dtype=np.int64)
+        if ids.size != self.total or np.unique(ids).size != self.total:
+            raise NotImplementedError(
+                f"llama.cpp's converter placed {ids.size} rows ({np.unique(ids).size} distinct) of the "
+                f"{self.total} quantized rows of this architecture; not writing a partial model")
 
 
 def _exporter_class(base, plan, rows: _Rows, module_names, other_keys, types: dict, gguf, written: dict):
@@ -165,8 +201,8 @@ def _exporter_class(base, plan, rows: _Rows, module_names, other_keys, types: di
     def quantized_blocks(self):
         """Hand every quantized module to the converter's own renaming / reordering (see module doc)."""
         for m in module_names:
-            qw = read_module(plan, m)
-            if not g_idx_is_default(qw, qw.group_size):
+            g_idx = folder.get(plan.key(m, "g_idx")) if plan.specs[m].has_g_idx else None
+            if g_idx is not None and not words_g_idx_is_default(g_idx, plan.specs[m]):
                 raise QuantFormatError(f"{m}: act-order g_idx (desc_act) permutes the input channels; "
                                        f"GGUF blocks follow the stored column order, so this cannot be exact")
             name = self.filter_tensors((f"{m}.weight", None))
@@ -174,9 +210,7 @@ def _exporter_class(base, plan, rows: _Rows, module_names, other_keys, types: di
                 raise NotImplementedError(f"{m}: llama.cpp's converter drops this quantized weight")
             name = name[0]
             bid = next((int(p) for p in name.split(".") if p.isdecimal()), None)
-            for new_name, ids in self.modify_tensors(rows.register(qw), name, bid):
-                yield new_name, ids
-            folder.drop_pages(plan.module_keys(m))
+            yield from self.modify_tensors(rows.register(m), name, bid)
 
     class Export(base):
         model_arch = base.model_arch
@@ -191,16 +225,10 @@ def _exporter_class(base, plan, rows: _Rows, module_names, other_keys, types: di
 
         def prepare_tensors(self):
             for new_name, ids in quantized_blocks(self):
-                data, qtype = rows.gather(new_name, ids)
-                raw = getattr(gguf.GGMLQuantizationType, qtype) if qtype else gguf.GGMLQuantizationType.F32
-                rows.tensors.append({"name": new_name, "type": qtype or "F32",
-                                     "shape": list(data.shape[:-1]) + [int(data.shape[-1] if not qtype else
-                                                                           data.shape[-1] // gguf_blocks.LOSSLESS_TYPES[qtype][1] * 32)]})
-                self.gguf_writer.add_tensor(new_name, data, raw_dtype=raw if qtype else None)
-            if rows.seen != rows.total:
-                raise NotImplementedError(
-                    f"llama.cpp's converter kept {rows.seen} of {rows.total} quantized rows of this "
-                    f"architecture (it buffers or drops some); not writing a partial model")
+                data = rows.gather(new_name, ids)
+                raw = getattr(gguf.GGMLQuantizationType, data.qtype) if data.qtype else None
+                self.gguf_writer.add_tensor(new_name, data, raw_dtype=raw)
+            rows.check_complete()
             super().prepare_tensors()
 
         def write(self):
