@@ -68,29 +68,36 @@ def _block_params(qw: QuantizedWeight):
 
 
 def encode(qw: QuantizedWeight, qtype: str) -> np.ndarray:
-    """Rows of ``qw`` as ``qtype`` blocks: uint8 ``[out, in / 32 * bytes_per_block]``."""
+    """Rows of ``qw`` as ``qtype`` blocks: uint8 ``[out, in / 32 * bytes_per_block]``.
+
+    The codes are computed in uint8 as ``q + (offset - z)`` modulo 256: a true value inside the
+    type's range comes out exactly, one outside it wraps to a large value, which the range check
+    catches (so one pass, no int16 copy of the weight)."""
     offset, nbytes = LOSSLESS_TYPES[qtype]
     out, nb = qw.out_features, qw.in_features // BLOCK
     z, d = _block_params(qw)
-    c = qw.int_weight.to(torch.int16).reshape(out, nb, BLOCK) - z[..., None] + offset
-    lo, hi = (-128, 127) if qtype == "Q8_0" else (0, 2 * offset - 1)
-    if int(c.min()) < lo or int(c.max()) > hi:
+    shift = ((offset - z) & 0xFF).to(torch.uint8)
+    c = qw.int_weight.to(torch.uint8).reshape(out, nb, BLOCK) + shift[..., None]
+    if qtype == "Q8_0":   # int8 two's complement: in range iff (c + 128) mod 256 is any byte
+        bad = int(((qw.int_weight.to(torch.int16).reshape(out, nb, BLOCK) - z[..., None]) + 128).clamp(
+            0, 255).ne((c.to(torch.int16) + 128) % 256).sum())
+        if bad:
+            raise QuantFormatError("codes minus zero points leave Q8_0's range")
+    elif int(c.max()) > 2 * offset - 1:
         raise QuantFormatError(f"codes minus zero points leave {qtype}'s range")
-    d_bytes = d.contiguous().numpy().view(np.uint8).reshape(out, nb, 2)
-    c = c.numpy()
+    blocks = torch.empty((out, nb, nbytes), dtype=torch.uint8)
+    blocks[..., :2] = d.contiguous().view(torch.uint8).reshape(out, nb, 2)
     if qtype == "Q8_0":
-        body = c.astype(np.int8).view(np.uint8)
+        blocks[..., 2:] = c
     else:
-        c = c.astype(np.uint8)
-        low = (c[..., :16] & 0x0F) | ((c[..., 16:] & 0x0F) << 4)
+        hi = c[..., 16:]
         if qtype == "Q4_0":
-            body = low
+            blocks[..., 2:] = c[..., :16] | (hi << 4)
         else:  # Q5_0: a little-endian uint32 of the 32 fifth bits, then the nibbles
-            qh = np.packbits((c >> 4) & 1, axis=-1, bitorder="little")
-            body = np.concatenate([qh, low], axis=-1)
-    blocks = np.concatenate([d_bytes, body.astype(np.uint8)], axis=-1)
-    assert blocks.shape[-1] == nbytes
-    return np.ascontiguousarray(blocks.reshape(out, nb * nbytes))
+            fifth = (c >> 4).numpy()
+            blocks[..., 2:6] = torch.from_numpy(np.packbits(fifth, axis=-1, bitorder="little"))
+            blocks[..., 6:] = (c[..., :16] & 0x0F) | (hi << 4)
+    return blocks.reshape(out, nb * nbytes).numpy()
 
 
 def dequantized_f32(qw: QuantizedWeight) -> np.ndarray:

@@ -11,6 +11,10 @@ against the largest source shard.
     python scripts/bench_convert.py [--layers 32] [--bits 2] [--shard-size 2GB]
                                     [--targets gptq gptq_v2 bitblas eqat] [--repeat 1]
     python scripts/bench_convert.py --bits 4 --targets awq gptq_v2
+    python scripts/bench_convert.py --targets gguf gptq_v2      # one llama.cpp file (Q4_0 at w2)
+
+``gguf`` needs a tokenizer llama.cpp's converter knows: the source then carries the SmolLM2 test
+tokenizer (tests/assets/smollm2_tokenizer) and its 49152-token vocabulary.
 """
 from __future__ import annotations
 
@@ -28,6 +32,8 @@ import torch
 from safetensors.torch import save_file
 
 HIDDEN, INTER, VOCAB = 4096, 11008, 32000
+TOKENIZER = Path(__file__).resolve().parents[1] / "tests" / "assets" / "smollm2_tokenizer"
+GGUF_VOCAB = 49152
 LINEARS = {"self_attn.q_proj": (HIDDEN, HIDDEN), "self_attn.k_proj": (HIDDEN, HIDDEN),
            "self_attn.v_proj": (HIDDEN, HIDDEN), "self_attn.o_proj": (HIDDEN, HIDDEN),
            "mlp.gate_proj": (INTER, HIDDEN), "mlp.up_proj": (INTER, HIDDEN), "mlp.down_proj": (HIDDEN, INTER)}
@@ -48,7 +54,8 @@ def zero_point_words(ng: int, out: int, bits: int, g, uniform: bool) -> torch.Te
     return words.to(torch.uint32).view(torch.int32) if hasattr(torch, "uint32") else words.to(torch.int32)
 
 
-def build_source(path: Path, layers: int, shard_bytes: int, bits=2, group=64, uniform_zeros=False) -> int:
+def build_source(path: Path, layers: int, shard_bytes: int, bits=2, group=64, uniform_zeros=False,
+                 vocab=VOCAB) -> int:
     """Write an EQAT folder shard by shard; returns the packed bytes of the quantized tensors."""
     path.mkdir(parents=True)
     pf = 32 // bits
@@ -73,7 +80,7 @@ def build_source(path: Path, layers: int, shard_bytes: int, bits=2, group=64, un
         shard[k] = t
         size += nb
 
-    add("model.embed_tokens.weight", (torch.randn(VOCAB, HIDDEN, generator=g) * 0.02).half())
+    add("model.embed_tokens.weight", (torch.randn(vocab, HIDDEN, generator=g) * 0.02).half())
     for i in range(layers):
         for nm, (o, n_in) in LINEARS.items():
             p = f"model.layers.{i}.{nm}"
@@ -88,7 +95,7 @@ def build_source(path: Path, layers: int, shard_bytes: int, bits=2, group=64, un
         add(f"model.layers.{i}.input_layernorm.weight", torch.ones(HIDDEN, dtype=torch.float16))
         add(f"model.layers.{i}.post_attention_layernorm.weight", torch.ones(HIDDEN, dtype=torch.float16))
     add("model.norm.weight", torch.ones(HIDDEN, dtype=torch.float16))
-    add("lm_head.weight", (torch.randn(VOCAB, HIDDEN, generator=g) * 0.02).half())
+    add("lm_head.weight", (torch.randn(vocab, HIDDEN, generator=g) * 0.02).half())
     flush()
     # rename to the HF pattern and write the index
     total = n
@@ -103,7 +110,11 @@ def build_source(path: Path, layers: int, shard_bytes: int, bits=2, group=64, un
     (path / "config.json").write_text(json.dumps({
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HIDDEN,
         "intermediate_size": INTER, "num_hidden_layers": layers, "num_attention_heads": 32,
-        "num_key_value_heads": 32, "vocab_size": VOCAB, "torch_dtype": "float16"}))
+        "num_key_value_heads": 32, "vocab_size": vocab, "torch_dtype": "float16", "rms_norm_eps": 1e-5,
+        "max_position_embeddings": 4096}))
+    if vocab == GGUF_VOCAB:
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copyfile(TOKENIZER / name, path / name)
     return packed
 
 
@@ -155,14 +166,16 @@ def main(argv=None):
     from effqat_plugin.converters.checkpoint import parse_size
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="effqat-bench-"))
-    src = work / f"Llama-2-7b-EfficientQAT-w{args.bits}g64{'-uniform-zeros' if args.uniform_zeros else ''}"
+    vocab = GGUF_VOCAB if "gguf" in args.targets else VOCAB
+    src = work / (f"Llama-2-7b-EfficientQAT-w{args.bits}g64{'-uniform-zeros' if args.uniform_zeros else ''}"
+                  f"{'-v49152' if vocab == GGUF_VOCAB else ''}")
     try:
         t = time.time()
         if (src / "model.safetensors.index.json").exists() and args.workdir:   # reuse a kept source
             packed = sum(n for n in json.loads((src / "packed.json").read_text()).values())
         else:
             packed = build_source(src, args.layers, parse_size(args.shard_size), bits=args.bits,
-                                  uniform_zeros=args.uniform_zeros)
+                                  uniform_zeros=args.uniform_zeros, vocab=vocab)
             (src / "packed.json").write_text(json.dumps({"packed": packed}))
         shards = sorted(src.glob("*.safetensors"))
         total = sum(p.stat().st_size for p in shards)
@@ -175,7 +188,7 @@ def main(argv=None):
         for tgt in args.targets:
             pairs = []
             for _ in range(args.repeat):
-                cdst, dst = work / "out-copy", work / f"out-{tgt}"
+                cdst, dst = work / "out-copy", work / (f"out-{tgt}.gguf" if tgt == "gguf" else f"out-{tgt}")
                 try:
                     c = _child(COPY_CHILD, src, cdst)["seconds"]
                     shutil.rmtree(cdst, ignore_errors=True)
@@ -185,6 +198,8 @@ def main(argv=None):
                     break
                 finally:
                     shutil.rmtree(cdst, ignore_errors=True)
+                    if dst.is_file():
+                        dst.unlink()
                     shutil.rmtree(dst, ignore_errors=True)
                 pairs.append((c / res["seconds"], c, res))
             if not pairs:
