@@ -210,7 +210,12 @@ def _exporter_class(base, plan, rows: _Rows, module_names, other_keys, types: di
                 raise NotImplementedError(f"{m}: llama.cpp's converter drops this quantized weight")
             name = name[0]
             bid = next((int(p) for p in name.split(".") if p.isdecimal()), None)
-            yield from self.modify_tensors(rows.register(m), name, bid)
+            try:
+                yield from self.modify_tensors(rows.register(m), name, bid)
+            except ValueError as e:   # the converter's "Can not map tensor ..."
+                raise NotImplementedError(
+                    f"llama.cpp's converter for {base.__name__} does not take the quantized module {m} "
+                    f"({e}); this architecture cannot be written as GGUF from this checkpoint") from None
 
     class Export(base):
         model_arch = base.model_arch
