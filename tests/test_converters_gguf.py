@@ -141,7 +141,6 @@ def test_bad_input_one_line_exit_2_nothing_written(tmp_path, capsys):
     assert code == 2 and len(err) == 1 and "not a multiple of 32" in err[0]
     _nothing_written(out, out / "a.gguf")
     # act-order g_idx
-    qws2, _ = dict(qws), None
     from effqat_plugin.converters import load_quantized, save_quantized
     _, qa, ta, _ = load_quantized(src)
     m = "model.layers.0.mlp.up_proj"

@@ -5,7 +5,6 @@ exactly, at every bit width, group size (multiples of 32 and per-channel) and ze
 """
 import numpy as np
 import pytest
-import torch
 
 from effqat_plugin.converters import gguf_blocks
 from effqat_plugin.qweight import QuantFormatError, QuantizedWeight

@@ -103,7 +103,6 @@ def test_llama_cpp_logits_match_gptqmodel(tmp_path, arch, bits, group):
 def test_eval_runtime_llama_cpp(tmp_path, capsys):
     """Perplexity on the same token windows: effqat's kernels, GPTQModel and llama.cpp, one row each;
     and a .gguf file evaluated directly."""
-    import json
 
     from safetensors.torch import save_file
 
