@@ -627,6 +627,23 @@ def atomic_folder(dst, overwrite: bool) -> Iterator[Path]:
         raise
 
 
+@contextmanager
+def atomic_file(dst, overwrite: bool) -> Iterator[Path]:
+    """:func:`atomic_folder` for a single-file output (GGUF): a temporary sibling path that
+    replaces ``dst`` on success and is removed on any error."""
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.parent / f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        yield tmp
+        if dst.exists() and not overwrite:
+            raise FileExistsError(f"{dst} appeared while converting; not replacing it")
+        os.replace(tmp, dst)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
 def carried_files(src_or_files) -> list[Path]:
     """Non-weight files to copy unchanged: config, generation config, tokenizer, README, ..."""
     if src_or_files is None:

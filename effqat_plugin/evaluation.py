@@ -227,8 +227,6 @@ def evaluate_folder(path: str, data: List[str], seq_len: int = 2048, n_samples: 
         del model
 
 
-
-
 def _evaluate_in_llama_cpp(path, data, seq_len, n_samples, batch_size, rt, tasks, text_column,
                            lm_eval_limit, num_fewshot, cache):
     """The same windows scored by llama.cpp's logits (a folder goes through a temporary lossless GGUF)."""

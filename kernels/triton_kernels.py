@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import types
 
 import torch
 
@@ -282,7 +283,6 @@ _ABSENT = object()
 
 
 def _is_module(value) -> bool:
-    import types
     return isinstance(value, types.ModuleType)
 
 
