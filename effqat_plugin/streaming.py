@@ -14,6 +14,7 @@ with one line naming the file.
 """
 from __future__ import annotations
 
+import copy
 import ctypes
 import gc
 import logging
@@ -68,24 +69,120 @@ def _set(module: nn.Module, name: str, device, value=None, dtype=None) -> None:
 
 
 class NotStreamable(ValueError):
-    """The model cannot be read layer by layer from its shards as they are (see ``moe_modules``)."""
+    """The model cannot be read layer by layer from its shards (one line saying why; see ``StreamedModel``)."""
 
 
-def moe_modules(model: nn.Module) -> list:
-    """Names of the model's mixture-of-experts modules. transformers 5 builds experts fused
-    (``experts.gate_up_proj`` ``[experts, 2*inter, hidden]``) and renames checkpoint keys while loading
-    (GPTQModel's defuser, once active in the process, builds them per expert under other names); only
-    ``GPTQModel.load`` (transformers' loader plus the defuser) reliably gives the per-expert linears EQAT
-    quantizes, so MoE models are not streamed from their shards as they are."""
-    return [name for name, m in model.named_modules()
-            if any(t in type(m).__name__.lower() for t in ("moe", "expert"))
-            or any(p.dim() >= 3 for p in m.parameters(recurse=False))]
+def refuse_unstreamable(config, definition) -> None:
+    """Raise :class:`NotStreamable` for what the streamed loader does not handle: an already-quantized
+    source (``quantization_config`` in config.json, e.g. gpt-oss's MXFP4 experts: effqat quantizes
+    floating-point weights and never reads packed ones as if they were), and GPTQModel definitions
+    that defuse extra module paths or post-process the model after the defuser (``GPTQModel.load``
+    alone knows how)."""
+    qcfg = getattr(config, "quantization_config", None)
+    if qcfg:
+        method = qcfg.get("quant_method") if isinstance(qcfg, dict) else getattr(qcfg, "quant_method", None)
+        raise NotStreamable(f"config.json declares an already-quantized checkpoint (quant_method "
+                            f"{method!r}); effqat quantizes floating-point weights only: start from the "
+                            "bf16/fp16 release of the model")
+    for hook in ("defuser_module_paths", "after_defuser_conversion"):
+        if getattr(definition, hook, None):
+            raise NotStreamable(f"GPTQModel's definition for {config.model_type} post-processes the model "
+                                f"after the defuser ({hook}); rerun with --in-memory")
+
+
+def _layers_of(model: nn.Module, definition):
+    for prefix in definition.extract_layers_node():
+        try:
+            layers = model.get_submodule(prefix)
+        except AttributeError:
+            continue
+        if isinstance(layers, nn.ModuleList):
+            return prefix, layers
+    from .layout import UnsupportedArchitectureError
+
+    raise UnsupportedArchitectureError(f"decoder layers not found at {definition.extract_layers_node()} "
+                                       f"in {type(model).__name__}")
+
+
+def defuse(model: nn.Module, definition, layer_prefix: Optional[str] = None) -> None:
+    """GPTQModel's defuser on ``model``, as ``GPTQModel.load`` runs it after loading (fused MLP / attention
+    projections such as phi3's ``gate_up_proj`` and fused 3-D expert tensors become per-module
+    ``nn.Linear``); with ``layer_prefix`` (``"model.layers.3"``) only that decoder layer is converted."""
+    if layer_prefix is None:
+        from gptqmodel.models.loader import _convert_model_with_defuser
+
+        _convert_model_with_defuser(definition, model, cleanup_original=True)
+        return
+    import re
+
+    import defuser
+
+    defuser.convert_model(model, cleanup_original=True, filter=["^" + re.escape(layer_prefix) + r"(\.|$)"])
+
+
+class _Loader:
+    """transformers' own checkpoint-to-model loading (``convert_and_load_state_dict_in_model`` with the
+    model's conversion mapping: key renames such as mixtral's ``block_sparse_moe`` -> ``mlp``, merges of
+    per-expert tensors, the defuser's checkpoint mappings), applied to a chosen subset of the tensors."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype):
+        from transformers.conversion_mapping import get_model_conversion_mapping
+
+        self.model, self.dtype = model, dtype
+        self.mapping = get_model_conversion_mapping(model)
+        self.dtype_plan = model._get_dtype_plan(dtype) if hasattr(model, "_get_dtype_plan") else {}
+
+    def target_of(self, meta_state: dict) -> callable:
+        """``checkpoint key -> model key`` exactly as transformers' loader renames it (for converters
+        merging several tensors: the first target key)."""
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+        mapping = copy.deepcopy(self.mapping)
+        renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
+        converters = [m for m in mapping if isinstance(m, WeightConverter)]
+        prefix = self.model.base_model_prefix
+
+        def target(key: str) -> str:
+            renamed, _ = rename_source_key(key, renamings, converters, prefix, meta_state)
+            if renamed not in meta_state and key in meta_state:
+                renamed, _ = rename_source_key(key, [], [], base_model_prefix=prefix, meta_state_dict=meta_state)
+            return renamed
+        return target
+
+    def load(self, tensors: dict, device="cpu"):
+        """Load ``tensors`` (checkpoint keys) into ``self.model``; transformers' ``LoadStateDictInfo``."""
+        from transformers.core_model_loading import WeightConverter, convert_and_load_state_dict_in_model
+        from transformers.modeling_utils import LoadStateDictConfig
+        from transformers.utils import logging as hf_logging
+
+        mapping = copy.deepcopy(self.mapping)
+        if device == "meta":
+            for m in mapping:
+                if isinstance(m, WeightConverter):
+                    m.force_cpu = False
+        cfg = LoadStateDictConfig(device_map={"": device}, dtype=self.dtype, dtype_plan=self.dtype_plan,
+                                  weight_mapping=mapping)
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        try:
+            info, _ = convert_and_load_state_dict_in_model(self.model, tensors, cfg)
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
+        return info
 
 
 class StreamedModel:
     """A causal LM whose decoder layers live on the meta device until :meth:`materialize` is called.
 
-    ``model``: the transformers model (non-layer modules real, in ``source_dtype``).
+    Each layer gets exactly the modules ``GPTQModel.load`` gives it: the model is built from config.json
+    after ``defuser.replace_fused_blocks`` (as GPTQModel.load does), a layer's tensors are read through
+    transformers' own loader (its key renames and tensor merges, the defuser's checkpoint mappings) into
+    the layer as transformers builds it, and GPTQModel's defuser then converts that one layer (fused
+    ``gate_up_proj`` / ``qkv_proj`` and fused expert tensors into per-module ``nn.Linear``). Heads are
+    the model's declared output embeddings, whatever their name.
+
+    ``model``: the transformers model (non-layer modules real, in ``source_dtype``; layers defused).
     ``folder``: the source shards (:class:`effqat_plugin.converters.checkpoint.SafetensorsFolder`).
     """
 
@@ -93,24 +190,33 @@ class StreamedModel:
         from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM
 
+        import defuser
+
         from .converters.checkpoint import SafetensorsFolder
+        from .layout import definition_for
 
         self.model_dir = str(model_dir)
+        config = AutoConfig.from_pretrained(model_dir)
+        self.definition = definition_for(config.model_type)
+        refuse_unstreamable(config, self.definition)
         self.folder = SafetensorsFolder(model_dir)  # missing folder / shard, pickled-only weights
         self.source_dtype = _source_dtype(self.folder.dtypes.values())
         self.dtype = dtype or self.source_dtype
-        config = AutoConfig.from_pretrained(model_dir)
+        defuser.replace_fused_blocks(config.model_type)  # as GPTQModel.load, before the model is built
         with init_empty_weights():
             self.model = AutoModelForCausalLM.from_config(config, dtype=self.dtype)
         self.model.eval()
-        moe = moe_modules(self.model)
-        if moe:
-            raise NotStreamable(f"mixture-of-experts modules such as {moe[0]}")
-        map_large_buffers_directly()  # only for streamed runs (the in-memory fallback keeps glibc's default)
+        self.layers_prefix, layers = _layers_of(self.model, self.definition)
+        self.loader = _Loader(self.model, self.dtype)
+        self._route_and_check()
+        # the layers as transformers builds them: each materialize() loads a copy, then defuses it
+        self._fused_layers = [copy.deepcopy(layer) for layer in layers]
+        defuse(self.model, self.definition)  # the whole model, still on the meta device
+        self._defused_shapes = [{k: tuple(v.shape) for k, v in layer.state_dict().items()} for layer in layers]
+        map_large_buffers_directly()
         self.layout = None
         self._resident: set = set()
         self.max_resident = 0
-        self._check_tensors()
 
     # -- validation ------------------------------------------------------------------------------
     def _tied_keys(self) -> set:
@@ -118,53 +224,109 @@ class StreamedModel:
 
         return tied_output_keys(self.model)
 
-    def _check_tensors(self) -> None:
-        folder, tied = self.folder, self._tied_keys()
-        for key, value in self.model.state_dict().items():
-            where = folder.key_to_file.get(key)
-            if where is None:
-                if key in tied:
+    def _route_and_check(self) -> None:
+        """Which checkpoint tensors each decoder layer (and the rest of the model) is loaded from, and
+        a dry run of the whole load on the meta device: every tensor the model needs must be there with
+        the shape config.json implies, before any work starts."""
+        from .converters.checkpoint import ST_DTYPES
+
+        folder = self.folder
+        meta_state = self.model.state_dict()
+        target = self.loader.target_of(meta_state)
+        prefix = self.layers_prefix + "."
+        self._layer_keys = [[] for _ in range(len(self.model.get_submodule(self.layers_prefix)))]
+        self._outside_keys = []
+        self._sources = {}
+        for key in folder.keys:
+            renamed = target(key)
+            self._sources.setdefault(renamed, []).append(key)
+            if renamed.startswith(prefix):
+                index = renamed[len(prefix):].split(".", 1)[0]
+                if index.isdigit() and int(index) < len(self._layer_keys):
+                    self._layer_keys[int(index)].append(key)
                     continue
-                raise ValueError(f"{self.model_dir}: tensor {key} (required by config.json) is in no "
-                                 "safetensors shard; incomplete or mismatched checkpoint")
-            got = tuple(folder.shapes[key])
-            if got != tuple(value.shape):
-                raise ValueError(f"{folder.path / where}: tensor {key} has shape {list(got)} but config.json "
-                                 f"implies {list(value.shape)}; the weights do not belong to this config")
+            self._outside_keys.append(key)
+        meta = {k: torch.empty(folder.shapes[k], dtype=ST_DTYPES.get(folder.dtypes[k], torch.float32), device="meta")
+                for k in folder.keys}
+        info = self.loader.load(meta, device="meta")
+        for name, got, expected in sorted(info.mismatched_keys):
+            sources = self._sources_of(name)
+            where = ", ".join(str(folder.path / folder.key_to_file[s]) for s in sources[:1]) or str(folder.path)
+            tensor = name if sources == [name] or not sources else f"{name} (from {', '.join(sources[:3])})"
+            raise ValueError(f"{where}: tensor {tensor} has shape {list(got)} but config.json implies "
+                             f"{list(expected)}; the weights do not belong to this config")
+        missing = sorted(set(info.missing_keys) - self._tied_keys())
+        if missing:
+            raise ValueError(f"{self.model_dir}: tensor {self._checkpoint_name(missing[0])} (required by "
+                             "config.json) is in no safetensors shard; incomplete or mismatched checkpoint"
+                             + (f" ({len(missing)} tensors missing)" if len(missing) > 1 else ""))
+
+    def _sources_of(self, name: str) -> list:
+        if name in self._sources:
+            return self._sources[name]
+        parent = name.rpartition(".")[0]
+        return [s for t, keys in self._sources.items() if t.rpartition(".")[0] == parent for s in keys]
+
+    def _checkpoint_name(self, model_key: str) -> str:
+        """The checkpoint key transformers would have read ``model_key`` from (its reverse mapping), so
+        that a missing expert tensor is named as it is spelled in the shards."""
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+        mapping = [m.reverse_transform() for m in copy.deepcopy(self.loader.mapping)]
+        try:
+            renamed, _ = rename_source_key(model_key, [m for m in mapping if isinstance(m, WeightRenaming)],
+                                           [m for m in mapping if isinstance(m, WeightConverter)],
+                                           reverse=True)
+        except Exception:  # noqa: BLE001 - naming only; the model key is still exact
+            return model_key
+        return model_key if renamed == model_key else f"{renamed} (model key {model_key})"
 
     # -- loading ---------------------------------------------------------------------------------
     def attach_layout(self, layout) -> None:
         """Load everything outside the decoder layers; from now on layers come and go one by one."""
         self.layout = layout
-        prefix = layout.layers_prefix + "."
-        tied = self._tied_keys()
-        for key, value in self.model.state_dict().items():
-            if key.startswith(prefix) or key in tied and key not in self.folder.key_to_file:
-                continue
-            self._load(self.model, key, key, value.dtype)
-        if tied:
+        self._load_keys(self._outside_keys)
+        if self._tied_keys():
             self.model.tie_weights()
         self.folder.close()
 
-    def _load(self, module: nn.Module, name: str, key: str, dtype: torch.dtype) -> None:
-        tensor = self.folder.get(key)
-        _set(module, name, "cpu", value=tensor, dtype=dtype if tensor.is_floating_point() else None)
+    def _load_keys(self, keys) -> None:
+        info = self.loader.load({k: self.folder.get(k) for k in keys})
+        if info.mismatched_keys:  # the shards changed since the dry run
+            name, got, expected = sorted(info.mismatched_keys)[0]
+            raise ValueError(f"{self.folder.path}: tensor {name} has shape {list(got)}, config.json implies "
+                             f"{list(expected)}")
+
+    def load_layer(self, index: int) -> nn.Module:
+        """Decoder layer ``index`` read from the shards (source dtype, host memory) and defused, in
+        place of its meta-device shell in the model; no residency bookkeeping (see :meth:`materialize`)."""
+        layers = self.model.get_submodule(self.layers_prefix)
+        layers[index] = copy.deepcopy(self._fused_layers[index])
+        self._load_keys(self._layer_keys[index])
+        defuse(self.model, self.definition, f"{self.layers_prefix}.{index}")
+        self.folder.close()
+        layer = layers[index]
+        shapes = {k: tuple(v.shape) for k, v in layer.state_dict().items()}
+        if shapes != self._defused_shapes[index]:
+            raise ValueError(f"{self.model_dir}: decoder layer {index} defuses to other modules when loaded "
+                             "than on the meta device; report this model type")
+        meta = [k for k, v in layer.state_dict().items() if v.is_meta]
+        if meta:
+            raise ValueError(f"{self.model_dir}: {self.layers_prefix}.{index}.{meta[0]} was not loaded from "
+                             "the shards")
+        return layer
 
     def materialize(self, index: int) -> nn.Module:
         """Read decoder layer ``index`` from the shards (source dtype, host memory)."""
-        layer = self.layout.layers[index]
         if index not in self._resident:
-            prefix = self.layout.layer_name(index) + "."
-            for name, value in layer.state_dict().items():
-                self._load(layer, name, prefix + name, value.dtype)
-            self.folder.close()
+            self.load_layer(index)
             self._resident.add(index)
             self.max_resident = max(self.max_resident, len(self._resident))
-        return layer
+        return self.model.get_submodule(self.layers_prefix)[index]
 
     def release(self, index: int) -> None:
         """Put decoder layer ``index`` back on the meta device (its memory is freed)."""
-        layer = self.layout.layers[index]
+        layer = self.model.get_submodule(self.layers_prefix)[index]
         for name in layer.state_dict():
             _set(layer, name, "meta")
         self._resident.discard(index)
