@@ -113,7 +113,7 @@ class StreamedQuantization:
         prefixes = tuple(n + "." for n in self.quantized_names)
         tied = tied_output_keys(self.model)
         layer_prefix = self.layout.layers_prefix + "."
-        cached = (None, None)
+        cached = (None, None, None)  # layer index, its trained state, the layer as read from the shards
         for key, value in self.model.state_dict().items():
             if key.startswith(prefixes) or key in tied:
                 continue
@@ -121,13 +121,19 @@ class StreamedQuantization:
             if where is not None:
                 index, rest = where
                 if cached[0] != index:
-                    cached = (index, store.load_state(index))
+                    if cached[2] is not None:
+                        self.sm.release(cached[0])
+                    cached = (index, store.load_state(index), None)
                 value = cached[1].get(rest)
-                if value is None:  # not trained (non-float buffer): straight from the source shards
-                    value = self.sm.folder.get(key)
+                if value is None:  # not trained (non-float buffer): from the source shards, as loaded
+                    if cached[2] is None:
+                        cached = (index, cached[1], self.sm.load_layer(index).state_dict())
+                    value = cached[2][rest]
             if value.is_floating_point():
                 value = value.to(dtype)
             yield key, value.contiguous()
+        if cached[2] is not None:
+            self.sm.release(cached[0])
         self.sm.folder.close()
         for index in range(len(self.layout.layers)):
             saved = store.load(index)
@@ -176,18 +182,26 @@ class StreamedQuantization:
         store = LayerStore.reopen(self.work_dir)
         if self.rt.device.type == "cpu":
             self.model.float()  # as run_eqat: CPU E2E-QP trains in fp32
-        for index, layer in enumerate(self.layout.layers):
+        for index in range(len(self.layout.layers)):
             linear_prefixes = tuple(n + "." for n in self.layout.names_in(index))
             saved = store.load(index)
-            install_packed_linears(self.model, saved.qweights, self.cfg.e2e_train_zeros, torch.device("cpu"))
+            layer = self.layout.layers[index]
+            source = None  # the layer as read from the shards, for what Block-AP did not train
             for name, meta_value in layer.state_dict().items():
                 if name.startswith(linear_prefixes) or not meta_value.is_meta:
                     continue
                 value = saved.state.get(name)
                 if value is None:
-                    value = self.sm.folder.get(f"{self.layout.layer_name(index)}.{name}")
+                    if source is None:
+                        source = self.sm.load_layer(index).state_dict()
+                        layer = self.layout.layers[index]
+                        if self.rt.device.type == "cpu":
+                            layer.float()  # as the rest of the model (non-persistent buffers too)
+                    value = source[name]
                 set_module_tensor_to_device(layer, name, "cpu", value=value,
                                             dtype=meta_value.dtype if value.is_floating_point() else None)
+            del source
+            install_packed_linears(self.model, saved.qweights, self.cfg.e2e_train_zeros, torch.device("cpu"))
         self.sm.folder.close()
         return self.model
 
@@ -237,11 +251,10 @@ class StreamedQuantization:
 
 
 class InMemoryQuantization:
-    """The ``block_ap`` / ``finish`` interface of :class:`StreamedQuantization` for models the streamed
-    loader cannot read layer by layer (mixture-of-experts, :class:`~effqat_plugin.streaming.NotStreamable`): the whole model
-    is loaded through ``GPTQModel.load``, which defuses the experts into per-expert linears, and
-    ``run_eqat`` runs Block-AP and, when configured, E2E-QP in :meth:`block_ap`. Host memory then grows
-    with the model (fp32), as it did before streaming; the CLI says so when it takes this path."""
+    """The ``block_ap`` / ``finish`` interface of :class:`StreamedQuantization` on the whole model loaded
+    through ``GPTQModel.load`` (``effqat quantize --in-memory``): ``run_eqat`` runs Block-AP and, when
+    configured, E2E-QP in :meth:`block_ap`. Same result as the streamed run (the architecture matrix
+    checks it tensor for tensor); host memory grows with the model (fp32)."""
 
     def __init__(self, model_dir: str, cfg: EQATConfig, work_dir: str, show_progress: bool = True):
         from gptqmodel import GPTQModel

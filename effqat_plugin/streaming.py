@@ -1,16 +1,23 @@
 """Decoder layers read from the safetensors shards when their turn comes, and released after.
 
 The model is built on the meta device from config.json (accelerate's ``init_empty_weights``: parameters
-take no memory, non-persistent buffers such as rotary ``inv_freq`` are computed for real). The modules
-outside the decoder layers (embeddings, final norm, head) are loaded once in the checkpoint's own
-dtype; each decoder layer is filled from the shards by ``materialize(i)`` (per-tensor plain file
-reads through :class:`SafetensorsFolder`, no mmap, so only tensors in flight count in RSS) and put
-back on the meta device by ``release(i)``. Host memory is therefore the non-layer modules plus a
-constant number of layers, whatever the depth, and 16-bit checkpoints stay 16-bit in host memory.
+take no memory, non-persistent buffers such as rotary ``inv_freq`` are computed for real), after
+``defuser.replace_fused_blocks`` as ``GPTQModel.load`` does, then defused on the meta device by
+GPTQModel's own defuser, so the layers have the modules GPTQModel's definitions name (phi3's fused
+``gate_up_proj`` as ``gate_proj`` + ``up_proj``, MoE experts as one ``nn.Linear`` per expert and
+projection). The modules outside the decoder layers (embeddings, final norm, the declared output
+embeddings, whatever their name) are loaded once in the checkpoint's own dtype; each decoder layer is
+read by ``materialize(i)`` through transformers' own loader (the model's key renames and tensor merges,
+the defuser's checkpoint mappings) into a copy of the layer as transformers builds it, defused by
+GPTQModel's defuser, and put back on the meta device by ``release(i)``. Tensors come from
+:class:`SafetensorsFolder` (per-tensor plain file reads, no mmap, so only tensors in flight count in
+RSS). Host memory is therefore the non-layer modules plus a constant number of layers, whatever the
+depth, for dense and MoE models alike, and 16-bit checkpoints stay 16-bit in host memory.
 
 Every tensor's presence and shape are checked against the model config.json describes before any
-work starts, so a missing shard, a contradicting shape or a pickled-only folder fails in seconds
-with one line naming the file.
+work starts (the whole load, dry-run on the meta device), so a missing shard or expert tensor, a
+contradicting or unsplittable fused shape or a pickled-only folder fails in seconds with one line
+naming the tensor and the file.
 """
 from __future__ import annotations
 
@@ -210,7 +217,7 @@ class StreamedModel:
         self.loader = _Loader(self.model, self.dtype)
         self._route_and_check()
         # the layers as transformers builds them: each materialize() loads a copy, then defuses it
-        self._fused_layers = [copy.deepcopy(layer) for layer in layers]
+        self._fused_layers = [self._copy(layer) for layer in layers]
         defuse(self.model, self.definition)  # the whole model, still on the meta device
         self._defused_shapes = [{k: tuple(v.shape) for k, v in layer.state_dict().items()} for layer in layers]
         map_large_buffers_directly()
@@ -297,11 +304,16 @@ class StreamedModel:
             raise ValueError(f"{self.folder.path}: tensor {name} has shape {list(got)}, config.json implies "
                              f"{list(expected)}")
 
+    def _copy(self, layer: nn.Module) -> nn.Module:
+        """A deep copy of a (meta-device) layer that still shares the model's config: the experts'
+        forward reads ``config._experts_implementation``, which the defuser sets on the model's."""
+        return copy.deepcopy(layer, memo={id(self.model.config): self.model.config})
+
     def load_layer(self, index: int) -> nn.Module:
         """Decoder layer ``index`` read from the shards (source dtype, host memory) and defused, in
         place of its meta-device shell in the model; no residency bookkeeping (see :meth:`materialize`)."""
         layers = self.model.get_submodule(self.layers_prefix)
-        layers[index] = copy.deepcopy(self._fused_layers[index])
+        layers[index] = self._copy(self._fused_layers[index])
         self._load_keys(self._layer_keys[index])
         defuse(self.model, self.definition, f"{self.layers_prefix}.{index}")
         self.folder.close()

@@ -1,7 +1,9 @@
 """Architecture coverage matrix (cases in ``arch_cases.py``; the README table is printed from them).
 
 Each model type, as a tiny random model: GPTQModel.load -> Block-AP (1 epoch) + E2E-QP (1 epoch) at
-w4g32 -> save gptq_v2, then
+w4g32 -> save gptq_v2 (the Python path), and the same settings through ``effqat quantize`` (the CLI's
+streamed path: decoder layers read from the shards one at a time and defused there), then
+- the streamed checkpoint holds exactly the Python path's tensors, bit for bit, dense and MoE alike;
 - the decoder-layer inputs Block-AP replays for every layer equal what the model's own forward feeds
   that layer (per-layer masks, rotary bases, dense-then-MoE stacks);
 - no floating-point weight matrix is left inside the decoder layers of the saved checkpoint except
@@ -69,15 +71,33 @@ def layer_outputs_replayed(hf_model, layout, ids):
     return outs
 
 
+def _cli_argv(src, out, calib_file):
+    """`effqat quantize` with the settings of the matrix (w4g32, 1 + 1 epochs, batch 4, 9 x 32 tokens)."""
+    return ["quantize", str(src), str(out), "--bits", "4", "--group-size", "32", "--calib", str(calib_file),
+            "--n-samples", "9", "--seq-len", "32", "--block-epochs", "1", "--block-batch-size", "4",
+            "--e2e-epochs", "1", "--e2e-batch-size", "4", "--self-generated", "0", "--device", "cpu",
+            "--format", "gptq_v2", "--quiet"]
+
+
 @pytest.mark.parametrize("case", _params())
 def test_architecture(case, tmp_path, stories260k_dir):
+    from safetensors.torch import save_file
+
+    from effqat_plugin.cli import build_parser, main
+    from effqat_plugin.commands.quantize import config_from_args
     from effqat_plugin.converters import convert
     from effqat_plugin.layout import resolve_layout
     from effqat_plugin.loading import load_quantized_model
 
     src = build_tiny_model(case, tmp_path / "fp", stories260k_dir)
-    cfg = EQATConfig(bits=4, group_size=32, block_epochs=1, block_batch_size=4, e2e_epochs=1, e2e_batch_size=4,
-                     block_val_samples=1)
+    calib = torch.randint(3, 512, (9, 32), generator=torch.Generator().manual_seed(0))
+    save_file({"input_ids": calib}, str(tmp_path / "calib.safetensors"))
+    argv = _cli_argv(src, tmp_path / "streamed", tmp_path / "calib.safetensors")
+    # the CLI's streamed path: layers read from the shards one at a time (fused modules and experts
+    # defused per layer), written layer by layer
+    assert main(argv) == 0
+    # the Python path with the very config the CLI built from those arguments
+    cfg = config_from_args(build_parser().parse_args(argv), "gptq_v2")
     model = GPTQModel.load(str(src), cfg, dtype=torch.float32)
     hf = model.model.eval()
 
@@ -91,14 +111,16 @@ def test_architecture(case, tmp_path, stories260k_dir):
     for i, (g, r) in enumerate(zip(got, ref)):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6, msg=lambda m, i=i: f"output of layer {i}: {m}")
 
-    calib = torch.randint(3, 512, (9, 32), generator=torch.Generator().manual_seed(0))
     summary = model.quantize(calib, show_progress=False)
     result = model._eqat_result
     out = tmp_path / "q"
     model.save(str(out), fmt="gptq_v2")
 
-    # every weight matrix inside the decoder layers is quantized (routers excepted)
+    # the streamed checkpoint is the Python path's, tensor for tensor, bit for bit
     tensors = read_folder(out)
+    assert_tensors_same(read_folder(tmp_path / "streamed"), tensors)
+
+    # every weight matrix inside the decoder layers is quantized (routers excepted)
     in_layers = re.compile(re.escape(layout.layers_prefix) + r"\.\d+\.(.*)")
     left = [k for k, v in tensors.items() if in_layers.fullmatch(k) and v.is_floating_point() and v.dim() >= 2
             and not k.endswith(QUANT_SUFFIXES) and not re.fullmatch(case.fp_matrices, in_layers.fullmatch(k).group(1))]
@@ -225,28 +247,3 @@ def test_readme_table_is_the_generated_one():
     readme = (REPO / "README.md").read_text()
     block = readme.split("<!-- arch-table:start -->\n", 1)[1].split("\n<!-- arch-table:end -->", 1)[0]
     assert block == markdown_table(), "README architecture table is stale: run python scripts/arch_table.py"
-
-
-def test_cli_quantize_moe_falls_back_to_in_memory_and_quantizes_every_expert(tmp_path, stories260k_dir, caplog):
-    """`effqat quantize` streams dense models layer by layer; transformers builds MoE experts fused, so
-    such models take the in-memory GPTQModel.load path (which defuses them), loudly, and still
-    quantize every expert."""
-    import logging
-
-    from effqat_plugin.cli import main
-
-    case = next(c for c in CASES if c.model_type == "mixtral")
-    src = build_tiny_model(case, tmp_path / "fp", stories260k_dir)
-    out = tmp_path / "q"
-    with caplog.at_level(logging.WARNING, logger="effqat"):
-        rc = main(["quantize", str(src), str(out), "--bits", "4", "--group-size", "32", "--n-samples", "8",
-                   "--seq-len", "16", "--block-epochs", "1", "--e2e-epochs", "0", "--quiet", "--format", "gptq_v2"])
-    assert rc == 0
-    assert any("cannot be streamed" in r.getMessage() and "mixture-of-experts" in r.getMessage() for r in caplog.records)
-    tensors = read_folder(out)
-    n_experts = COMMON["num_hidden_layers"] * case.config["num_local_experts"]
-    experts = [k for k in tensors if re.search(r"experts\.\d+\.\w+\.qweight$", k)]
-    assert len(experts) == 3 * n_experts
-    fp_matrices = [k for k, v in tensors.items() if ".layers." in k and v.is_floating_point() and v.dim() >= 2
-                   and not k.endswith(".scales") and not re.search(case.fp_matrices, k)]
-    assert fp_matrices == []

@@ -31,6 +31,9 @@ def add_parser(sub) -> None:
                    help="keep Block-AP's two activation streams (samples x seq_len x hidden each) in "
                         "memory-mapped files in DIR instead of RAM")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--in-memory", action="store_true",
+                   help="load the whole model through GPTQModel.load (fp32) instead of streaming its decoder "
+                        "layers from the shards one at a time; the same result, host memory grows with the model")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -154,7 +157,7 @@ def run(args) -> int:
     cfg = config_from_args(args, args.save_format, kernel_backend=args.kernel)  # before the model is loaded
     work_dir = args.work_dir or os.path.normpath(args.out_dir) + ".effqat-work"
     ids, run = streamed_quantization(args.model_dir, cfg, work_dir, args.calib, args.n_samples, args.seq_len,
-                                     args.seed, show_progress=not args.quiet)
+                                     args.seed, show_progress=not args.quiet, in_memory=args.in_memory)
     e2e_ids = None
     if args.e2e_data and args.e2e_epochs > 0:
         from effqat_plugin.data import load_token_file
@@ -180,30 +183,28 @@ def run(args) -> int:
     return 0
 
 
-def streamed_quantization(model_dir, cfg, work_dir, calib, n_samples, seq_len, seed, show_progress=True):
+def streamed_quantization(model_dir, cfg, work_dir, calib, n_samples, seq_len, seed, show_progress=True,
+                          in_memory=False):
     """Calibration ids and a :class:`StreamedQuantization` for ``model_dir`` (layers streamed from its
-    shards; the folder is checked before anything runs). Without ``calib`` the data-free default
-    samples from the model itself, which needs the whole model in memory once (fp32, freed before
-    Block-AP); pass a calibration file to keep host memory flat in depth."""
+    shards, dense and MoE alike; the folder is checked before anything runs), or with ``in_memory`` an
+    :class:`InMemoryQuantization` (the whole model through ``GPTQModel.load``). Without ``calib`` the
+    data-free default samples from the model itself, which needs the whole model in memory once (fp32,
+    freed before Block-AP); pass a calibration file to keep host memory flat in depth."""
     from effqat_plugin.data import load_token_file, sample_from_model
     from effqat_plugin.evaluation import load_tokenizer_for
     from effqat_plugin.layout import definition_for
     from effqat_plugin.streamed_run import InMemoryQuantization, StreamedQuantization
-    from effqat_plugin.streaming import NotStreamable
     from transformers import AutoConfig
 
     model_dir = local_model_dir(model_dir)
     definition_for(AutoConfig.from_pretrained(model_dir).model_type)  # clear error for unknown archs
-    try:
-        tokenizer = load_tokenizer_for(model_dir)
-        run = StreamedQuantization(model_dir, cfg, work_dir, tokenizer=tokenizer, show_progress=show_progress)
-    except NotStreamable as e:
-        logging.getLogger("effqat").warning(
-            "%s cannot be streamed layer by layer (%s): loading the whole model in memory through "
-            "GPTQModel.load, which splits MoE experts into per-expert linears; host memory grows with the model",
-            model_dir, e)
+    if in_memory:
+        logging.getLogger("effqat").info("--in-memory: loading the whole model through GPTQModel.load (fp32)")
         run = InMemoryQuantization(model_dir, cfg, work_dir, show_progress=show_progress)
         tokenizer = run.tokenizer
+    else:
+        tokenizer = load_tokenizer_for(model_dir)
+        run = StreamedQuantization(model_dir, cfg, work_dir, tokenizer=tokenizer, show_progress=show_progress)
     if calib:
         ids = load_token_file(calib, tokenizer, seq_len=seq_len, n_samples=n_samples)
     else:
