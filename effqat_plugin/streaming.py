@@ -263,10 +263,38 @@ class StreamedModel:
             raise ValueError(f"{where}: tensor {tensor} has shape {list(got)} but config.json implies "
                              f"{list(expected)}; the weights do not belong to this config")
         missing = sorted(set(info.missing_keys) - self._tied_keys())
+        for name in missing:  # merged from one tensor per expert: name the expert tensor at fault
+            self._check_merged_sources(name, meta_state)
         if missing:
             raise ValueError(f"{self.model_dir}: tensor {self._checkpoint_name(missing[0])} (required by "
                              "config.json) is in no safetensors shard; incomplete or mismatched checkpoint"
                              + (f" ({len(missing)} tensors missing)" if len(missing) > 1 else ""))
+
+    def _check_merged_sources(self, model_key: str, meta_state: dict) -> None:
+        """``model_key`` was not loaded and transformers builds it from one checkpoint tensor per expert
+        (a ``*`` in its reverse-mapped name): raise naming the expert tensor that is absent, or whose
+        shape differs from its siblings' (with its file)."""
+        pattern = self._checkpoint_name(model_key).split(" ", 1)[0]
+        value = meta_state.get(model_key)
+        if "*" not in pattern or value is None or value.dim() < 1:
+            return
+        folder = self.folder
+        head, _, tail = pattern.partition("*")
+        tails = {tail.lstrip(".")} | {k[len(head):].partition(".")[2] for k in self._sources.get(model_key, [])
+                          if k.startswith(head)}  # gate_proj and up_proj both merge into gate_up_proj
+        keys = [f"{head}{e}.{t}" for t in sorted(tails) for e in range(value.shape[0])]
+        absent = [k for k in keys if k not in folder.key_to_file]
+        if absent:
+            raise ValueError(f"{self.model_dir}: tensor {absent[0]} (required by config.json) is in no "
+                             "safetensors shard; incomplete or mismatched checkpoint"
+                             + (f" ({len(absent)} expert tensors missing)" if len(absent) > 1 else ""))
+        shapes = Counter(tuple(folder.shapes[k]) for k in keys)
+        common = shapes.most_common(1)[0][0]
+        for k in keys:
+            if tuple(folder.shapes[k]) != common:
+                raise ValueError(f"{folder.path / folder.key_to_file[k]}: tensor {k} has shape "
+                                 f"{list(folder.shapes[k])} but the other experts' are {list(common)}; "
+                                 "corrupt or mismatched checkpoint")
 
     def _sources_of(self, name: str) -> list:
         if name in self._sources:
