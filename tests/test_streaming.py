@@ -187,3 +187,50 @@ def test_stream_batches_on_device_equal_plain_slices():
         for i, j, x in got:
             assert x.dtype == torch.float32 and x.device.type == device
             assert torch.equal(x.cpu(), stream[i:j].float())
+
+
+def test_bad_fused_and_expert_tensors_fail_with_one_line_and_leave_nothing(tmp_path, stories260k_dir, capsys):
+    """Fused projections (phi3) and MoE experts, per-expert (qwen3_moe) or merged by transformers into
+    3-D tensors (deepseek_v3): a tensor of the wrong shape or a missing expert tensor is named, with its
+    file, before anything runs; an already-quantized source is refused by name."""
+    from safetensors.torch import load_file, save_file
+
+    from arch_cases import CASES, build_tiny_model
+
+    def variant(model_type, name, edit):
+        case = next(c for c in CASES if c.model_type == model_type)
+        src = tmp_path / "models" / f"{model_type}-{name}"
+        build_tiny_model(case, src, stories260k_dir)
+        tensors = load_file(str(src / "model.safetensors"))
+        edit(src, tensors)
+        save_file(tensors, str(src / "model.safetensors"), metadata={"format": "pt"})
+        return src
+
+    def shrink(key):
+        return lambda _src, t: t.__setitem__(key, t[key][:-1].clone())
+
+    def drop(key):
+        return lambda _src, t: t.pop(key)
+
+    def quantized(src, _t):
+        cfg = json.loads((src / "config.json").read_text())
+        cfg["quantization_config"] = {"quant_method": "mxfp4"}
+        (src / "config.json").write_text(json.dumps(cfg))
+
+    fused = variant("phi3", "short", shrink("model.layers.1.mlp.gate_up_proj.weight"))
+    expert = variant("qwen3_moe", "missing", drop("model.layers.1.mlp.experts.3.up_proj.weight"))
+    # deepseek_v3's experts are merged into 3-D tensors while loading, then defused: still named per expert
+    merged = variant("deepseek_v3", "missing", drop("model.layers.1.mlp.experts.2.up_proj.weight"))
+    merged_short = variant("deepseek_v3", "short", shrink("model.layers.1.mlp.experts.0.down_proj.weight"))
+    mxfp4 = variant("gpt_oss", "mxfp4", quantized)
+    capsys.readouterr()  # the builders' progress bars
+    out = tmp_path / "out"
+    err = _fails(_argv(fused, out), capsys, "model.layers.1.mlp.gate_up_proj.weight has shape [255, 64]")
+    assert "model.safetensors" in err and "config.json implies [256, 64]" in err
+    _fails(_argv(expert, out), capsys, "tensor model.layers.1.mlp.experts.3.up_proj.weight (required by "
+                                       "config.json) is in no safetensors shard")
+    _fails(_argv(merged, out), capsys, "tensor model.layers.1.mlp.experts.2.up_proj.weight (required by config.json)")
+    err = _fails(_argv(merged_short, out), capsys, "tensor model.layers.1.mlp.experts.0.down_proj.weight has shape [63, 32]")
+    assert "model.safetensors" in err
+    _fails(_argv(mxfp4, out), capsys, "already-quantized checkpoint (quant_method 'mxfp4')")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models"]  # no output, work or temp folders
