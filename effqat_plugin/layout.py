@@ -159,9 +159,10 @@ def check_fully_quantized(layout: ModelLayout, quantized: Iterable[str], model_t
         shown = ", ".join(left[:8]) + (f", ... ({len(left)} in all)" if len(left) > 8 else "")
         raise PartialQuantizationError(
             f"{len(left)} weight matrices inside the decoder layers would stay unquantized: {shown}. "
-            f"GPTQModel's definition for {model_type or 'this model'} does not cover them (fused experts "
-            "load as per-expert linears only through GPTQModel.load); exclude them on purpose with a "
-            "GPTQModel dynamic rule such as {'-:<regex>': {}} in the config")
+            f"GPTQModel's definition for {model_type or 'this model'} does not cover them (or the model was "
+            "not defused: fused projections and experts become per-module linears in GPTQModel.load and "
+            "effqat quantize); exclude them on purpose with a GPTQModel dynamic rule such as "
+            "{'-:<regex>': {}} in the config")
 
 
 def _user_excluded(dynamic, full_name: str, relative_name: str) -> bool:

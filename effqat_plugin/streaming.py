@@ -115,16 +115,18 @@ def defuse(model: nn.Module, definition, layer_prefix: Optional[str] = None) -> 
     """GPTQModel's defuser on ``model``, as ``GPTQModel.load`` runs it after loading (fused MLP / attention
     projections such as phi3's ``gate_up_proj`` and fused 3-D expert tensors become per-module
     ``nn.Linear``); with ``layer_prefix`` (``"model.layers.3"``) only that decoder layer is converted."""
-    if layer_prefix is None:
-        from gptqmodel.models.loader import _convert_model_with_defuser
-
-        _convert_model_with_defuser(definition, model, cleanup_original=True)
-        return
     import re
 
     import defuser
+    from gptqmodel.models.loader import _convert_model_with_defuser
 
-    defuser.convert_model(model, cleanup_original=True, filter=["^" + re.escape(layer_prefix) + r"(\.|$)"])
+    from .env import third_party_stdout
+
+    with third_party_stdout():  # the defuser's LogBar lines print to stdout whatever their level
+        if layer_prefix is None:
+            _convert_model_with_defuser(definition, model, cleanup_original=True)
+        else:
+            defuser.convert_model(model, cleanup_original=True, filter=["^" + re.escape(layer_prefix) + r"(\.|$)"])
 
 
 class _Loader:
@@ -200,6 +202,7 @@ class StreamedModel:
         import defuser
 
         from .converters.checkpoint import SafetensorsFolder
+        from .env import third_party_stdout
         from .layout import definition_for
 
         self.model_dir = str(model_dir)
@@ -209,7 +212,8 @@ class StreamedModel:
         self.folder = SafetensorsFolder(model_dir)  # missing folder / shard, pickled-only weights
         self.source_dtype = _source_dtype(self.folder.dtypes.values())
         self.dtype = dtype or self.source_dtype
-        defuser.replace_fused_blocks(config.model_type)  # as GPTQModel.load, before the model is built
+        with third_party_stdout():
+            defuser.replace_fused_blocks(config.model_type)  # as GPTQModel.load, before the model is built
         with init_empty_weights():
             self.model = AutoModelForCausalLM.from_config(config, dtype=self.dtype)
         self.model.eval()

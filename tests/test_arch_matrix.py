@@ -119,6 +119,9 @@ def test_architecture(case, tmp_path, stories260k_dir):
     # the streamed checkpoint is the Python path's, tensor for tensor, bit for bit
     tensors = read_folder(out)
     assert_tensors_same(read_folder(tmp_path / "streamed"), tensors)
+    if case.model_type == "qwen3_moe":  # `effqat quantize --in-memory` (GPTQModel.load) writes the same
+        assert main(_cli_argv(src, tmp_path / "in-memory", tmp_path / "calib.safetensors") + ["--in-memory"]) == 0
+        assert_tensors_same(read_folder(tmp_path / "in-memory"), tensors)
 
     # every weight matrix inside the decoder layers is quantized (routers excepted)
     in_layers = re.compile(re.escape(layout.layers_prefix) + r"\.\d+\.(.*)")
