@@ -112,8 +112,8 @@ def _layers_of(model: nn.Module, definition):
 
 
 def defuse(model: nn.Module, definition, layer_prefix: Optional[str] = None) -> None:
-    """GPTQModel's defuser on ``model``, as ``GPTQModel.load`` runs it after loading (fused MLP / attention
-    projections such as phi3's ``gate_up_proj`` and fused 3-D expert tensors become per-module
+    """GPTQModel's defuser on ``model``, as ``GPTQModel.load`` runs it after loading (fused MLP projections
+    such as phi3's / glm4's ``gate_up_proj`` and fused 3-D expert tensors become per-module
     ``nn.Linear``); with ``layer_prefix`` (``"model.layers.3"``) only that decoder layer is converted."""
     import re
 
@@ -187,8 +187,9 @@ class StreamedModel:
     Each layer gets exactly the modules ``GPTQModel.load`` gives it: the model is built from config.json
     after ``defuser.replace_fused_blocks`` (as GPTQModel.load does), a layer's tensors are read through
     transformers' own loader (its key renames and tensor merges, the defuser's checkpoint mappings) into
-    the layer as transformers builds it, and GPTQModel's defuser then converts that one layer (fused
-    ``gate_up_proj`` / ``qkv_proj`` and fused expert tensors into per-module ``nn.Linear``). Heads are
+    the layer as transformers builds it, and GPTQModel's defuser then converts that one layer (phi3's /
+    glm4's fused ``gate_up_proj`` and fused 3-D expert tensors into per-module ``nn.Linear``; a fused
+    projection GPTQModel's definition names as one linear, such as phi3's ``qkv_proj``, stays one). Heads are
     the model's declared output embeddings, whatever their name.
 
     ``model``: the transformers model (non-layer modules real, in ``source_dtype``; layers defused).
