@@ -140,6 +140,8 @@ def rtn_quantize(w: torch.Tensor, bits: int, group_size: int, scales_dtype=torch
 # The products are formed exactly as ggml (and ``gguf.quants.dequantize``) does them: fp16 d/dmin
 # widened to fp32, then ``d * sc`` and ``dmin * m`` in fp32, then ``(d * sc) * q - (dmin * m)`` in fp32,
 # one rounding per operation. So a fake-quant forward equals the decoded GGUF bytes bit for bit.
+# (Both products are exact in fp32 here: an fp16 mantissa of 11 bits times |sc| < 2^7 times |q| <= 2^5
+# needs at most 24 bits; the one rounding is the subtraction of dmin * m, done in the same order.)
 #
 # * Block-AP: :func:`kgrid_fake_quantize` / :class:`KGridFakeQuantLinear` train W, d, dmin and the
 #   continuous sc, m. q = clamp(round((W + dmin*m) / (d*sc))) is recomputed each step, as ggml's
@@ -223,12 +225,24 @@ class KGridParams:
         return kgrid_dequantize(self.q, self.sc, self.d, self.qtype, self.m, self.dmin)
 
 
+class _Fp16RoundSTE(torch.autograd.Function):
+    """Nearest fp16 value (clamped to fp16's finite range), held in float32; identity gradient.
+    A custom function rather than the ``(a - x).detach() + x`` trick: that trick turns -0.0 into
+    +0.0, and a super-block scale of -0.0 decodes to differently signed zeros in ggml."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clamp(-FP16_MAX, FP16_MAX).half().float()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
 def fp16_ste(x: torch.Tensor) -> torch.Tensor:
-    """Round to the nearest fp16 value (clamped to fp16's finite range) in the forward pass, identity
-    gradient in the backward pass; the result is exactly that fp16 value, held in float32
-    (``x16 - x`` is exact in fp32, so adding ``x`` back gives ``x16`` exactly)."""
-    x = clamp_ste(x.float(), -FP16_MAX, FP16_MAX)
-    return (x.half().float() - x).detach() + x
+    """Round to the nearest fp16 value in the forward pass (exactly that value, in float32), identity
+    gradient in the backward pass (straight through the rounding and the clamp to +-65504)."""
+    return _Fp16RoundSTE.apply(x.float())
 
 
 def _kgrid_views(g: KGrid, out: int, in_features: int):
