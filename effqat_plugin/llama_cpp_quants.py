@@ -37,7 +37,10 @@ _lib = None
 
 def library_path() -> Path | None:
     """llama-cpp-python's bundled libggml-base (found without importing llama_cpp), or None."""
-    spec = importlib.util.find_spec("llama_cpp")
+    try:
+        spec = importlib.util.find_spec("llama_cpp")
+    except (ImportError, ValueError):
+        return None
     if spec is None or not spec.submodule_search_locations:
         return None
     for loc in spec.submodule_search_locations:
