@@ -9,7 +9,10 @@ re-implementation of it. llama-cpp-python already ships that code in its bundled
     size_t ggml_quantize_chunk(enum ggml_type type, const float * src, void * dst, int64_t start,
                                int64_t nrows, int64_t n_per_row, const float * imatrix);
 
-but llama-cpp-python binds only libllama, not this ggml symbol, so it is bound here through ctypes.
+(from ``libggml-base.so``, not ``libggml.so``). llama-cpp-python binds libllama's API, whose only
+quantizer (``llama_model_quantize``) goes GGUF file to GGUF file; its internal ``_ggml`` module loads
+libggml but binds no function. A K-grid run needs llama.cpp's fit of one in-memory tensor at a time
+(streamed, with its own importance matrix), so the symbol is bound here through ctypes, once, lazily.
 Nothing else in effqat needs it; without llama-cpp-python the K grids still train and export, only
 this initialization is unavailable (:func:`available` says so; the tests skip).
 

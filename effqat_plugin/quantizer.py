@@ -140,8 +140,9 @@ def rtn_quantize(w: torch.Tensor, bits: int, group_size: int, scales_dtype=torch
 # The products are formed exactly as ggml (and ``gguf.quants.dequantize``) does them: fp16 d/dmin
 # widened to fp32, then ``d * sc`` and ``dmin * m`` in fp32, then ``(d * sc) * q - (dmin * m)`` in fp32,
 # one rounding per operation. So a fake-quant forward equals the decoded GGUF bytes bit for bit.
-# (Both products are exact in fp32 here: an fp16 mantissa of 11 bits times |sc| < 2^7 times |q| <= 2^5
-# needs at most 24 bits; the one rounding is the subtraction of dmin * m, done in the same order.)
+# (Both products are exact in fp32 here: an fp16 significand of 11 bits times sc (at most 7 significant
+# bits) times q (at most 5) needs at most 23 bits; the one rounding is the subtraction of dmin * m, so
+# even an FMA-contracted C dequantizer gives the same float.)
 #
 # * Block-AP: :func:`kgrid_fake_quantize` / :class:`KGridFakeQuantLinear` train W, d, dmin and the
 #   continuous sc, m. q = clamp(round((W + dmin*m) / (d*sc))) is recomputed each step, as ggml's
