@@ -17,7 +17,8 @@ Nothing else in effqat needs it; without llama-cpp-python the K grids still trai
 this initialization is unavailable (:func:`available` says so; the tests skip).
 
 :func:`quantize_chunk` returns llama.cpp's bytes; :func:`llama_cpp_fit` decodes them
-(``effqat_plugin.converters.gguf_kblocks.decode``) into the fields of a K grid.
+(``effqat_plugin.converters.gguf_kblocks.decode``) into the fields of a K grid; :func:`dequantize`
+is ggml's own C decoder of the same blocks (exported beside it), a second oracle for the tests.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from .quantizer import KGRIDS, KGridParams, check_kgrid_width
 # ggml's enum ggml_type (ggml.h); the same numbers as gguf.GGMLQuantizationType
 GGML_TYPE = {"Q2_K": 10, "Q3_K": 11, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
 SYMBOL = "ggml_quantize_chunk"
+DEQUANTIZE_SYMBOL = {t: f"dequantize_row_q{t[1]}_K" for t in GGML_TYPE}   # Q2_K -> dequantize_row_q2_K
 LIBRARY = "libggml-base.so"
 
 _lib = None
@@ -72,6 +74,10 @@ def _load():
         rs = lib.ggml_row_size
         rs.restype = ctypes.c_size_t
         rs.argtypes = [ctypes.c_int, ctypes.c_int64]
+        for qtype in GGML_TYPE:
+            deq = getattr(lib, DEQUANTIZE_SYMBOL[qtype])
+            deq.restype = None
+            deq.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
         _lib = lib
     return _lib
 
@@ -108,6 +114,22 @@ def quantize_chunk(w, qtype: str, imatrix=None) -> np.ndarray:
         if written != rows * row_bytes:
             raise RuntimeError(f"{SYMBOL} wrote {written} bytes, expected {rows * row_bytes}")
     return dst
+
+
+def dequantize(raw: np.ndarray, qtype: str) -> np.ndarray:
+    """ggml's own C dequantizer (``dequantize_row_q*_K``, the one llama.cpp's CPU backend uses to
+    widen these blocks) of uint8 ``[rows, row bytes]``: float32 ``[rows, row bytes / size * 256]``."""
+    if qtype not in GGML_TYPE:
+        raise ValueError(f"unknown K type {qtype!r}; one of {', '.join(GGML_TYPE)}")
+    lib = _load()
+    raw = np.ascontiguousarray(raw, dtype=np.uint8)
+    size = lib.ggml_row_size(GGML_TYPE[qtype], 256)
+    if raw.ndim != 2 or raw.shape[1] % size:
+        raise ValueError(f"{qtype}: expected uint8 [rows, n * {size}] bytes, got {list(raw.shape)}")
+    out = np.empty((raw.shape[0], raw.shape[1] // size * 256), dtype=np.float32)
+    if out.size:
+        getattr(lib, DEQUANTIZE_SYMBOL[qtype])(raw.ctypes.data, out.ctypes.data, out.size)
+    return out
 
 
 def llama_cpp_fit(w, qtype: str, imatrix=None) -> KGridParams:

@@ -217,6 +217,20 @@ def test_out_of_range_or_non_fp16_fields_are_refused():
         kgrid_dequantize(p.q, p.sc, p.d, "Q4_K")
 
 
+@needs_llama_cpp
+@pytest.mark.parametrize("qtype", TYPES)
+def test_ggml_c_dequantizer_agrees_bit_for_bit(qtype):
+    """ggml's own C decoder (dequantize_row_q*_K, as llama.cpp's CPU backend widens blocks) on our
+    bytes: the same floats as gguf's Python reference and our frozen form."""
+    p = rand_params(qtype, 12, 512, seed=40 + TYPES.index(qtype))
+    raw = gguf_kblocks.encode(p)
+    c = llama_cpp_quants.dequantize(raw, qtype)
+    assert_bits_equal(c, gguf_decode(raw, qtype))
+    assert_bits_equal(p.dequantize(), c)
+    raw = llama_cpp_quants.quantize_chunk(realish_weights(2), qtype, importance(512, 3))
+    assert_bits_equal(llama_cpp_quants.dequantize(raw, qtype), gguf_decode(raw, qtype))
+
+
 # --- llama.cpp's quantizer ------------------------------------------------------------------------
 
 @needs_llama_cpp
