@@ -1,10 +1,14 @@
 """llama.cpp's K grids (Q2_K .. Q6_K) bit for bit against independent references.
 
-* ``gguf.quants.dequantize`` (llama.cpp's Python reference decoder) on our encoded bytes equals our
-  frozen form and our fake-quant forward, compared as float32 bit patterns (signed zeros included).
+* ``gguf.quants.dequantize`` (llama.cpp's Python reference decoder) and ggml's C
+  ``dequantize_row_q*_K`` on our encoded bytes equal our frozen form and our fake-quant forward,
+  compared as float32 bit patterns (signed zeros included).
 * llama.cpp's own quantizer (``ggml_quantize_chunk`` from llama-cpp-python's libggml-base, with and
   without an importance matrix): its bytes decode and re-encode to the same bytes, and a fake-quant
   forward initialized from them equals gguf's decoding of them (an untrained run is llama.cpp's).
+* Gradients of the straight-through (Block-AP) and frozen (E2E-QP) forms; ragged rows refused.
+
+Everything is CPU-only and offline; the llama.cpp tests skip without llama-cpp-python.
 """
 import pathlib
 
@@ -18,7 +22,6 @@ from effqat_plugin.converters import gguf_kblocks
 from effqat_plugin.qweight import QuantFormatError
 from effqat_plugin.quantizer import (KGRIDS, QK_K, KGridFakeQuantLinear, KGridFrozenWeight, KGridParams,
                                      check_kgrid_width, kgrid_dequantize, kgrid_fake_quantize, kgrid_freeze)
-
 
 gguf = pytest.importorskip("gguf")
 
@@ -298,7 +301,8 @@ def hand_init(qtype: str, w: torch.Tensor, spread: float):
     if not g.asymmetric:
         return d, sc, None, None
     m_mid = g.m_hi // 2
-    return d, sc, torch.full((out, nsb), spread / m_mid), m_mid + torch.rand(out, nsb, g.n_groups, generator=gen) * 0.8 - 0.4
+    m = m_mid + torch.rand(out, nsb, g.n_groups, generator=gen) * 0.8 - 0.4
+    return d, sc, torch.full((out, nsb), spread / m_mid), m
 
 
 @pytest.mark.parametrize("qtype", TYPES)
