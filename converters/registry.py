@@ -76,6 +76,9 @@ class WriteContext:
     v1_total_fields: int = 0
     desc_act: bool = False
     modules: int = 0
+    sym: bool = False   # every zero point is 2^(b-1) (checked by convert._write); GPTQ writes sym: true
+    module_overrides: dict = field(default_factory=dict)  # module -> the part of ``dynamic`` it got
+    plain_weights: list = field(default_factory=list)     # modules of unquantized 2-D ``.weight`` tensors
 
 
 class QuantFormat:
@@ -85,6 +88,8 @@ class QuantFormat:
     description: str = ""
     # Suffixes this format stores per quantized module.
     suffixes: tuple = MODULE_SUFFIXES
+    # Suffixes every quantized module must have; the first one names the module (``<module>.qweight``).
+    required: tuple = ("qweight", "qzeros", "scales")
     # Older names a reader also accepts: {suffix: (alias, ...)}; writers use ``suffixes``.
     aliases: dict = {}
 
@@ -104,6 +109,11 @@ class QuantFormat:
         """Possible in_features when nothing records it (largest first)."""
         raise NotImplementedError
 
+    def geometry_ok(self, in_features: int, group: int) -> bool:
+        """Whether this layout can hold a module of ``in_features`` at ``group`` at all (shape inference
+        skips the (in, group) pairs it cannot, e.g. ragged groups where the format has none)."""
+        return True
+
     # --- folder config -----------------------------------------------------------------------
     def folder_params(self, qcfg: dict | None) -> dict:
         """bits / group_size / dynamic (and format details) recorded in the folder, if any."""
@@ -115,13 +125,19 @@ class QuantFormat:
                 out[k] = int(qcfg[k])
         if qcfg.get("dynamic"):
             out["dynamic"] = qcfg["dynamic"]
+        if qcfg.get("sym"):
+            out["sym"] = True
         return out
 
     def quantize_config(self, ctx: WriteContext, meta: dict) -> dict | None:
         raise NotImplementedError
 
-    def gptq_family_config(self, ctx: WriteContext, meta: dict, fmt: str, desc_act: bool) -> dict:
+    def gptq_family_config(self, ctx: WriteContext, meta: dict, fmt: str, desc_act: bool,
+                           sym: bool | None = None) -> dict:
         """quantize_config.json of a folder GPTQModel loads (gptq, gptq_v2, bitblas).
+
+        ``sym`` (default ``ctx.sym``): every zero point is ``2^(b-1)``, so GPTQModel may pick its
+        symmetric kernels (which ignore qzeros); the qzeros are written all the same.
 
         GPTQModel's loader requires a ``gptqmodel:<version>`` quantizer entry for asymmetric v1
         (it also marks word-wide v1 zero points), so one is added when the meta has none.
@@ -137,7 +153,7 @@ class QuantFormat:
             "bits": ctx.bits,
             "group_size": ctx.group_size,
             "desc_act": bool(desc_act),
-            "sym": False,
+            "sym": bool(ctx.sym if sym is None else sym),
             "lm_head": False,
             "quant_method": "gptq",
             "format": fmt,

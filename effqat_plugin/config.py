@@ -31,7 +31,7 @@ from gptqmodel.quantization.config import FORMAT, METHOD, BaseQuantizeConfig
 from . import lr_rules
 from .qweight import SUPPORTED_BITS
 
-SAVE_FORMATS = ("gptq", "gptq_v2", "eqat", "bitblas")
+SAVE_FORMATS = ("gptq", "gptq_v2", "eqat", "bitblas", "compressed-tensors")
 
 
 @dataclass
@@ -46,7 +46,8 @@ class EQATConfig(BaseQuantizeConfig):
     format: FORMAT = field(default=FORMAT.GPTQ)
     offload_to_disk: bool = False
 
-    # on-disk format written by save(): gptq (v1 zeros, GPTQModel convention) | gptq_v2 | eqat | bitblas
+    # on-disk format written by save(): gptq (v1 zeros, GPTQModel convention) | gptq_v2 | eqat | bitblas |
+    # compressed-tensors
     save_format: str = "gptq"
 
     # Block-AP

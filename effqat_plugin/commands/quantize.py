@@ -17,7 +17,10 @@ def add_parser(sub) -> None:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("model_dir", help="fp16/fp32 HF model folder or hub id")
     p.add_argument("out_dir", help="output folder (must not exist unless --overwrite)")
-    p.add_argument("--format", dest="save_format", default="gptq", choices=["gptq", "gptq_v2", "eqat", "bitblas"])
+    p.add_argument("--format", dest="save_format", default="gptq",
+                   choices=["gptq", "gptq_v2", "eqat", "bitblas", "compressed-tensors"],
+                   help="checkpoint layout; compressed-tensors (pack-quantized, asymmetric group) is what vLLM "
+                        "serves asymmetric weights from, and needs every in_features a multiple of --group-size")
     add_training_arguments(p)
     p.add_argument("--e2e-data", metavar="FILE", default=None,
                    help="E2E-QP trains on this file (same formats as --calib, --seq-len tokens per sample, "
