@@ -29,7 +29,7 @@ import torch
 
 from effqat_plugin.qweight import QuantFormatError
 
-from .registry import (ModuleSpec, QuantFormat, WriteContext, check_codes, check_finite_scales,
+from .registry import (ModuleSpec, QuantFormat, WriteContext, check_codes, check_finite_scales, declared_sym,
                        g_idx_is_default, make_qweight, register)
 
 PACK_FORMAT = "pack-quantized"
@@ -111,6 +111,8 @@ class CompressedTensorsFormat(QuantFormat):
                     dynamic[f"+:^{re.escape(t)}$"] = over
         if dynamic:
             out["dynamic"] = dynamic
+        if declared_sym(qcfg):   # trained symmetric (meta.sym): zero points all 2^(b-1), stored as 0
+            out["sym"] = True
         return out
 
     @staticmethod

@@ -32,6 +32,14 @@ def package_version(name: str, default: str = "0") -> str:
         return default
 
 
+def declared_sym(qcfg: dict | None) -> bool:
+    """Whether a folder says every zero point is ``2^(b-1)``: GPTQ's ``sym: true``, or effqat's
+    ``meta.sym`` (formats without a sym flag of their own, e.g. compressed-tensors asymmetric)."""
+    qcfg = qcfg or {}
+    meta = qcfg.get("meta") if isinstance(qcfg.get("meta"), dict) else {}
+    return bool(qcfg.get("sym") or meta.get("sym"))
+
+
 def qw_group(group_size: int, in_features: int) -> int:
     """Group size as QuantizedWeight accepts it (a group wider than the input is per-channel, -1)."""
     return -1 if group_size == -1 or group_size > in_features else group_size
@@ -125,7 +133,7 @@ class QuantFormat:
                 out[k] = int(qcfg[k])
         if qcfg.get("dynamic"):
             out["dynamic"] = qcfg["dynamic"]
-        if qcfg.get("sym"):
+        if declared_sym(qcfg):
             out["sym"] = True
         return out
 

@@ -43,6 +43,10 @@ def add_training_arguments(p) -> None:
     the two commands train the same model from the same arguments and defaults."""
     p.add_argument("--bits", type=int, default=2, choices=[2, 3, 4, 8])
     p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--sym", action="store_true",
+                   help="symmetric: every group's zero point fixed at 2^(bits-1) and never trained (Block-AP and "
+                        "E2E-QP train weights / step sizes only); GPTQ output says sym: true, which GPTQModel's "
+                        "and vLLM's symmetric kernels (Marlin, 4/8-bit) take")
     p.add_argument("--calib", help="calibration data: .txt, .jsonl ('text'), .parquet, or .safetensors "
                                    "with int64 'input_ids' [N, T]; default: sampled from the model itself")
     p.add_argument("--n-samples", type=int, default=DEFAULT_SAMPLES, help="calibration sequences")
@@ -122,7 +126,7 @@ def config_from_args(args, save_format: str, e2e_epochs: int | None = None, kern
     from effqat_plugin import EQATConfig
 
     return EQATConfig(
-        bits=args.bits, group_size=args.group_size, save_format=save_format,
+        bits=args.bits, group_size=args.group_size, sym=args.sym, save_format=save_format,
         block_epochs=args.block_epochs, block_batch_size=args.block_batch_size,
         block_quant_lr=args.block_quant_lr, block_weight_lr=args.block_weight_lr,
         block_early_stop=args.block_early_stop, block_lr_search=args.block_lr_search,
@@ -169,7 +173,7 @@ def run(args) -> int:
     summary = {"eqat": run.result.meta(cfg)}
     e2e = summary["eqat"]["e2e_qp"]
     line = {"out_dir": args.out_dir, "format": args.save_format, "bits": args.bits, "group_size": args.group_size,
-            "calibration": list(ids.shape)}
+            "sym": bool(args.sym), "calibration": list(ids.shape)}
     cal = summary["eqat"]["calibration"]   # what E2E-QP really trained on, as recorded by the run
     if cfg.e2e_epochs > 0 and (e2e_ids is not None or cal["self_generated"]):
         line["e2e_data"] = [cal["e2e_samples"], cal["e2e_seq_len"]]
