@@ -253,3 +253,45 @@ def test_unsupported_compressed_tensors_schemes_refused(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "symmetric" in err, err
     assert not (tmp_path / "out").exists() and folder_digest(src) == before
+
+
+# ---------------- effqat quantize --format compressed-tensors -------------------------------------
+
+QUICK = ["--n-samples", "12", "--seq-len", "32", "--block-epochs", "1", "--e2e-epochs", "1",
+         "--e2e-max-auto-epochs", "1", "--block-lr-search", "off", "--self-generated", "0", "--quiet"]
+
+
+def test_quantize_refuses_unwritable_model_before_training(tmp_path, stories260k_dir, capsys):
+    """stories260k's 172-wide down_proj fits no group: refused before Block-AP, one line, exit 2."""
+    out = tmp_path / "ct"
+    rc = main(["quantize", str(stories260k_dir), str(out), "--bits", "4", "--group-size", "32",
+               "--format", FMT, *QUICK])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert "nothing was trained" in err and "mlp.down_proj" in err and "in_features=172" in err
+    assert not out.exists() and not (tmp_path / "ct.effqat-work").exists()
+
+
+def test_quantize_writes_compressed_tensors(tmp_path, stories260k_dir, capsys):
+    """A tiny run on stories260k's architecture with a 128-wide MLP (random weights): the folder is
+    compressed-tensors and transformers' loader gives effqat's own dequantized weights."""
+    import shutil
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    src = tmp_path / "fp"
+    cfg = AutoConfig.from_pretrained(stories260k_dir)
+    cfg.intermediate_size = 128
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(src)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(stories260k_dir / name, src / name)
+    out = tmp_path / "ct"
+    assert main(["quantize", str(src), str(out), "--bits", "4", "--group-size", "32", "--format", FMT,
+                 *QUICK]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["format"] == FMT
+    fmt, qws, _, qcfg = load_quantized(out)
+    assert fmt == FMT and len(qws) == 35 and qcfg["meta"]["eqat"]["e2e_qp"] is not None
+    hf = hf_ct_model(out)
+    for name, qw in qws.items():
+        assert torch.equal(hf.get_submodule(name).weight.data, qw.dequantize(torch.float16)), name

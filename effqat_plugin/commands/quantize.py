@@ -162,6 +162,7 @@ def run(args) -> int:
     work_dir = args.work_dir or os.path.normpath(args.out_dir) + ".effqat-work"
     ids, run = streamed_quantization(args.model_dir, cfg, work_dir, args.calib, args.n_samples, args.seq_len,
                                      args.seed, show_progress=not args.quiet)
+    check_writable(run, cfg)
     e2e_ids = None
     if args.e2e_data and args.e2e_epochs > 0:
         from effqat_plugin.data import load_token_file
@@ -185,6 +186,32 @@ def run(args) -> int:
         line["save_report"] = report
     print(json.dumps(line, default=str))
     return 0
+
+
+def check_writable(run, cfg) -> None:
+    """Refuse, before any training, a save format that cannot hold this model's linears (e.g.
+    compressed-tensors when an in_features is not a multiple of the group), with the format's own
+    rules (``converters.convert.decide``), so hours of Block-AP never end in a refused save. Runs on
+    the streamed path, whose linears are known up front (on the meta device)."""
+    names = getattr(run, "quantized_names", None)
+    if not names:
+        return
+    from effqat_plugin.converters.convert import decide
+    from effqat_plugin.converters.registry import ModuleSpec, get_format
+    from effqat_plugin.qweight import QuantFormatError, n_groups_for
+
+    specs = []
+    for name in names:
+        m = run.model.get_submodule(name)
+        if cfg.group_size > m.in_features:
+            return  # refused elsewhere with its own message (group larger than in_features)
+        specs.append(ModuleSpec(name=name, in_features=m.in_features, out_features=m.out_features,
+                                n_groups=n_groups_for(m.in_features, cfg.group_size), bits=cfg.bits,
+                                group_size=cfg.group_size))
+    try:
+        decide(get_format(cfg.save_format), specs, cfg.bits, cfg.group_size, "effqat", sym=cfg.sym)
+    except QuantFormatError as e:
+        raise ValueError(f"--format {cfg.save_format} cannot hold this model (nothing was trained): {e}") from None
 
 
 def streamed_quantization(model_dir, cfg, work_dir, calib, n_samples, seq_len, seed, show_progress=True):
