@@ -22,6 +22,7 @@ import torch
 import effqat_plugin
 from effqat_plugin.qweight import QuantFormatError, QuantizedWeight
 
+from . import packing
 from .checkpoint import (ShardWriter, atomic_folder, carried_files, check_destination, copy_files,
                          parse_size, write_json)
 from .detect import plan_folder
@@ -122,8 +123,6 @@ def _fast_module(plan, dst_fmt: QuantFormat, m: str, stored_bits: int, ctx: Writ
     if words is None:
         return None
     if ctx.sym:
-        from . import packing
-
         z = packing.unpack_words(words["qzeros"], spec.bits, 32 // spec.bits, spec.out_features, dim=1)
         check_symmetric(m, z, spec.bits)
     return dst_fmt.write_words(words, spec, stored_bits, ctx)
@@ -177,6 +176,10 @@ def _report(ctx: WriteContext, fmt: QuantFormat, extra: dict) -> dict:
 
 
 def _warn(ctx: WriteContext, fmt: QuantFormat):
+    if ctx.sym and ctx.wider and fmt.name in ("gptq", "gptq_v2"):
+        log.warning("symmetric model, but %d module(s) are stored at a wider width (zero point 2^(b-1) of the "
+                    "narrower width): the folder says sym: false so kernels read the zero points (weights "
+                    "exact; meta.sym still records the symmetric training)", len(ctx.wider))
     if ctx.wider:
         log.warning(
             "%d module(s) stored at a wider width than asked (same integers, zeros and scales; lossless) "

@@ -145,7 +145,9 @@ class QuantFormat:
         """quantize_config.json of a folder GPTQModel loads (gptq, gptq_v2, bitblas).
 
         ``sym`` (default ``ctx.sym``): every zero point is ``2^(b-1)``, so GPTQModel may pick its
-        symmetric kernels (which ignore qzeros); the qzeros are written all the same.
+        symmetric kernels (which ignore qzeros); the qzeros are written all the same. Not when a module
+        is stored wider than its bits (3-bit kept at 4): its zero point 4 is not the wider width's 8,
+        which a symmetric kernel would assume, so the folder then says ``sym: false`` (exact either way).
 
         GPTQModel's loader requires a ``gptqmodel:<version>`` quantizer entry for asymmetric v1
         (it also marks word-wide v1 zero points), so one is added when the meta has none.
@@ -161,7 +163,7 @@ class QuantFormat:
             "bits": ctx.bits,
             "group_size": ctx.group_size,
             "desc_act": bool(desc_act),
-            "sym": bool(ctx.sym if sym is None else sym),
+            "sym": bool(ctx.sym and not ctx.wider if sym is None else sym),
             "lm_head": False,
             "quant_method": "gptq",
             "format": fmt,

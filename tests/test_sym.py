@@ -89,6 +89,20 @@ def test_sym_written_and_carried_through_conversions(tmp_path, fmt):
     assert all(bool((qw.zeros == 8).all()) for qw in load_quantized(back)[1].values())
 
 
+def test_sym_3bit_with_modules_stored_wider_is_not_marked_sym(tmp_path):
+    """3-bit GPTQ keeps 172-wide modules at 4 bits; their zero point 4 is not 4-bit's 8, so the folder
+    must not promise sym to kernels that would assume 8 (meta.sym keeps the training fact)."""
+    qws, tensors = stories_model(3, 64, seed=1, layers=1)
+    for qw in qws.values():
+        qw.zeros.fill_(4)
+    d = tmp_path / "g"
+    rep = save_quantized(d, fmt="gptq", qweights=qws, tensors=tensors, config_dir_or_files=config_files(tmp_path),
+                         sym=True)
+    q = read_qcfg(d)
+    assert rep["wider_modules"] and q["sym"] is False and q["meta"]["sym"] is True
+    assert all(bool((qw.zeros == 4).all()) for qw in load_quantized(d)[1].values())
+
+
 def test_asymmetric_zeros_refused_when_sym(tmp_path):
     qws, tensors = _sym_model(4)
     next(iter(qws.values())).zeros[0, 0] = 3
