@@ -145,10 +145,14 @@ def gptqmodel_cpu():
 def hf_ct_model(folder):
     """transformers' compressed-tensors loader with ``dequantize=True``: the package's decompressor
     runs on every checkpoint module at load time (see the xfail test below for the default route)."""
+    import warnings
+
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
-    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float16, device_map="cpu",
-                                                quantization_config=CompressedTensorsConfig(dequantize=True))
+    with warnings.catch_warnings():   # "the config's quantization_config will be used" (ours is merged in)
+        warnings.filterwarnings("ignore", message="You passed `quantization_config`")
+        return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float16, device_map="cpu",
+                                                    quantization_config=CompressedTensorsConfig(dequantize=True))
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -295,3 +299,16 @@ def test_quantize_writes_compressed_tensors(tmp_path, stories260k_dir, capsys):
     hf = hf_ct_model(out)
     for name, qw in qws.items():
         assert torch.equal(hf.get_submodule(name).weight.data, qw.dequantize(torch.float16)), name
+    # effqat's own runtime evaluates it, and a hub push describes it as what it is
+    from effqat_plugin import hub
+    from effqat_plugin.data import save_token_file
+    from effqat_plugin.model_card import front_matter
+
+    save_token_file(str(tmp_path / "eval.safetensors"),
+                    torch.randint(3, 500, (2, 32), generator=torch.Generator().manual_seed(1)))
+    assert main(["eval", str(out), "--data", str(tmp_path / "eval.safetensors"), "--seq-len", "32"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["perplexity"] > 1
+    plan = hub.plan_push(out, "me/tiny-EfficientQAT-w4g32-CT")
+    fm = front_matter(plan.card)
+    assert fm["library_name"] == "transformers" and "compressed-tensors" in fm["tags"] and "gptq" not in fm["tags"]
+    assert "CompressedTensorsConfig(dequantize=True)" in plan.card and "GPTQModel.load" not in plan.card

@@ -35,10 +35,11 @@ from effqat_plugin.reports import eqat_meta
 
 log = logging.getLogger("effqat.pipeline")
 
-ALL_FORMATS = ("gptq", "gptq_v2", "bitblas", "eqat")
+ALL_FORMATS = ("gptq", "gptq_v2", "bitblas", "eqat", "compressed-tensors")
 MASTER_FORMAT = "gptq_v2"
 PUSH_MARKER = ".effqat_push.json"
-REPO_SUFFIX = {"eqat": "EQAT", "gptq": "GPTQ", "gptq_v2": "GPTQv2", "bitblas": "BitBLAS"}
+REPO_SUFFIX = {"eqat": "EQAT", "gptq": "GPTQ", "gptq_v2": "GPTQv2", "bitblas": "BitBLAS",
+               "compressed-tensors": "CT"}
 
 
 def add_parser(sub) -> None:
