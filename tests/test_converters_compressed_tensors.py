@@ -92,6 +92,17 @@ def test_edge_values_survive(tmp_path):
     assert_same(qws, back)
 
 
+def test_read_from_config_json_alone(tmp_path):
+    """Folders from llm-compressor carry only config.json's quantization_config: enough to read them."""
+    qws, tensors = model_128(3, seed=6, layers=1)
+    d = tmp_path / "ct"
+    save_quantized(d, fmt=FMT, qweights=qws, tensors=tensors, config_dir_or_files=config_files(tmp_path, 128))
+    (d / "quantize_config.json").unlink()
+    fmt, back, _, cfg = load_quantized(d)
+    assert fmt == FMT and (cfg["bits"], cfg["group_size"]) == (3, 64)
+    assert_same(qws, back)
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_round_trip_through_gptq_v2_is_byte_identical(tmp_path, bits):
     qws, tensors = model_128(bits, seed=20 + bits, layers=2)

@@ -1,7 +1,7 @@
 """`effqat pipeline MODEL OUT_ROOT`: fp -> Block-AP -> E2E-QP -> formats -> evaluation -> push, resumable.
 
     effqat pipeline MODEL OUT_ROOT --bits 2 --group-size 64 [--calib FILE] [--e2e-data FILE]
-                    [--formats gptq,gptq_v2,bitblas,eqat] [--eval-data FILE ...] [--push USER/PREFIX]
+                    [--formats gptq,gptq_v2,bitblas,eqat,compressed-tensors] [--eval-data FILE ...] [--push USER/PREFIX]
 
 Layout of OUT_ROOT (NAME = MODEL's name + ``-EfficientQAT-w{bits}g{group}``):
 
