@@ -190,7 +190,9 @@ def _candidates(fmt: QuantFormat, name, shapes, bits_list, groups):
                 if n_groups_for(n, gs) != g or not fmt.geometry_ok(n, gs):
                     continue
                 exp = fmt.shapes_for(b, n, out_f, g)
-                if all(tuple(shapes[k]) == tuple(v) for k, v in exp.items()):
+                # tensors a layout may leave out (compressed-tensors' symmetric zero points) are not compared;
+                # fmt.required ones are present (_module_shapes)
+                if all(tuple(shapes[k]) == tuple(v) for k, v in exp.items() if k in shapes):
                     out.append((b, gs, n))
     return out
 

@@ -1,5 +1,5 @@
-"""compressed-tensors ``pack-quantized``, asymmetric ``group`` strategy: what vLLM serves for
-asymmetric group-quantized weights (and what llm-compressor writes).
+"""compressed-tensors ``pack-quantized``, ``group`` strategy: what vLLM serves for group-quantized
+weights (and what llm-compressor writes). Asymmetric, or symmetric for ``--sym`` models.
 
 Per quantized linear ``<name>`` (tensors made by the package's own ``PackedQuantizationCompressor``):
   weight_packed     int32 ``[out, ceil(in*b/32)]``: codes ``q - 2^(b-1)`` as signed ints, stored by
@@ -9,6 +9,9 @@ Per quantized linear ``<name>`` (tensors made by the package's own ``PackedQuant
   weight_scale      fp16 ``[out, G]``: ``s``;   weight_shape int64 ``[2]``: ``(out, in)``;
   optional bias.
 Dequantization (the package's ``dequantize``): ``(q' - z') * s = (q - z) * s``, EfficientQAT's weight.
+Symmetric (``symmetric: true``, written when every zero point is ``2^(b-1)``: ``WriteContext.sym``):
+no ``weight_zero_point`` (the package drops it, vLLM takes none); ``z' = 0`` is implied, i.e.
+``z = 2^(b-1)``, and symmetric folders from llm-compressor are read the same way.
 The group strategy needs ``in`` to be a multiple of the group size (the package refuses others), and
 there is no act-order here: such modules are refused before anything is written.
 
@@ -53,10 +56,10 @@ def _ct():
 
 
 @lru_cache(maxsize=None)
-def scheme_for(bits: int, group_size: int, targets: tuple = ("Linear",)):
-    """The package's scheme for EfficientQAT's weights: int, asymmetric, group strategy, weights only."""
+def scheme_for(bits: int, group_size: int, targets: tuple = ("Linear",), symmetric: bool = False):
+    """The package's scheme for EfficientQAT's weights: int, group strategy, weights only."""
     ct = _ct()
-    args = ct["Args"](num_bits=bits, type="int", symmetric=False, strategy="group", group_size=group_size,
+    args = ct["Args"](num_bits=bits, type="int", symmetric=symmetric, strategy="group", group_size=group_size,
                       dynamic=False, actorder=None)
     return ct["Scheme"](targets=list(targets), weights=args, format=PACK_FORMAT)
 
@@ -69,7 +72,7 @@ class CompressedTensorsFormat(QuantFormat):
     name = "compressed-tensors"
     description = "compressed-tensors pack-quantized, asymmetric group (vLLM, llm-compressor, transformers)"
     suffixes = ("weight_packed", "weight_zero_point", "weight_scale", "weight_shape", "bias")
-    required = ("weight_packed", "weight_zero_point", "weight_scale", "weight_shape")
+    required = ("weight_packed", "weight_scale", "weight_shape")   # + weight_zero_point unless symmetric
 
     # --- metadata ----------------------------------------------------------------------------
     def module_geometry(self, name, shapes, bits):
@@ -98,10 +101,11 @@ class CompressedTensorsFormat(QuantFormat):
         if str(qcfg.get("format", PACK_FORMAT)) != PACK_FORMAT:
             raise QuantFormatError(f"compressed-tensors format {qcfg.get('format')!r} is not supported "
                                    f"(only {PACK_FORMAT!r})")
-        out, dynamic = {}, {}
+        out, dynamic, symmetric = {}, {}, set()
         for gname, group in (qcfg.get("config_groups") or {}).items():
             w = (group or {}).get("weights") or {}
             self._check_scheme(gname, group or {}, w)
+            symmetric.add(bool(w.get("symmetric", True)))
             over = {"bits": int(w["num_bits"]), "group_size": int(w["group_size"])}
             for t in group.get("targets") or []:
                 if t == "Linear":
@@ -112,7 +116,12 @@ class CompressedTensorsFormat(QuantFormat):
                     dynamic[f"+:^{re.escape(t)}$"] = over
         if dynamic:
             out["dynamic"] = dynamic
-        if declared_sym(qcfg):   # trained symmetric (meta.sym): zero points all 2^(b-1), stored as 0
+        if len(symmetric) > 1:
+            raise QuantFormatError("compressed-tensors config groups mix symmetric and asymmetric weights; "
+                                   "not supported")
+        if symmetric == {True}:
+            out["ct_symmetric"] = out["sym"] = True
+        elif declared_sym(qcfg):   # stored asymmetric, but every zero point is 2^(b-1) (meta.sym)
             out["sym"] = True
         return out
 
@@ -126,15 +135,13 @@ class CompressedTensorsFormat(QuantFormat):
             bad.append(f"type {w.get('type')!r}")
         if w.get("strategy") != "group":
             bad.append(f"strategy {w.get('strategy')!r}")
-        if w.get("symmetric", True):
-            bad.append("symmetric weights (no zero points)")
         if w.get("actorder") not in (None, False):
             bad.append(f"actorder {w.get('actorder')!r}")
         if group.get("input_activations") or group.get("output_activations"):
             bad.append("activation quantization")
         if bad:
             raise QuantFormatError(f"compressed-tensors config group {gname!r}: {', '.join(bad)} is not "
-                                   "supported (only int asymmetric group weights, pack-quantized)")
+                                   "supported (only int group weights, pack-quantized)")
 
     def quantize_config(self, ctx: WriteContext, meta):
         cfg = self._hf_config(ctx)
@@ -147,13 +154,14 @@ class CompressedTensorsFormat(QuantFormat):
     def _hf_config(self, ctx: WriteContext) -> dict:
         """``quantization_config`` exactly as ``ModelCompressor.update_config`` writes it."""
         ct = _ct()
-        groups = {"group_0": scheme_for(ctx.bits, ctx.group_size)}
+        sym = ctx.sym
+        groups = {"group_0": scheme_for(ctx.bits, ctx.group_size, symmetric=sym)}
         by_override = {}
         for name, over in sorted(ctx.module_overrides.items()):
             key = (over.get("bits", ctx.bits), over.get("group_size", ctx.group_size))
             by_override.setdefault(key, []).append(name)
         for i, ((b, g), names) in enumerate(sorted(by_override.items()), start=1):
-            groups[f"group_{i}"] = scheme_for(b, g, tuple(names))
+            groups[f"group_{i}"] = scheme_for(b, g, tuple(names), symmetric=sym)
         ignore = sorted({"lm_head", *ctx.plain_weights})
         qc = ct["Config"](config_groups=groups, format=PACK_FORMAT, ignore=ignore,
                           quantization_status=ct["Status"].COMPRESSED)
@@ -178,17 +186,21 @@ class CompressedTensorsFormat(QuantFormat):
     # --- data --------------------------------------------------------------------------------
     def read(self, get, spec: ModuleSpec, params):
         name, bits = spec.name, spec.bits
-        t = {k: get(k) for k in self.required}
+        symmetric = bool(params.get("ct_symmetric"))
+        t = {k: get(k) for k in self.required + (() if symmetric else ("weight_zero_point",))}
         for k, v in t.items():
             if v is None:
                 raise QuantFormatError(f"{name}: tensor {name}.{k} is missing")
+        if symmetric and get("weight_zero_point") is not None:
+            raise QuantFormatError(f"{name}: the config says symmetric, but the module stores weight_zero_point "
+                                   "(which symmetric readers ignore): contradictory folder")
         exp = self.shapes_for(bits, spec.in_features, spec.out_features, spec.n_groups)
         for k, shape in exp.items():
-            if tuple(t[k].shape) != shape:
+            if k in t and tuple(t[k].shape) != shape:
                 raise QuantFormatError(
                     f"{name}.{k} has shape {tuple(t[k].shape)}, expected {shape} for compressed-tensors at "
                     f"bits={bits}, group_size={spec.group_size}: wrong config or corrupt tensors")
-        if t["weight_packed"].dtype != torch.int32 or t["weight_zero_point"].dtype != torch.int32:
+        if any(t[k].dtype != torch.int32 for k in ("weight_packed", "weight_zero_point") if k in t):
             raise QuantFormatError(f"{name}: weight_packed / weight_zero_point must be int32")
         shape = [int(v) for v in t["weight_shape"].reshape(-1).tolist()]
         if shape != [spec.out_features, spec.in_features]:
@@ -200,8 +212,11 @@ class CompressedTensorsFormat(QuantFormat):
         check_finite_scales(name, scales)
         unpack, off = _ct()["unpack"], 1 << (bits - 1)
         q = unpack(t["weight_packed"], bits, torch.Size(shape)).to(torch.int16) + off
-        z = unpack(t["weight_zero_point"], bits, torch.Size((spec.out_features, spec.n_groups)),
-                   packed_dim=0).to(torch.int16) + off
+        if symmetric:
+            z = torch.full((spec.out_features, spec.n_groups), off, dtype=torch.int16)
+        else:
+            z = unpack(t["weight_zero_point"], bits, torch.Size((spec.out_features, spec.n_groups)),
+                       packed_dim=0).to(torch.int16) + off
         return make_qweight(q.to(torch.uint8), z.to(torch.uint8), scales.contiguous(), bits,
                             spec.group_size, None, get("bias"), name)
 
@@ -209,7 +224,8 @@ class CompressedTensorsFormat(QuantFormat):
         """The package's compressor on the exact weight ``(q - z) * s``: fp16 ``s`` times an integer
         of at most 8 bits is exact in fp32, so its ``round(W / s) + z'`` gives back ``q - 2^(b-1)``.
         Groups with ``s == 0`` (any ``q`` dequantizes to 0) are divided by 1 instead, so their codes
-        survive too; the stored scale is the real one."""
+        survive too; the stored scale is the real one. ``ctx.sym`` (zero points all ``2^(b-1)``, checked
+        by the caller): the symmetric scheme, no zero point stored."""
         check_codes(qw, "module")
         if not g_idx_is_default(qw, qw.group_size):
             raise QuantFormatError("compressed-tensors pack-quantized (group strategy) has no act-order: "
@@ -224,12 +240,15 @@ class CompressedTensorsFormat(QuantFormat):
         zi = qw.zeros.to(torch.int16)
         codes = qw.int_weight.to(torch.int16) - zi.repeat_interleave(g, dim=1)
         weight = codes.float() * s_div.float().repeat_interleave(g, dim=1)
-        sd = {"weight": weight, "weight_scale": s_div, "weight_zero_point": (zi - off).to(torch.int8)}
-        out = _ct()["Compressor"].compress(sd, scheme_for(b, g))
-        tensors = {"weight_packed": out["weight_packed"].contiguous(),
-                   "weight_zero_point": out["weight_zero_point"].contiguous(),
-                   "weight_scale": s16,
-                   "weight_shape": out["weight_shape"].to(torch.int64).contiguous()}
+        sd = {"weight": weight, "weight_scale": s_div}
+        if not ctx.sym:
+            sd["weight_zero_point"] = (zi - off).to(torch.int8)
+        out = _ct()["Compressor"].compress(sd, scheme_for(b, g, symmetric=ctx.sym))
+        tensors = {"weight_packed": out["weight_packed"].contiguous()}
+        if not ctx.sym:
+            tensors["weight_zero_point"] = out["weight_zero_point"].contiguous()
+        tensors["weight_scale"] = s16
+        tensors["weight_shape"] = out["weight_shape"].to(torch.int64).contiguous()
         if qw.bias is not None:
             tensors["bias"] = qw.bias.to(torch.float16).contiguous()
         return tensors

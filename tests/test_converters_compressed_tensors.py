@@ -198,7 +198,7 @@ def test_transformers_loader_equals_gptqmodel_on_gptq_v2(tmp_path, gptqmodel_cpu
 def test_transformers_default_route_on_asymmetric(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    qws, tensors = model_128(4, seed=5, layers=1)
+    qws, tensors = model_128(4, seed=5)   # all 5 layers: the size mismatch is the only possible failure
     d = tmp_path / "ct"
     save_quantized(d, fmt=FMT, qweights=qws, tensors=tensors, config_dir_or_files=config_files(tmp_path, 128))
     AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float16, device_map="cpu")
@@ -253,21 +253,80 @@ def test_existing_destination_refused(tmp_path, capsys):
     assert "exists" in err and (dst / "keep.txt").read_text() == "mine"
 
 
-def test_unsupported_compressed_tensors_schemes_refused(tmp_path, capsys):
-    """A symmetric or activation-quantized compressed-tensors folder is not read as something else."""
+@pytest.mark.parametrize("change,message", [
+    (lambda g: g["weights"].update(symmetric=True), "says symmetric, but the module stores weight_zero_point"),
+    (lambda g: g["weights"].update(strategy="channel"), "strategy 'channel'"),
+    (lambda g: g.update(input_activations={"num_bits": 8, "type": "int"}), "activation quantization"),
+])
+def test_unsupported_or_contradictory_schemes_refused(tmp_path, capsys, change, message):
+    """A folder is never read as something it is not: one line, exit 2, nothing written."""
     qws, tensors = model_128(4, seed=4, layers=1)
     src = tmp_path / "ct"
     save_quantized(src, fmt=FMT, qweights=qws, tensors=tensors, config_dir_or_files=config_files(tmp_path, 128))
     for path in (src / "quantize_config.json", src / "config.json"):
         c = json.loads(path.read_text())
-        q = c.get("quantization_config", c)
-        q["config_groups"]["group_0"]["weights"]["symmetric"] = True
+        change(c.get("quantization_config", c)["config_groups"]["group_0"])
         path.write_text(json.dumps(c))
     before = folder_digest(src)
     rc = main(["convert", str(src), str(tmp_path / "out"), "--to", "gptq_v2"])
     err = capsys.readouterr().err.strip()
-    assert rc == 2 and len(err.splitlines()) == 1 and "symmetric" in err, err
+    assert rc == 2 and len(err.splitlines()) == 1 and message in err, err
     assert not (tmp_path / "out").exists() and folder_digest(src) == before
+
+
+def _sym_qws(bits, seed, layers=2):
+    qws, tensors = model_128(bits, seed=seed, layers=layers)
+    for qw in qws.values():
+        qw.zeros.fill_(1 << (bits - 1))
+    return qws, tensors
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_symmetric_models_written_symmetric(tmp_path, bits):
+    """``--sym`` models: symmetric scheme, no zero points stored; the package decompresses them bit
+    for bit, and they go to gptq_v2 (sym: true) and back byte for byte."""
+    from compressed_tensors.compressors.pack_quantized import PackedQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+
+    qws, tensors = _sym_qws(bits, seed=60 + bits)
+    e = tmp_path / "eqat"
+    save_quantized(e, fmt="eqat", qweights=qws, tensors=tensors, config_dir_or_files=config_files(tmp_path, 128),
+                   sym=True)
+    a, v2, b = tmp_path / "ct", tmp_path / "v2", tmp_path / "ct-again"
+    convert(e, a, to=FMT)
+    scheme = QuantizationConfig.model_validate(
+        json.loads((a / "config.json").read_text())["quantization_config"]).config_groups["group_0"]
+    assert scheme.weights.symmetric is True
+    for name, qw in qws.items():
+        sd = _module_state(a, name)
+        assert set(sd) == {"weight_packed", "weight_scale", "weight_shape"}, name
+        w = PackedQuantizationCompressor.decompress(sd, scheme)["weight"]
+        assert torch.equal(w, qw.dequantize(torch.float16)), name
+    convert(a, v2, to="gptq_v2")
+    assert json.loads((v2 / "quantize_config.json").read_text())["sym"] is True
+    convert(v2, b, to=FMT)
+    for d in (a, v2, b):
+        assert_same(qws, load_quantized(d)[1])
+    for p in a.iterdir():
+        if p.name != "quantize_config.json":
+            assert p.read_bytes() == (b / p.name).read_bytes(), p.name
+
+
+def test_symmetric_loads_through_transformers_default_route(tmp_path):
+    """Symmetric pack-quantized takes no zero point, so transformers' default (compressed) route loads
+    it, unlike the asymmetric form above; the decompressed weights are effqat's, bit for bit."""
+    from transformers import AutoModelForCausalLM
+
+    qws, tensors = _sym_qws(4, seed=7, layers=5)   # every layer of the config: transformers loads them all
+    d = tmp_path / "ct"
+    save_quantized(d, fmt=FMT, qweights=qws, tensors=tensors, config_dir_or_files=config_files(tmp_path, 128),
+                   sym=True)
+    hf = AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float16, device_map="cpu")
+    with torch.inference_mode():
+        logits = hf(TOKENS).logits            # first forward decompresses the model
+    assert torch.isfinite(logits).all()
+    for name, qw in qws.items():
+        assert torch.equal(hf.get_submodule(name).weight.data, qw.dequantize(torch.float16)), name
 
 
 # ---------------- effqat quantize --format compressed-tensors -------------------------------------
