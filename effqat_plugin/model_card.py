@@ -107,9 +107,10 @@ def loading_snippet(repo_id: str, fmt: Optional[str], kind: str) -> str:
                 "effqat convert eqat-ckpt gptq-ckpt --to gptq_v2\n```\n\n"
                 "```python\nfrom gptqmodel import GPTQModel\n\nmodel = GPTQModel.load(\"gptq-ckpt\")\n```")
     if fmt == "compressed-tensors":   # not a GPTQModel layout: transformers (tested) and vLLM (not tested)
-        return ("compressed-tensors `pack-quantized` weights (asymmetric, per group), the layout vLLM serves "
-                "asymmetric 4/8-bit weights from (not tested by effqat). With transformers, dequantized when loaded "
-                "(its default route does not load asymmetric pack-quantized weights yet):\n\n"
+        return ("compressed-tensors `pack-quantized` weights (per group; asymmetric unless quantized with "
+                "`--sym`), the layout vLLM serves 4/8-bit group-quantized weights from (not tested by effqat). "
+                "With transformers, dequantized when loaded (its default route does not load the asymmetric "
+                "form yet):\n\n"
                 "```python\nfrom transformers import AutoModelForCausalLM, CompressedTensorsConfig\n\n"
                 f'model = AutoModelForCausalLM.from_pretrained("{repo_id}", '
                 "quantization_config=CompressedTensorsConfig(dequantize=True))\n```\n\n"
