@@ -1,4 +1,8 @@
-"""EfficientQAT's uniform asymmetric group quantizer: init, straight-through fake quant, freezing.
+"""EfficientQAT's uniform group quantizer: init, straight-through fake quant, freezing.
+
+Asymmetric by default (a learned zero point per group, as in the paper). ``sym=True`` fixes every
+group's zero point at ``2^(b-1)`` (GPTQ's symmetric convention) and never trains it: the integers
+then fit the symmetric kernels (GPTQModel's, vLLM's Marlin for 4/8-bit), which do not read zero points.
 
 This is the only place the quantization math lives. Block-AP trains through `FakeQuantLinear`;
 `freeze` turns its learned (W, s, z) into the integers every exporter writes.
@@ -46,12 +50,24 @@ def expand_groups(t: torch.Tensor, in_features: int, group_size: int) -> torch.T
     return t.repeat_interleave(g, dim=1)[:, :in_features]
 
 
+def symmetric_zero(bits: int) -> int:
+    """The fixed zero point of symmetric mode: the middle code, ``2^(b-1)``."""
+    return 1 << (bits - 1)
+
+
 @torch.no_grad()
-def init_scales_zeros(w: torch.Tensor, bits: int, group_size: int):
-    """Min/max init per group: s = (max - min) / (2^b - 1), z = round(-min / s) (clamped as in the note)."""
+def init_scales_zeros(w: torch.Tensor, bits: int, group_size: int, sym: bool = False):
+    """Min/max init per group: s = (max - min) / (2^b - 1), z = round(-min / s) (clamped as in the note).
+
+    ``sym``: GPTQ's symmetric init, s = 2 max|w| / (2^b - 1) and z = 2^(b-1), so the group's range
+    ``[-max|w|, max|w|]`` spans the codes around the middle one (the top code clips by half a step).
+    """
     wg = _group_view(w.float(), group_size)
     lo, hi = wg.amin(dim=-1), wg.amax(dim=-1)
     maxq = (1 << bits) - 1
+    if sym:
+        s = (2 * torch.maximum(lo.abs(), hi.abs()) / maxq).clamp(S_MIN, S_MAX)
+        return s, torch.full_like(s, float(symmetric_zero(bits)))
     s = ((hi - lo) / maxq).clamp(S_MIN, S_MAX)
     z = (-lo / s).clamp(-Z_LIMIT, Z_LIMIT).round()
     return s, z
@@ -82,17 +98,22 @@ def quantize_to_ints(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: in
 
 
 class FakeQuantLinear(nn.Module):
-    """A Linear whose weight, step sizes and zero points all train (Block-AP's unit of work)."""
+    """A Linear whose weight, step sizes and zero points all train (Block-AP's unit of work).
 
-    def __init__(self, linear: nn.Linear, bits: int, group_size: int):
+    ``sym``: the zero points are a fixed buffer at ``2^(b-1)``, not parameters (nothing trains them)."""
+
+    def __init__(self, linear: nn.Linear, bits: int, group_size: int, sym: bool = False):
         super().__init__()
-        self.bits, self.group_size = bits, group_size
+        self.bits, self.group_size, self.sym = bits, group_size, sym
         self.in_features, self.out_features = linear.in_features, linear.out_features
         w = linear.weight.detach().float().clone()
         self.weight = nn.Parameter(w)
-        s, z = init_scales_zeros(w, bits, group_size)
+        s, z = init_scales_zeros(w, bits, group_size, sym)
         self.scales = nn.Parameter(s)
-        self.zeros = nn.Parameter(z)
+        if sym:
+            self.register_buffer("zeros", z)
+        else:
+            self.zeros = nn.Parameter(z)
         self.bias = None
         if linear.bias is not None:
             self.bias = nn.Parameter(linear.bias.detach().float().clone())
@@ -102,7 +123,7 @@ class FakeQuantLinear(nn.Module):
         return F.linear(x, w_hat.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def quant_parameters(self):
-        return [self.scales, self.zeros]
+        return [self.scales] if self.sym else [self.scales, self.zeros]
 
     @torch.no_grad()
     def freeze(self, scales_dtype: torch.dtype = torch.float16) -> QuantizedWeight:
@@ -113,9 +134,10 @@ class FakeQuantLinear(nn.Module):
                                group_size=self.group_size, bias=bias)
 
 
-def rtn_quantize(w: torch.Tensor, bits: int, group_size: int, scales_dtype=torch.float16) -> QuantizedWeight:
+def rtn_quantize(w: torch.Tensor, bits: int, group_size: int, scales_dtype=torch.float16,
+                 sym: bool = False) -> QuantizedWeight:
     """Round-to-nearest with min/max init: the untrained starting point (and the RTN baseline)."""
-    s, z = init_scales_zeros(w, bits, group_size)
+    s, z = init_scales_zeros(w, bits, group_size, sym)
     q, zi, s = quantize_to_ints(w, s, z, bits, group_size)
     return QuantizedWeight(int_weight=q, zeros=zi, scales=s.to(scales_dtype), bits=bits, group_size=group_size)
 
