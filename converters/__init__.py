@@ -1,14 +1,14 @@
 """Converters between quantized checkpoint formats (installed as ``effqat_plugin.converters``).
 
 Formats (``FORMATS``): ``eqat`` (original EfficientQAT), ``gptq`` (v1), ``gptq_v2``, ``bitblas``,
-``awq`` (gemm, 4-bit).
+``awq`` (gemm, 4-bit), ``compressed-tensors`` (pack-quantized, asymmetric group; vLLM).
 Each is one module with a reader and a writer to and from :class:`effqat_plugin.QuantizedWeight`.
 
     convert(src, dst, to="gptq_v2")                     # streaming folder -> folder
     save_quantized(dst, fmt=..., qweights=..., tensors=..., config_dir_or_files=...)
     load_quantized(src) -> (fmt, qweights, tensors, quantize_config)
 """
-from . import fmt_awq, fmt_bitblas, fmt_eqat, fmt_gptq  # noqa: F401  (register the formats)
+from . import fmt_awq, fmt_bitblas, fmt_compressed_tensors, fmt_eqat, fmt_gptq  # noqa: F401  (register the formats)
 from .convert import convert, load_quantized, save_quantized
 from .detect import plan_folder
 from .registry import FORMATS, QuantFormat, get_format, register

@@ -22,6 +22,7 @@ import torch
 import effqat_plugin
 from effqat_plugin.qweight import QuantFormatError, QuantizedWeight
 
+from . import packing
 from .checkpoint import (ShardWriter, atomic_folder, carried_files, check_destination, copy_files,
                          parse_size, write_json)
 from .detect import plan_folder
@@ -52,14 +53,14 @@ def is_ragged(s: ModuleSpec) -> bool:
 
 
 def decide(fmt: QuantFormat, specs: list[ModuleSpec], bits: int, group: int, source_format: str,
-           v1_encoding: str = "signflip"):
+           v1_encoding: str = "signflip", sym: bool = False):
     """Folder bits / group, per-module stored widths and ``dynamic`` overrides for writing ``fmt``."""
     from .fmt_gptq import V1_ENCODINGS
 
     if v1_encoding not in V1_ENCODINGS:
         raise ValueError(f"v1_encoding must be one of {V1_ENCODINGS}, got {v1_encoding!r}")
     ctx = WriteContext(fmt=fmt.name, bits=bits, group_size=group, source_format=source_format,
-                       v1_encoding=v1_encoding)
+                       v1_encoding=v1_encoding, sym=bool(sym))
     ctx.ragged = [s.name for s in specs if is_ragged(s)]
     specs = [dataclasses.replace(s, bits=s.true_bits, logical_bits=0) for s in specs]
     fmt.check_folder(ctx, specs)
@@ -83,6 +84,7 @@ def decide(fmt: QuantFormat, specs: list[ModuleSpec], bits: int, group: int, sou
                 override["group_size"] = mg
         if override:
             ctx.dynamic[f"+:^{re.escape(s.name)}$"] = override
+            ctx.module_overrides[s.name] = override
         if sb != s.bits:
             extra = _packed_bytes(fmt, sb, s) - _packed_bytes(fmt, s.bits, s)
             ctx.wider[s.name] = {"bits": s.bits, "stored_bits": sb, "extra_bytes": int(extra),
@@ -92,7 +94,7 @@ def decide(fmt: QuantFormat, specs: list[ModuleSpec], bits: int, group: int, sou
 
 def _in_file(plan, m: str, e: QuantFormatError) -> QuantFormatError:
     """Prefix a module error with the shard file that holds the module."""
-    shard = plan.folder.key_to_file.get(f"{m}.qweight", "")
+    shard = plan.folder.key_to_file.get(plan.key(m, plan.fmt.required[0]), "")
     return QuantFormatError(f"{plan.folder.path / shard}: {e}")
 
 
@@ -120,7 +122,20 @@ def _fast_module(plan, dst_fmt: QuantFormat, m: str, stored_bits: int, ctx: Writ
         raise _in_file(plan, m, e) from None
     if words is None:
         return None
+    if ctx.sym:
+        z = packing.unpack_words(words["qzeros"], spec.bits, 32 // spec.bits, spec.out_features, dim=1)
+        check_symmetric(m, z, spec.bits)
     return dst_fmt.write_words(words, spec, stored_bits, ctx)
+
+
+def check_symmetric(name: str, zeros: torch.Tensor, bits: int) -> None:
+    """A folder written as ``sym: true`` promises zero points of ``2^(b-1)`` everywhere: symmetric
+    kernels (GPTQModel's, vLLM's Marlin) never read qzeros, so any other value would be silently wrong."""
+    mid = 1 << (bits - 1)
+    bad = int((zeros.to(torch.int16) != mid).sum())
+    if bad:
+        raise QuantFormatError(f"{name}: {bad} zero point(s) differ from {mid}, but the folder is symmetric "
+                               "(sym: true); symmetric kernels would ignore them")
 
 
 def _meta(ctx: WriteContext, fmt: QuantFormat, user_meta: dict | None) -> dict:
@@ -134,6 +149,8 @@ def _meta(ctx: WriteContext, fmt: QuantFormat, user_meta: dict | None) -> dict:
     meta.setdefault("source_format", ctx.source_format)
     if ctx.wider:
         meta["wider_modules"] = ctx.wider
+    if ctx.sym:
+        meta["sym"] = True
     if fmt.name == "gptq":
         meta["v1_zero_points"] = ("sign-flipped zero-point-0 groups: per-field and word-wide readers agree"
                                   if ctx.v1_encoding == "signflip" else "word-wide (GPTQModel convention)")
@@ -152,12 +169,17 @@ def _report(ctx: WriteContext, fmt: QuantFormat, extra: dict) -> dict:
         "v1_borrow_fields": ctx.v1_borrow_fields,
         "v1_total_fields": ctx.v1_total_fields,
         "desc_act": ctx.desc_act,
+        "sym": ctx.sym,
     }
     rep.update(extra)
     return rep
 
 
 def _warn(ctx: WriteContext, fmt: QuantFormat):
+    if ctx.sym and ctx.wider and fmt.name in ("gptq", "gptq_v2"):
+        log.warning("symmetric model, but %d module(s) are stored at a wider width (zero point 2^(b-1) of the "
+                    "narrower width): the folder says sym: false so kernels read the zero points (weights "
+                    "exact; meta.sym still records the symmetric training)", len(ctx.wider))
     if ctx.wider:
         log.warning(
             "%d module(s) stored at a wider width than asked (same integers, zeros and scales; lossless) "
@@ -186,6 +208,8 @@ def _write(dst: Path, fmt: QuantFormat, ctx: WriteContext, stored: dict, items: 
                 for suf, t in obj.items():
                     sw.add(f"{name}.{suf}", t)
             elif isinstance(obj, QuantizedWeight):
+                if ctx.sym:
+                    check_symmetric(name, obj.zeros, obj.bits)
                 try:
                     tensors = fmt.write(obj, stored[name], ctx)
                 except QuantFormatError as e:
@@ -194,6 +218,8 @@ def _write(dst: Path, fmt: QuantFormat, ctx: WriteContext, stored: dict, items: 
                 for suf, t in tensors.items():
                     sw.add(f"{name}.{suf}", t)
             else:
+                if name.endswith(".weight") and len(obj.shape) == 2:
+                    ctx.plain_weights.append(name[: -len(".weight")])
                 sw.add(name, obj)
         files = sw.finish()
         qcfg = fmt.quantize_config(ctx, _meta(ctx, fmt, meta))
@@ -229,7 +255,8 @@ def convert(src, dst, *, to: str, bits=None, group_size=None, overwrite=False, d
     src = Path(src)
     plan = plan_folder(src, bits=bits, group_size=group_size, v1_zeros=v1_zeros)
     specs = list(plan.specs.values())
-    ctx, stored = decide(dst_fmt, specs, plan.bits, plan.group_size, plan.fmt.name, v1_encoding)
+    ctx, stored = decide(dst_fmt, specs, plan.bits, plan.group_size, plan.fmt.name, v1_encoding,
+                         sym=bool(plan.params.get("sym")))
     if not dry_run:
         check_destination(src, dst, overwrite)
     folder = plan.folder
@@ -307,8 +334,11 @@ def folder_bits_group(qweights: Mapping[str, QuantizedWeight | ModuleSpec]) -> t
 
 def save_quantized(dst, *, fmt: str, qweights: Mapping[str, QuantizedWeight],
                    tensors: Mapping[str, torch.Tensor], config_dir_or_files, meta: dict | None = None,
-                   overwrite: bool = False, max_shard_size: str = "4GB", v1_encoding: str = "signflip") -> dict:
-    """Write in-memory quantized modules + other tensors as a ``fmt`` folder; returns a report."""
+                   overwrite: bool = False, max_shard_size: str = "4GB", v1_encoding: str = "signflip",
+                   sym: bool = False) -> dict:
+    """Write in-memory quantized modules + other tensors as a ``fmt`` folder; returns a report.
+
+    ``sym``: every zero point is ``2^(b-1)`` (checked); GPTQ folders then say ``sym: true``."""
     if not qweights:
         raise ValueError("save_quantized: no quantized modules given")
     clash = [k for k in tensors if any(k == f"{m}.{s}" for m in qweights for s in ("qweight", "qzeros",
@@ -322,19 +352,20 @@ def save_quantized(dst, *, fmt: str, qweights: Mapping[str, QuantizedWeight],
 
     specs = {n: _spec_of(n, q) for n, q in qweights.items()}
     return save_modules(dst, fmt, specs, items(), config_dir_or_files, meta, overwrite, max_shard_size,
-                        v1_encoding=v1_encoding)
+                        v1_encoding=v1_encoding, sym=sym)
 
 
 def save_modules(dst, fmt: str, specs: Mapping[str, ModuleSpec], items: Iterable, config_dir_or_files,
                  meta: dict | None, overwrite: bool, max_shard_size, v1_encoding: str = "signflip",
-                 shard_writer=ShardWriter) -> dict:
+                 shard_writer=ShardWriter, sym: bool = False) -> dict:
     """The writer behind ``save_quantized`` and ``incremental.save_quantized_stream``: decide the folder's
     bits, group and per-module widths from ``specs`` (every quantized module ``items`` yields), then
     drain ``items`` ((name, QuantizedWeight | Tensor), in shard order) into ``dst`` atomically."""
     f = get_format(fmt)
     bits, group = folder_bits_group(specs)
     ctx, stored = decide(f, list(specs.values()), bits, group,
-                         source_format=(meta or {}).get("source_format", "effqat"), v1_encoding=v1_encoding)
+                         source_format=(meta or {}).get("source_format", "effqat"), v1_encoding=v1_encoding,
+                         sym=sym)
     check_destination(None, dst, overwrite)
     m = dict(meta or {})
     m.setdefault("source_format", "effqat")

@@ -4,7 +4,8 @@ Decided from metadata only (safetensors headers, ``quantize_config.json``, ``con
 ``quantization_config``, the folder name), so a whole conversion is planned and checked before any
 tensor is read.
 
-Format: int8 ``qweight`` without ``g_idx`` -> ``bitblas``; int32 ``qweight`` -> GPTQ when a quantize
+Format: ``weight_packed`` tensors (or ``quant_method: compressed-tensors``) -> ``compressed-tensors``;
+int8 ``qweight`` without ``g_idx`` -> ``bitblas``; int32 ``qweight`` -> GPTQ when a quantize
 config says ``quant_method: gptq`` (``checkpoint_format``/``format`` ``gptq_v2`` -> v2, else v1),
 otherwise the original EQAT format (its folders carry no quantize config, or ours with
 ``quant_method: eqat``). A config that contradicts the tensors, or modules in different layouts, is
@@ -101,16 +102,32 @@ def name_hint(path: Path):
     return None
 
 
-def module_names(folder: SafetensorsFolder):
-    mods = [k[: -len(".qweight")] for k in folder.keys if k.endswith(".qweight")]
-    if not mods:
-        raise ValueError(f"{folder.path} holds no quantized modules (no '*.qweight' tensors); "
-                         "is it a quantized checkpoint?")
-    return mods
+PACKED_MARKERS = ("qweight", "weight_packed")   # the tensor that names a quantized module, per layout family
+
+
+def module_names(folder: SafetensorsFolder, marker: str | None = None):
+    """Quantized modules: names of ``<module>.qweight`` (GPTQ family, AWQ, BitBLAS, EQAT) or
+    ``<module>.weight_packed`` (compressed-tensors) tensors; ``marker`` picks one."""
+    for m in (marker,) if marker else PACKED_MARKERS:
+        mods = [k[: -len(m) - 1] for k in folder.keys if k.endswith("." + m)]
+        if mods:
+            return mods
+    raise ValueError(f"{folder.path} holds no quantized modules (no '*.qweight' or '*.weight_packed' "
+                     "tensors); is it a quantized checkpoint?")
 
 
 def detect_format(folder: SafetensorsFolder, qcfg: dict | None) -> str:
-    mods = module_names(folder)
+    packed = any(k.endswith(".weight_packed") for k in folder.keys)
+    method = str((qcfg or {}).get("quant_method", "")).lower()
+    if packed or method == "compressed-tensors":
+        if any(k.endswith(".qweight") for k in folder.keys):
+            raise ValueError("mixed formats in one folder: compressed-tensors weight_packed and qweight tensors")
+        if qcfg and method != "compressed-tensors":
+            raise ValueError(f"folder config says quant_method={method!r} but the tensors are "
+                             "compressed-tensors (weight_packed)")
+        module_names(folder, "weight_packed")
+        return "compressed-tensors"
+    mods = module_names(folder, "qweight")
     dtypes = Counter(folder.dtypes[m + ".qweight"] for m in mods)
     if len(dtypes) > 1:
         raise ValueError(f"mixed formats in one folder: qweight dtypes {dict(dtypes)}")
@@ -154,7 +171,7 @@ def _module_shapes(folder, name, fmt):
         k = stored_key(folder, fmt, name, suf)
         if k in folder.shapes:
             shapes[suf] = folder.shapes[k]
-    for suf in ("qweight", "qzeros", "scales"):
+    for suf in fmt.required:
         if suf not in shapes:
             raise QuantFormatError(f"{name}: tensor {name}.{suf} is missing")
     return shapes
@@ -170,10 +187,12 @@ def _candidates(fmt: QuantFormat, name, shapes, bits_list, groups):
             if n <= 0:
                 continue
             for gs in groups:
-                if n_groups_for(n, gs) != g:
+                if n_groups_for(n, gs) != g or not fmt.geometry_ok(n, gs):
                     continue
                 exp = fmt.shapes_for(b, n, out_f, g)
-                if all(tuple(shapes[k]) == tuple(v) for k, v in exp.items()):
+                # tensors a layout may leave out (compressed-tensors' symmetric zero points) are not compared;
+                # fmt.required ones are present (_module_shapes)
+                if all(tuple(shapes[k]) == tuple(v) for k, v in exp.items() if k in shapes):
                     out.append((b, gs, n))
     return out
 
@@ -235,7 +254,7 @@ def plan_folder(src, bits=None, group_size=None, v1_zeros: str | None = None) ->
         if v1_zeros not in ("word", "field"):
             raise ValueError("v1_zeros must be auto, word or field")
         params["v1_zeros"] = v1_zeros
-    mods = module_names(folder)
+    mods = module_names(folder, fmt.required[0])
     rules = parse_dynamic(params.get("dynamic"))
     plan = FolderPlan(folder=folder, fmt=fmt, qcfg=qcfg, params=params)
     owned = set()

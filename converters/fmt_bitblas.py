@@ -64,7 +64,8 @@ class BitblasFormat(QuantFormat):
         return out
 
     def quantize_config(self, ctx, meta):
-        return self.gptq_family_config(ctx, meta, "bitblas", desc_act=False)
+        # sym stays false: GPTQModel's symmetric BitBLAS layout has no qzeros, ours always stores them
+        return self.gptq_family_config(ctx, meta, "bitblas", desc_act=False, sym=False)
 
     def hf_quantization_config(self, ctx, qcfg):
         return self.gptq_family_hf_config(ctx, qcfg)   # transformers -> BitblasLinear (CUDA only)

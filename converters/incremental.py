@@ -75,7 +75,7 @@ def spec_from_shapes(name: str, bits: int, group_size: int, weight_shape, zeros_
 
 def save_quantized_stream(dst, *, fmt: str, specs: Mapping[str, ModuleSpec], items: Iterable,
                           config_dir_or_files, meta: dict | None = None, overwrite: bool = False,
-                          max_shard_size: str = "4GB") -> dict:
+                          max_shard_size: str = "4GB", sym: bool = False) -> dict:
     """``save_quantized`` for modules that arrive one by one from ``items``; same folder, same bytes.
 
     ``specs`` must name every quantized module ``items`` yields (and nothing else), in any order;
@@ -84,4 +84,4 @@ def save_quantized_stream(dst, *, fmt: str, specs: Mapping[str, ModuleSpec], ite
     if not specs:
         raise ValueError("save_quantized_stream: no quantized modules given")
     return save_modules(dst, fmt, specs, items, config_dir_or_files, meta, overwrite, max_shard_size,
-                        shard_writer=SpoolingShardWriter)
+                        shard_writer=SpoolingShardWriter, sym=sym)

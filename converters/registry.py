@@ -32,6 +32,14 @@ def package_version(name: str, default: str = "0") -> str:
         return default
 
 
+def declared_sym(qcfg: dict | None) -> bool:
+    """Whether a folder says every zero point is ``2^(b-1)``: GPTQ's ``sym: true``, or effqat's
+    ``meta.sym`` (formats without a sym flag of their own, e.g. compressed-tensors asymmetric)."""
+    qcfg = qcfg or {}
+    meta = qcfg.get("meta") if isinstance(qcfg.get("meta"), dict) else {}
+    return bool(qcfg.get("sym") or meta.get("sym"))
+
+
 def qw_group(group_size: int, in_features: int) -> int:
     """Group size as QuantizedWeight accepts it (a group wider than the input is per-channel, -1)."""
     return -1 if group_size == -1 or group_size > in_features else group_size
@@ -76,6 +84,9 @@ class WriteContext:
     v1_total_fields: int = 0
     desc_act: bool = False
     modules: int = 0
+    sym: bool = False   # every zero point is 2^(b-1) (checked by convert._write); GPTQ writes sym: true
+    module_overrides: dict = field(default_factory=dict)  # module -> the part of ``dynamic`` it got
+    plain_weights: list = field(default_factory=list)     # modules of unquantized 2-D ``.weight`` tensors
 
 
 class QuantFormat:
@@ -85,6 +96,8 @@ class QuantFormat:
     description: str = ""
     # Suffixes this format stores per quantized module.
     suffixes: tuple = MODULE_SUFFIXES
+    # Suffixes every quantized module must have; the first one names the module (``<module>.qweight``).
+    required: tuple = ("qweight", "qzeros", "scales")
     # Older names a reader also accepts: {suffix: (alias, ...)}; writers use ``suffixes``.
     aliases: dict = {}
 
@@ -104,6 +117,11 @@ class QuantFormat:
         """Possible in_features when nothing records it (largest first)."""
         raise NotImplementedError
 
+    def geometry_ok(self, in_features: int, group: int) -> bool:
+        """Whether this layout can hold a module of ``in_features`` at ``group`` at all (shape inference
+        skips the (in, group) pairs it cannot, e.g. ragged groups where the format has none)."""
+        return True
+
     # --- folder config -----------------------------------------------------------------------
     def folder_params(self, qcfg: dict | None) -> dict:
         """bits / group_size / dynamic (and format details) recorded in the folder, if any."""
@@ -115,13 +133,21 @@ class QuantFormat:
                 out[k] = int(qcfg[k])
         if qcfg.get("dynamic"):
             out["dynamic"] = qcfg["dynamic"]
+        if declared_sym(qcfg):
+            out["sym"] = True
         return out
 
     def quantize_config(self, ctx: WriteContext, meta: dict) -> dict | None:
         raise NotImplementedError
 
-    def gptq_family_config(self, ctx: WriteContext, meta: dict, fmt: str, desc_act: bool) -> dict:
+    def gptq_family_config(self, ctx: WriteContext, meta: dict, fmt: str, desc_act: bool,
+                           sym: bool | None = None) -> dict:
         """quantize_config.json of a folder GPTQModel loads (gptq, gptq_v2, bitblas).
+
+        ``sym`` (default ``ctx.sym``): every zero point is ``2^(b-1)``, so GPTQModel may pick its
+        symmetric kernels (which ignore qzeros); the qzeros are written all the same. Not when a module
+        is stored wider than its bits (3-bit kept at 4): its zero point 4 is not the wider width's 8,
+        which a symmetric kernel would assume, so the folder then says ``sym: false`` (exact either way).
 
         GPTQModel's loader requires a ``gptqmodel:<version>`` quantizer entry for asymmetric v1
         (it also marks word-wide v1 zero points), so one is added when the meta has none.
@@ -137,7 +163,7 @@ class QuantFormat:
             "bits": ctx.bits,
             "group_size": ctx.group_size,
             "desc_act": bool(desc_act),
-            "sym": False,
+            "sym": bool(ctx.sym and not ctx.wider if sym is None else sym),
             "lm_head": False,
             "quant_method": "gptq",
             "format": fmt,

@@ -461,7 +461,8 @@ class BlockAP:
         layer = copy.deepcopy(original).to(rt.device, torch.float32)
         fq: Dict[str, FakeQuantLinear] = {}
         for name in self.layout.names_in(index):
-            fq[name] = FakeQuantLinear(layer.get_submodule(name), cfg.bits, cfg.group_size).to(rt.device)
+            fq[name] = FakeQuantLinear(layer.get_submodule(name), cfg.bits, cfg.group_size,
+                                       sym=cfg.sym).to(rt.device)
             set_submodule(layer, name, fq[name])
         quant_params = [p for m in fq.values() for p in m.quant_parameters()]
         quant_ids = {id(p) for p in quant_params}

@@ -31,12 +31,13 @@ from gptqmodel.quantization.config import FORMAT, METHOD, BaseQuantizeConfig
 from . import lr_rules
 from .qweight import SUPPORTED_BITS
 
-SAVE_FORMATS = ("gptq", "gptq_v2", "eqat", "bitblas")
+SAVE_FORMATS = ("gptq", "gptq_v2", "eqat", "bitblas", "compressed-tensors")
 
 
 @dataclass
 class EQATConfig(BaseQuantizeConfig):
-    """Settings of Block-AP and E2E-QP; also a valid GPTQModel quantize config (asymmetric GPTQ)."""
+    """Settings of Block-AP and E2E-QP; also a valid GPTQModel quantize config (asymmetric GPTQ, or
+    symmetric with ``sym=True``: every zero point fixed at ``2^(b-1)``, never trained)."""
 
     bits: int = field(default=2, metadata={"choices": list(SUPPORTED_BITS)})
     group_size: int = 64
@@ -46,7 +47,8 @@ class EQATConfig(BaseQuantizeConfig):
     format: FORMAT = field(default=FORMAT.GPTQ)
     offload_to_disk: bool = False
 
-    # on-disk format written by save(): gptq (v1 zeros, GPTQModel convention) | gptq_v2 | eqat | bitblas
+    # on-disk format written by save(): gptq (v1 zeros, GPTQModel convention) | gptq_v2 | eqat | bitblas |
+    # compressed-tensors
     save_format: str = "gptq"
 
     # Block-AP
@@ -130,8 +132,8 @@ class EQATConfig(BaseQuantizeConfig):
             raise ValueError("EQATConfig: block_lr_recheck must be >= 0")
         if self.block_epochs < 1 or self.block_batch_size < 1 or self.e2e_epochs < 0 or self.e2e_batch_size < 1:
             raise ValueError("EQATConfig: epochs must be >= 1 (Block-AP) / >= 0 (E2E-QP), batch sizes >= 1")
-        if self.sym:
-            raise ValueError("EQATConfig: EfficientQAT is asymmetric (learned zero points); sym must be False")
+        if self.sym and self.e2e_train_zeros:
+            raise ValueError("EQATConfig: sym=True fixes every zero point at 2^(b-1); e2e_train_zeros would move them")
         if self.desc_act:
             raise ValueError("EQATConfig: act-order (desc_act) does not apply to EfficientQAT")
         super().__post_init__()
@@ -171,7 +173,7 @@ class EQATConfig(BaseQuantizeConfig):
         """The settings recorded in `quantize_config.json` meta.eqat."""
         names = [f for f in EQATConfig.__dataclass_fields__ if f.startswith(("block_", "e2e_"))]
         out = {n: getattr(self, n) for n in names}
-        out.update(bits=self.bits, group_size=self.group_size, self_generated=self.self_generated,
+        out.update(bits=self.bits, group_size=self.group_size, sym=bool(self.sym), self_generated=self.self_generated,
                    lr_preset=self.lr_preset,
                    max_lr_scale=self.max_lr_scale, seed=self.seed, save_format=self.save_format)
         return out

@@ -95,7 +95,7 @@ def save_eqat_checkpoint(hf_model, tokenizer, result, cfg: EQATConfig, save_dir:
         meta = {"eqat": result.meta(cfg)}
         report = save_quantized(save_dir, fmt=fmt, qweights=result.qweights, tensors=tensors,
                                 config_dir_or_files=staging, meta=meta, overwrite=overwrite,
-                                max_shard_size=max_shard_size)
+                                max_shard_size=max_shard_size, sym=cfg.sym)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     log.info("saved %s checkpoint to %s", fmt, save_dir)

@@ -22,7 +22,7 @@ def is_quantized_folder(path: str) -> bool:
     for name in sorted(os.listdir(path)):
         if name.endswith(".safetensors"):
             with open_safetensors(Path(path) / name) as f:
-                return any(k.endswith(".qweight") for k in f.keys())
+                return any(k.endswith((".qweight", ".weight_packed")) for k in f.keys())  # + compressed-tensors
     return False
 
 

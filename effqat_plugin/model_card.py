@@ -19,7 +19,8 @@ from typing import List, Optional, Tuple
 from .jsonio import read_json_or_empty
 
 FORMAT_NAMES = {"gptq": "GPTQ (v1 zero points, GPTQModel convention)", "gptq_v2": "GPTQ v2 (true zero points)",
-                "bitblas": "BitBLAS", "eqat": "original EfficientQAT layout"}
+                "bitblas": "BitBLAS", "eqat": "original EfficientQAT layout",
+                "compressed-tensors": "compressed-tensors pack-quantized (asymmetric group)"}
 
 # EQAT vs GPTQ / AutoRound on a small real model, per bits / group (scripts/bench_quality.py --json)
 REFERENCE_QUALITY = Path(__file__).parent / "assets" / "reference_quality.json"
@@ -105,6 +106,15 @@ def loading_snippet(repo_id: str, fmt: Optional[str], kind: str) -> str:
                 f"huggingface-cli download {repo_id} --local-dir eqat-ckpt\n"
                 "effqat convert eqat-ckpt gptq-ckpt --to gptq_v2\n```\n\n"
                 "```python\nfrom gptqmodel import GPTQModel\n\nmodel = GPTQModel.load(\"gptq-ckpt\")\n```")
+    if fmt == "compressed-tensors":   # not a GPTQModel layout: transformers (tested) and vLLM (not tested)
+        return ("compressed-tensors `pack-quantized` weights (per group; asymmetric unless quantized with "
+                "`--sym`), the layout vLLM serves 4/8-bit group-quantized weights from (not tested by effqat). "
+                "With transformers, dequantized when loaded (its default route does not load the asymmetric "
+                "form yet):\n\n"
+                "```python\nfrom transformers import AutoModelForCausalLM, CompressedTensorsConfig\n\n"
+                f'model = AutoModelForCausalLM.from_pretrained("{repo_id}", '
+                "quantization_config=CompressedTensorsConfig(dequantize=True))\n```\n\n"
+                f"```bash\nvllm serve {repo_id}\n```")
     backend = ""
     imports = "from gptqmodel import GPTQModel"
     note = ""
@@ -187,7 +197,9 @@ def render_card(inp: CardInputs) -> str:
         tags.append(f"{bits}-bit")
     if fmt == "bitblas":
         tags.append("bitblas")
-    meta: dict = {"library_name": "gptqmodel"}
+    if fmt == "compressed-tensors":
+        tags = [t for t in tags if t != "gptq"] + ["compressed-tensors"]
+    meta: dict = {"library_name": "transformers" if fmt == "compressed-tensors" else "gptqmodel"}
     if inp.base_model:
         meta["base_model"] = inp.base_model
         if info.kind == "quantized":

@@ -1,4 +1,8 @@
-"""EfficientQAT's uniform asymmetric group quantizer: init, straight-through fake quant, freezing.
+"""EfficientQAT's uniform group quantizer: init, straight-through fake quant, freezing.
+
+Asymmetric by default (a learned zero point per group, as in the paper). ``sym=True`` fixes every
+group's zero point at ``2^(b-1)`` (GPTQ's symmetric convention) and never trains it: the integers
+then fit the symmetric kernels (GPTQModel's, vLLM's Marlin for 4/8-bit), which do not read zero points.
 
 This is the only place the quantization math lives. Block-AP trains through `FakeQuantLinear`;
 `freeze` turns its learned (W, s, z) into the integers every exporter writes.
@@ -46,12 +50,24 @@ def expand_groups(t: torch.Tensor, in_features: int, group_size: int) -> torch.T
     return t.repeat_interleave(g, dim=1)[:, :in_features]
 
 
+def symmetric_zero(bits: int) -> int:
+    """The fixed zero point of symmetric mode: the middle code, ``2^(b-1)``."""
+    return 1 << (bits - 1)
+
+
 @torch.no_grad()
-def init_scales_zeros(w: torch.Tensor, bits: int, group_size: int):
-    """Min/max init per group: s = (max - min) / (2^b - 1), z = round(-min / s) (clamped as in the note)."""
+def init_scales_zeros(w: torch.Tensor, bits: int, group_size: int, sym: bool = False):
+    """Min/max init per group: s = (max - min) / (2^b - 1), z = round(-min / s) (clamped as in the note).
+
+    ``sym``: GPTQ's symmetric init, s = 2 max|w| / (2^b - 1) and z = 2^(b-1), so the group's range
+    ``[-max|w|, max|w|]`` spans the codes around the middle one (the top code clips by half a step).
+    """
     wg = _group_view(w.float(), group_size)
     lo, hi = wg.amin(dim=-1), wg.amax(dim=-1)
     maxq = (1 << bits) - 1
+    if sym:
+        s = (2 * torch.maximum(lo.abs(), hi.abs()) / maxq).clamp(S_MIN, S_MAX)
+        return s, torch.full_like(s, float(symmetric_zero(bits)))
     s = ((hi - lo) / maxq).clamp(S_MIN, S_MAX)
     z = (-lo / s).clamp(-Z_LIMIT, Z_LIMIT).round()
     return s, z
@@ -82,17 +98,22 @@ def quantize_to_ints(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: in
 
 
 class FakeQuantLinear(nn.Module):
-    """A Linear whose weight, step sizes and zero points all train (Block-AP's unit of work)."""
+    """A Linear whose weight, step sizes and zero points all train (Block-AP's unit of work).
 
-    def __init__(self, linear: nn.Linear, bits: int, group_size: int):
+    ``sym``: the zero points are a fixed buffer at ``2^(b-1)``, not parameters (nothing trains them)."""
+
+    def __init__(self, linear: nn.Linear, bits: int, group_size: int, sym: bool = False):
         super().__init__()
-        self.bits, self.group_size = bits, group_size
+        self.bits, self.group_size, self.sym = bits, group_size, sym
         self.in_features, self.out_features = linear.in_features, linear.out_features
         w = linear.weight.detach().float().clone()
         self.weight = nn.Parameter(w)
-        s, z = init_scales_zeros(w, bits, group_size)
+        s, z = init_scales_zeros(w, bits, group_size, sym)
         self.scales = nn.Parameter(s)
-        self.zeros = nn.Parameter(z)
+        if sym:
+            self.register_buffer("zeros", z)
+        else:
+            self.zeros = nn.Parameter(z)
         self.bias = None
         if linear.bias is not None:
             self.bias = nn.Parameter(linear.bias.detach().float().clone())
@@ -102,7 +123,7 @@ class FakeQuantLinear(nn.Module):
         return F.linear(x, w_hat.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def quant_parameters(self):
-        return [self.scales, self.zeros]
+        return [self.scales] if self.sym else [self.scales, self.zeros]
 
     @torch.no_grad()
     def freeze(self, scales_dtype: torch.dtype = torch.float16) -> QuantizedWeight:
@@ -113,8 +134,283 @@ class FakeQuantLinear(nn.Module):
                                group_size=self.group_size, bias=bias)
 
 
-def rtn_quantize(w: torch.Tensor, bits: int, group_size: int, scales_dtype=torch.float16) -> QuantizedWeight:
+def rtn_quantize(w: torch.Tensor, bits: int, group_size: int, scales_dtype=torch.float16,
+                 sym: bool = False) -> QuantizedWeight:
     """Round-to-nearest with min/max init: the untrained starting point (and the RTN baseline)."""
-    s, z = init_scales_zeros(w, bits, group_size)
+    s, z = init_scales_zeros(w, bits, group_size, sym)
     q, zi, s = quantize_to_ints(w, s, z, bits, group_size)
     return QuantizedWeight(int_weight=q, zeros=zi, scales=s.to(scales_dtype), bits=bits, group_size=group_size)
+
+
+# ==================================================================================================
+# llama.cpp's K grids (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K), trained rather than rounded
+# ==================================================================================================
+# Every row (along in_features) is cut into super-blocks of 256 weights; each super-block into
+# sub-blocks of 16 or 32. One weight is
+#
+#     x = (d * sc) * q - (dmin * m)        asymmetric: Q2_K, Q4_K, Q5_K
+#     x = (d * sc) * q                     symmetric:  Q3_K, Q6_K
+#
+# with ``d`` / ``dmin`` fp16 per super-block, ``sc`` / ``m`` small integers per sub-block and ``q`` the
+# integer of the weight. Fields are held at their *effective* values (what multiplies), not as stored:
+# Q3_K's sc is in [-32, 31] (stored + 32), Q3_K's q in [-4, 3] (stored + 4), Q6_K's sc an int8 and its
+# q in [-32, 31] (stored + 32); ``effqat_plugin.converters.gguf_kblocks`` adds the offsets.
+#
+# Shapes, for a weight ``[out, in]`` with ``nsb = in // 256`` and ``ng`` sub-blocks per super-block:
+# d, dmin ``[out, nsb]``; sc, m ``[out, nsb, ng]``; q ``[out, in]``.
+#
+# The products are formed exactly as ggml (and ``gguf.quants.dequantize``) does them: fp16 d/dmin
+# widened to fp32, then ``d * sc`` and ``dmin * m`` in fp32, then ``(d * sc) * q - (dmin * m)`` in fp32,
+# one rounding per operation. So a fake-quant forward equals the decoded GGUF bytes bit for bit.
+# (Both products are exact in fp32 here: an fp16 significand of 11 bits times sc (at most 7 significant
+# bits) times q (at most 5) needs at most 23 bits; the one rounding is the subtraction of dmin * m, so
+# even an FMA-contracted C dequantizer gives the same float.)
+#
+# * Block-AP: :func:`kgrid_fake_quantize` / :class:`KGridFakeQuantLinear` train W, d, dmin and the
+#   continuous sc, m. q = clamp(round((W + dmin*m) / (d*sc))) is recomputed each step, as ggml's
+#   quantizers compute it (round half to even in fp32, like ggml's nearest_int); rounding of q, sc, m
+#   and the fp16 rounding of d, dmin are straight-through; q's clamp is a hard clamp (dW = 0 outside
+#   the grid, as in :func:`fake_quantize`), sc / m's clamps are straight-through (as z's above).
+# * E2E-QP: :func:`kgrid_dequantize` / :class:`KGridFrozenWeight`: q, sc, m frozen integers, only
+#   d and dmin train (EfficientQAT's "train only the step sizes", on llama.cpp's grid).
+# * Initialization: llama.cpp's own fit (``effqat_plugin.llama_cpp_quants.llama_cpp_fit``). Where
+#   d * sc == 0 every q gives the same weight; q is then taken as 0 here (ggml keeps its search's q,
+#   so bytes may differ there, never values).
+
+from dataclasses import dataclass as _dataclass
+
+QK_K = 256
+FP16_MAX = 65504.0
+
+
+@_dataclass(frozen=True)
+class KGrid:
+    """One K type's grid: sub-block width and the ranges of the effective q, sc and m."""
+    name: str
+    group: int
+    q_lo: int
+    q_hi: int
+    sc_lo: int
+    sc_hi: int
+    m_hi: int | None = None      # None: symmetric (no dmin, no m)
+
+    @property
+    def n_groups(self) -> int:
+        return QK_K // self.group
+
+    @property
+    def asymmetric(self) -> bool:
+        return self.m_hi is not None
+
+
+KGRIDS = {
+    "Q2_K": KGrid("Q2_K", 16, 0, 3, 0, 15, 15),
+    "Q3_K": KGrid("Q3_K", 16, -4, 3, -32, 31),
+    "Q4_K": KGrid("Q4_K", 32, 0, 15, 0, 63, 63),
+    "Q5_K": KGrid("Q5_K", 32, 0, 31, 0, 63, 63),
+    "Q6_K": KGrid("Q6_K", 16, -32, 31, -128, 127),
+}
+
+
+def kgrid(qtype: str) -> KGrid:
+    try:
+        return KGRIDS[qtype]
+    except KeyError:
+        raise ValueError(f"unknown K type {qtype!r}; one of {', '.join(KGRIDS)}") from None
+
+
+def check_kgrid_width(in_features: int, qtype: str) -> int:
+    """The number of super-blocks per row; a ValueError for rows a K type cannot hold."""
+    kgrid(qtype)
+    if in_features <= 0 or in_features % QK_K:
+        raise ValueError(f"{qtype} needs rows that are a multiple of {QK_K} long (in_features), got "
+                         f"{in_features}; such tensors take llama.cpp's fallback type instead")
+    return in_features // QK_K
+
+
+@_dataclass
+class KGridParams:
+    """The frozen fields of one weight matrix on a K grid (effective values, shapes as above):
+    d, dmin float16; sc, m, q int8. dmin and m are None for the symmetric types."""
+    qtype: str
+    d: torch.Tensor
+    sc: torch.Tensor
+    q: torch.Tensor
+    dmin: torch.Tensor | None = None
+    m: torch.Tensor | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.q.shape)
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 weights ``[out, in]``, exactly as ggml decodes the blocks."""
+        return kgrid_dequantize(self.q, self.sc, self.d, self.qtype, self.m, self.dmin)
+
+
+class _Fp16RoundSTE(torch.autograd.Function):
+    """Nearest fp16 value (clamped to fp16's finite range), held in float32; identity gradient.
+    A custom function rather than the ``(a - x).detach() + x`` trick: that trick turns -0.0 into
+    +0.0, and a super-block scale of -0.0 decodes to differently signed zeros in ggml."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clamp(-FP16_MAX, FP16_MAX).half().float()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def fp16_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round to the nearest fp16 value in the forward pass (exactly that value, in float32), identity
+    gradient in the backward pass (straight through the rounding and the clamp to +-65504)."""
+    return _Fp16RoundSTE.apply(x.float())
+
+
+def _kgrid_views(g: KGrid, out: int, in_features: int):
+    return out, in_features // QK_K, g.n_groups, g.group
+
+
+def _kgrid_steps(d, sc, dmin, m, g: KGrid, ste: bool):
+    """``d * sc`` and ``dmin * m`` ([out, nsb, ng], fp32) from trainable or frozen fields."""
+    if ste:
+        d32 = fp16_ste(d)
+        sci = clamp_ste(round_ste(sc.float()), g.sc_lo, g.sc_hi)
+    else:
+        d32, sci = d.float(), sc.float()
+    step = d32[..., None] * sci
+    if not g.asymmetric:
+        return step, None
+    if ste:
+        mi = clamp_ste(round_ste(m.float()), 0, g.m_hi)
+        dmin32 = fp16_ste(dmin)
+    else:
+        mi, dmin32 = m.float(), dmin.float()
+    return step, dmin32[..., None] * mi
+
+
+def _kgrid_q(wg: torch.Tensor, step: torch.Tensor, mn: torch.Tensor | None, g: KGrid) -> torch.Tensor:
+    """q = clamp(round((W + dmin*m) / (d*sc))) with a straight-through round (0 where d*sc == 0)."""
+    step = step[..., None]
+    num = wg if mn is None else wg + mn[..., None]
+    dead = step == 0
+    q = round_ste(num / torch.where(dead, torch.ones_like(step), step)).clamp(g.q_lo, g.q_hi)
+    return torch.where(dead, torch.zeros_like(q), q)
+
+
+def _kgrid_combine(step, mn, q):
+    x = step[..., None] * q
+    return x if mn is None else x - mn[..., None]
+
+
+def _check_fields(qtype, shape, d, sc, dmin, m):
+    g = kgrid(qtype)
+    out, inf = shape
+    nsb = check_kgrid_width(inf, qtype)
+    if tuple(d.shape) != (out, nsb) or tuple(sc.shape) != (out, nsb, g.n_groups):
+        raise ValueError(f"{qtype} fields for a [{out}, {inf}] weight: d [{out}, {nsb}], sc "
+                         f"[{out}, {nsb}, {g.n_groups}]; got d {list(d.shape)}, sc {list(sc.shape)}")
+    if g.asymmetric:
+        if dmin is None or m is None:
+            raise ValueError(f"{qtype} is asymmetric: it needs dmin and m")
+        if tuple(dmin.shape) != tuple(d.shape) or tuple(m.shape) != tuple(sc.shape):
+            raise ValueError(f"{qtype}: dmin must be shaped like d and m like sc")
+    elif dmin is not None or m is not None:
+        raise ValueError(f"{qtype} is symmetric: it has no dmin or m")
+    return g
+
+
+def kgrid_fake_quantize(w: torch.Tensor, d: torch.Tensor, sc: torch.Tensor, qtype: str,
+                        dmin: torch.Tensor | None = None, m: torch.Tensor | None = None) -> torch.Tensor:
+    """Block-AP's differentiable weight on a K grid: gradients reach W, d, dmin, sc and m."""
+    g = _check_fields(qtype, w.shape, d, sc, dmin, m)
+    out, nsb, ng, gs = _kgrid_views(g, *w.shape)
+    step, mn = _kgrid_steps(d, sc, dmin, m, g, ste=True)
+    q = _kgrid_q(w.float().reshape(out, nsb, ng, gs), step, mn, g)
+    return _kgrid_combine(step, mn, q).reshape(out, nsb * QK_K)
+
+
+@torch.no_grad()
+def kgrid_freeze(w: torch.Tensor, d: torch.Tensor, sc: torch.Tensor, qtype: str,
+                 dmin: torch.Tensor | None = None, m: torch.Tensor | None = None) -> KGridParams:
+    """The integers and fp16 scales of a fake-quant state; their :meth:`KGridParams.dequantize`
+    equals :func:`kgrid_fake_quantize` of the same state bit for bit."""
+    g = _check_fields(qtype, w.shape, d, sc, dmin, m)
+    out, nsb, ng, gs = _kgrid_views(g, *w.shape)
+    step, mn = _kgrid_steps(d, sc, dmin, m, g, ste=True)
+    q = _kgrid_q(w.float().reshape(out, nsb, ng, gs), step, mn, g)
+    d16 = fp16_ste(d).half()
+    sci = sc.float().round().clamp(g.sc_lo, g.sc_hi).to(torch.int8)
+    kw = {}
+    if g.asymmetric:
+        kw = dict(dmin=fp16_ste(dmin).half(), m=m.float().round().clamp(0, g.m_hi).to(torch.int8))
+    return KGridParams(qtype, d16, sci, q.reshape(out, nsb * QK_K).to(torch.int8), **kw)
+
+
+def kgrid_dequantize(q: torch.Tensor, sc: torch.Tensor, d: torch.Tensor, qtype: str,
+                     m: torch.Tensor | None = None, dmin: torch.Tensor | None = None) -> torch.Tensor:
+    """E2E-QP's weight: frozen integers q, sc, m; d and dmin may be trainable fp32 tensors (rounded to
+    fp16 straight-through, so what trains is what is stored). Gradients reach d and dmin only."""
+    g = _check_fields(qtype, q.shape, d, sc, dmin, m)
+    out, nsb, ng, gs = _kgrid_views(g, *q.shape)
+    d32 = fp16_ste(d)
+    step = d32[..., None] * sc.float()
+    mn = None if not g.asymmetric else fp16_ste(dmin)[..., None] * m.float()
+    return _kgrid_combine(step, mn, q.float().reshape(out, nsb, ng, gs)).reshape(out, nsb * QK_K)
+
+
+class KGridFakeQuantLinear(nn.Module):
+    """A Linear on a K grid whose weight, d, dmin, sc and m all train (Block-AP's unit of work),
+    initialized from a fit of the weight (llama.cpp's: ``llama_cpp_quants.llama_cpp_fit``)."""
+
+    def __init__(self, linear: nn.Linear, init: KGridParams):
+        super().__init__()
+        self.qtype = init.qtype
+        g = _check_fields(init.qtype, tuple(linear.weight.shape), init.d, init.sc, init.dmin, init.m)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = nn.Parameter(linear.weight.detach().float().clone())
+        self.d = nn.Parameter(init.d.float().clone())
+        self.sc = nn.Parameter(init.sc.float().clone())
+        self.dmin = nn.Parameter(init.dmin.float().clone()) if g.asymmetric else None
+        self.m = nn.Parameter(init.m.float().clone()) if g.asymmetric else None
+        self.bias = None
+        if linear.bias is not None:
+            self.bias = nn.Parameter(linear.bias.detach().float().clone())
+
+    def quantized_weight(self) -> torch.Tensor:
+        return kgrid_fake_quantize(self.weight, self.d, self.sc, self.qtype, self.dmin, self.m)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w_hat = self.quantized_weight()
+        return F.linear(x, w_hat.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def quant_parameters(self):
+        return [p for p in (self.d, self.dmin, self.sc, self.m) if p is not None]
+
+    def freeze(self) -> KGridParams:
+        return kgrid_freeze(self.weight, self.d, self.sc, self.qtype, self.dmin, self.m)
+
+
+class KGridFrozenWeight(nn.Module):
+    """E2E-QP's form of one weight on a K grid: q, sc, m as int8 buffers, d / dmin trainable (fp32
+    masters, fp16 in the forward pass); ``forward()`` returns the float32 weight ``[out, in]``."""
+
+    def __init__(self, params: KGridParams):
+        super().__init__()
+        self.qtype = params.qtype
+        g = _check_fields(params.qtype, params.shape, params.d, params.sc, params.dmin, params.m)
+        self.register_buffer("q", params.q.to(torch.int8).clone())
+        self.register_buffer("sc", params.sc.to(torch.int8).clone())
+        self.register_buffer("m", params.m.to(torch.int8).clone() if g.asymmetric else None)
+        self.d = nn.Parameter(params.d.float().clone())
+        self.dmin = nn.Parameter(params.dmin.float().clone()) if g.asymmetric else None
+
+    def forward(self) -> torch.Tensor:
+        return kgrid_dequantize(self.q, self.sc, self.d, self.qtype, self.m, self.dmin)
+
+    @torch.no_grad()
+    def to_params(self) -> KGridParams:
+        dmin = None if self.dmin is None else fp16_ste(self.dmin).half()
+        m = None if self.m is None else self.m.clone()
+        return KGridParams(self.qtype, fp16_ste(self.d).half(), self.sc.clone(), self.q.clone(), dmin, m)

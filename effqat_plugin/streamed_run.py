@@ -165,7 +165,8 @@ class StreamedQuantization:
         try:
             report = save_quantized_stream(out_dir, fmt=fmt, specs=specs, items=items,
                                            config_dir_or_files=staging, meta={"eqat": self.result.meta(self.cfg)},
-                                           overwrite=overwrite, max_shard_size=max_shard_size)
+                                           overwrite=overwrite, max_shard_size=max_shard_size,
+                                           sym=self.cfg.sym)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         log.info("saved %s checkpoint to %s (written module by module)", fmt, out_dir)

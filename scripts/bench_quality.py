@@ -12,6 +12,8 @@ Quantized rows are evaluated on the weights GPTQModel unpacks (fp16), in fp32 (s
   by itself, so the export is converted with ``effqat convert --to gptq_v2`` (lossless) and loaded.
 * EQAT: ``EQATConfig`` defaults. Block-AP runs once; its checkpoint is saved (the "Block-AP only" row),
   then E2E-QP continues on the same in-memory model exactly as ``run_eqat`` does (the full row).
+* EQAT symmetric (method ``eqat-sym``, or ``--sym`` to add it): the same with ``sym=True`` (every zero
+  point fixed at 2^(b-1), ``effqat quantize --sym``), i.e. what symmetric-only kernels can serve.
 
 Each quantizing method runs in a child process (a crash becomes a table note; memory is returned) and
 leaves ``WORK/<config>/<method>.json``; a re-run with the same ``--work`` skips finished rows, so a long
@@ -48,10 +50,12 @@ import torch  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_MODEL = os.path.join(HERE, "..", "effqat_plugin", "assets", "stories260k")
 METHODS = ("fp", "rtn", "gptq", "autoround-light", "autoround", "eqat")
+EXTRA_METHODS = ("eqat-sym",)   # run only when asked (--methods ... or --sym)
 AUTOROUND_ITERS = {"autoround": 200, "autoround-light": 50}
 LABELS = {"fp": "fp32", "rtn": "RTN (min/max)", "gptq": "GPTQModel GPTQ (sym=False)",
           "autoround-light": "AutoRound light (50 it), auto_gptq", "autoround": "AutoRound default (200 it), auto_gptq",
-          "eqat-blockap": "EQAT Block-AP only", "eqat": "EQAT Block-AP + E2E-QP (default)"}
+          "eqat-blockap": "EQAT Block-AP only", "eqat": "EQAT Block-AP + E2E-QP (default)",
+          "eqat-sym-blockap": "EQAT --sym Block-AP only", "eqat-sym": "EQAT --sym Block-AP + E2E-QP"}
 
 
 def parse_config(spec: str):
@@ -163,7 +167,7 @@ def autoround_rows(method, model_dir, bits, group, calib, evals, out):
              "note": f"iters={iters}, exported auto_gptq -> effqat convert --to gptq_v2"}]
 
 
-def eqat_rows(model_dir, bits, group, calib, evals, out, text_calib=False):
+def eqat_rows(model_dir, bits, group, calib, evals, out, text_calib=False, sym=False):
     """Block-AP once (saved: the Block-AP-only row), then E2E-QP on the same in-memory model as
     ``eqat_run.run_eqat`` does (saved: the full row); EQATConfig defaults throughout, and with text
     calibration both phases also train on as many self-generated samples, as ``effqat quantize`` does
@@ -177,8 +181,9 @@ def eqat_rows(model_dir, bits, group, calib, evals, out, text_calib=False):
     from effqat_plugin.runtime import resolve_runtime
 
     fmt = "gptq_v2" if bits == 3 else "gptq"
-    full_cfg = EQATConfig(bits=bits, group_size=group)
-    cfg = EQATConfig(bits=bits, group_size=group, e2e_epochs=0)
+    full_cfg = EQATConfig(bits=bits, group_size=group, sym=sym)
+    cfg = EQATConfig(bits=bits, group_size=group, e2e_epochs=0, sym=sym)
+    name = "eqat-sym" if sym else "eqat"
     train_ids, val_ids = split_calibration(calib, full_cfg.block_val_samples)
     extra = None
     if text_calib:  # as `effqat quantize --self-generated auto`: as many samples the fp model writes
@@ -194,7 +199,7 @@ def eqat_rows(model_dir, bits, group, calib, evals, out, text_calib=False):
     t_block = clock.lap()
     model.save(out + "-blockap", fmt=fmt)
     blk = model._eqat_result.block_ap
-    rows = [{"method": "eqat-blockap", **t_block, "note": f"lr s/z {blk.quant_lr:.3g}, w {blk.weight_lr:.3g}",
+    rows = [{"method": f"{name}-blockap", **t_block, "note": f"lr s/z {blk.quant_lr:.3g}, w {blk.weight_lr:.3g}",
              "layers": [[r.train_loss, r.val_loss] for r in blk.reports]}]
     clock = Clock()
     rep = E2EQP(model.model, full_cfg, resolve_runtime(None), show_progress=False,
@@ -205,7 +210,7 @@ def eqat_rows(model_dir, bits, group, calib, evals, out, text_calib=False):
     result.qweights = collect_qweights(model.model, result.qweights.keys())
     model.quantize_config = full_cfg
     model.save(out, fmt=fmt)
-    rows.append({"method": "eqat", **{k: t_block[k] + t_e2e[k] for k in t_block},
+    rows.append({"method": name, **{k: t_block[k] + t_e2e[k] for k in t_block},
                  "note": f"E2E-QP lr {rep.lr:.3g}, {rep.steps} steps on {e2e_ids.shape[0]} samples "
                          f"({e2e_ids.shape[0] - train_ids.shape[0]} self-generated)"})
     del model
@@ -223,10 +228,10 @@ def child(method, model_dir, config, work):
     out = os.path.join(work, config, method)
     os.makedirs(os.path.join(work, config), exist_ok=True)
     fn = {"fp": fp_rows, "rtn": rtn_rows, "gptq": gptq_rows, "eqat": eqat_rows}.get(method)
-    if method == "eqat":
+    if method in ("eqat", "eqat-sym"):
         with open(os.path.join(work, "data.json")) as f:
             text = not str(json.load(f)["calib"][0]).startswith("sampled")
-        fn = functools.partial(eqat_rows, text_calib=text)
+        fn = functools.partial(eqat_rows, text_calib=text, sym=method == "eqat-sym")
     rows = (fn(model_dir, bits, group, calib, evals, out) if fn
             else autoround_rows(method, model_dir, bits, group, calib, evals, out))
     with open(out + ".json", "w") as f:
@@ -377,7 +382,9 @@ def main(argv=None):
     ap.add_argument("--n-selfgen", type=int, default=None,
                     help="also evaluate on this many self-generated samples (default: 8 with --text-eval, else 32)")
     ap.add_argument("--configs", default="w2g64", help="comma separated, e.g. w2g64,w3g128,w4g128")
-    ap.add_argument("--methods", default=",".join(METHODS), help=f"comma separated subset of {','.join(METHODS)}")
+    ap.add_argument("--methods", default=",".join(METHODS),
+                    help=f"comma separated subset of {','.join(METHODS + EXTRA_METHODS)}")
+    ap.add_argument("--sym", action="store_true", help="also run EQAT with --sym (method eqat-sym)")
     ap.add_argument("--n-calib", type=int, default=64)
     ap.add_argument("--calib-len", type=int, default=256)
     ap.add_argument("--n-eval", type=int, default=32)
@@ -395,9 +402,11 @@ def main(argv=None):
     if args.n_selfgen is None:
         args.n_selfgen = 8 if args.text_eval else 32
     methods = [m for m in args.methods.split(",") if m]
-    bad = [m for m in methods if m not in METHODS]
+    if args.sym and "eqat-sym" not in methods:
+        methods.append("eqat-sym")
+    bad = [m for m in methods if m not in METHODS + EXTRA_METHODS]
     if bad:
-        ap.error(f"unknown method(s) {bad}; use {METHODS}")
+        ap.error(f"unknown method(s) {bad}; use {METHODS + EXTRA_METHODS}")
     prepare_data(args)
     results = {}
     for config in args.configs.split(","):

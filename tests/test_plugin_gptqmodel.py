@@ -125,7 +125,7 @@ def test_calibration_forms_agree(stories260k_dir):
 
 
 @pytest.mark.parametrize("kw", [dict(bits=5), dict(bits=1), dict(group_size=48), dict(group_size=0),
-                                dict(sym=True), dict(save_format="awq")])
+                                dict(sym=True, e2e_train_zeros=True), dict(save_format="awq")])
 def test_bad_config_is_refused(kw):
     with pytest.raises(ValueError):
         small_config(**kw)

@@ -1,4 +1,4 @@
-"""``effqat convert SRC DST --to gptq|gptq_v2|bitblas|eqat|awq|gguf``: convert quantized checkpoints."""
+"""``effqat convert SRC DST --to gptq|gptq_v2|bitblas|eqat|awq|compressed-tensors|gguf``: convert quantized checkpoints."""
 from __future__ import annotations
 
 import json
@@ -11,15 +11,16 @@ USES_GPTQMODEL = False  # the CLI then skips importing GPTQModel at start-up (se
 def add_parser(subparsers):
     p = subparsers.add_parser(
         "convert",
-        help="convert a quantized checkpoint (EQAT, GPTQ v1/v2, BitBLAS, AWQ) to another format",
+        help="convert a quantized checkpoint (EQAT, GPTQ v1/v2, BitBLAS, AWQ, compressed-tensors) to another format",
         description="Convert an original EfficientQAT folder, a GPTQ v1/v2 folder or a BitBLAS folder "
                     "to another format, bit-exactly. The source format is detected from its tensors "
                     "and quantize_config.json.")
     p.add_argument("src", help="source folder (safetensors)")
     p.add_argument("dst", help="destination folder, or a .gguf file with --to gguf (must not exist "
                                "unless --overwrite)")
-    p.add_argument("--to", required=True, choices=["gptq", "gptq_v2", "bitblas", "eqat", "awq", "gguf"],
-                   help="target format; gguf = one llama.cpp file made by llama.cpp's converter, quantized "
+    p.add_argument("--to", required=True, choices=["gptq", "gptq_v2", "bitblas", "eqat", "awq", "compressed-tensors", "gguf"],
+                   help="target format; compressed-tensors = pack-quantized asymmetric group, the layout vLLM "
+                        "serves asymmetric weights from (in_features must be a multiple of the group); gguf = one llama.cpp file made by llama.cpp's converter, quantized "
                         "linears lossless (2/3-bit Q4_0, 4-bit Q5_0, 8-bit Q8_0)")
     p.add_argument("--bits", type=int, choices=[2, 3, 4, 8], default=None,
                    help="bits, when neither the folder config, the tensor shapes nor the folder name tell")

@@ -123,6 +123,11 @@ def run(args) -> int:
     ckpt = load_checkpoint(quant_dir, frozen_dtype, args.train_zeros)
     model, fmt, src_qweights, tensors, qcfg = ckpt.model, ckpt.fmt, ckpt.qweights, ckpt.tensors, ckpt.quantize_config
     bits = int(qcfg.get("bits") or next(iter(src_qweights.values())).bits)
+    from effqat_plugin.converters.registry import declared_sym
+
+    sym = declared_sym(qcfg)   # kept: E2E-QP trains step sizes only, unless --train-zeros
+    if sym and args.train_zeros:
+        raise ValueError(f"{quant_dir} is symmetric (every zero point 2^(b-1)); --train-zeros would move them")
     from effqat_plugin.evaluation import load_tokenizer_for
 
     tokenizer = load_tokenizer_for(quant_dir)
@@ -203,7 +208,7 @@ def run(args) -> int:
             "report": report_dict(report),
         }
         save_quantized(out_dir, fmt=fmt, qweights=qweights, tensors=tensors, config_dir_or_files=quant_dir,
-                       meta=meta, overwrite=args.overwrite)
+                       meta=meta, overwrite=args.overwrite, sym=sym)
         shutil.rmtree(state_dir, ignore_errors=True)
         if report.val_loss_before is not None and report.val_loss_after is not None:
             line.update(val_loss_before=round(report.val_loss_before, 5), val_loss_after=round(report.val_loss_after, 5),

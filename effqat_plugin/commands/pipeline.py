@@ -1,7 +1,7 @@
 """`effqat pipeline MODEL OUT_ROOT`: fp -> Block-AP -> E2E-QP -> formats -> evaluation -> push, resumable.
 
     effqat pipeline MODEL OUT_ROOT --bits 2 --group-size 64 [--calib FILE] [--e2e-data FILE]
-                    [--formats gptq,gptq_v2,bitblas,eqat] [--eval-data FILE ...] [--push USER/PREFIX]
+                    [--formats gptq,gptq_v2,bitblas,eqat,compressed-tensors] [--eval-data FILE ...] [--push USER/PREFIX]
 
 Layout of OUT_ROOT (NAME = MODEL's name + ``-EfficientQAT-w{bits}g{group}``):
 
@@ -35,10 +35,11 @@ from effqat_plugin.reports import eqat_meta
 
 log = logging.getLogger("effqat.pipeline")
 
-ALL_FORMATS = ("gptq", "gptq_v2", "bitblas", "eqat")
+ALL_FORMATS = ("gptq", "gptq_v2", "bitblas", "eqat", "compressed-tensors")
 MASTER_FORMAT = "gptq_v2"
 PUSH_MARKER = ".effqat_push.json"
-REPO_SUFFIX = {"eqat": "EQAT", "gptq": "GPTQ", "gptq_v2": "GPTQv2", "bitblas": "BitBLAS"}
+REPO_SUFFIX = {"eqat": "EQAT", "gptq": "GPTQ", "gptq_v2": "GPTQv2", "bitblas": "BitBLAS",
+               "compressed-tensors": "CT"}
 
 
 def add_parser(sub) -> None:

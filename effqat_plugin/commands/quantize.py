@@ -17,7 +17,10 @@ def add_parser(sub) -> None:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("model_dir", help="fp16/fp32 HF model folder or hub id")
     p.add_argument("out_dir", help="output folder (must not exist unless --overwrite)")
-    p.add_argument("--format", dest="save_format", default="gptq", choices=["gptq", "gptq_v2", "eqat", "bitblas"])
+    p.add_argument("--format", dest="save_format", default="gptq",
+                   choices=["gptq", "gptq_v2", "eqat", "bitblas", "compressed-tensors"],
+                   help="checkpoint layout; compressed-tensors (pack-quantized, asymmetric group) is what vLLM "
+                        "serves asymmetric weights from, and needs every in_features a multiple of --group-size")
     add_training_arguments(p)
     p.add_argument("--e2e-data", metavar="FILE", default=None,
                    help="E2E-QP trains on this file (same formats as --calib, --seq-len tokens per sample, "
@@ -43,6 +46,10 @@ def add_training_arguments(p) -> None:
     the two commands train the same model from the same arguments and defaults."""
     p.add_argument("--bits", type=int, default=2, choices=[2, 3, 4, 8])
     p.add_argument("--group-size", type=int, default=64)
+    p.add_argument("--sym", action="store_true",
+                   help="symmetric: every group's zero point fixed at 2^(bits-1) and never trained (Block-AP and "
+                        "E2E-QP train weights / step sizes only); GPTQ output says sym: true, which GPTQModel's "
+                        "and vLLM's symmetric kernels (Marlin, 4/8-bit) take")
     p.add_argument("--calib", help="calibration data: .txt, .jsonl ('text'), .parquet, or .safetensors "
                                    "with int64 'input_ids' [N, T]; default: sampled from the model itself")
     p.add_argument("--n-samples", type=int, default=DEFAULT_SAMPLES, help="calibration sequences")
@@ -122,7 +129,7 @@ def config_from_args(args, save_format: str, e2e_epochs: int | None = None, kern
     from effqat_plugin import EQATConfig
 
     return EQATConfig(
-        bits=args.bits, group_size=args.group_size, save_format=save_format,
+        bits=args.bits, group_size=args.group_size, sym=args.sym, save_format=save_format,
         block_epochs=args.block_epochs, block_batch_size=args.block_batch_size,
         block_quant_lr=args.block_quant_lr, block_weight_lr=args.block_weight_lr,
         block_early_stop=args.block_early_stop, block_lr_search=args.block_lr_search,
@@ -158,6 +165,7 @@ def run(args) -> int:
     work_dir = args.work_dir or os.path.normpath(args.out_dir) + ".effqat-work"
     ids, run = streamed_quantization(args.model_dir, cfg, work_dir, args.calib, args.n_samples, args.seq_len,
                                      args.seed, show_progress=not args.quiet, in_memory=args.in_memory)
+    check_writable(run, cfg)
     e2e_ids = None
     if args.e2e_data and args.e2e_epochs > 0:
         from effqat_plugin.data import load_token_file
@@ -169,7 +177,7 @@ def run(args) -> int:
     summary = {"eqat": run.result.meta(cfg)}
     e2e = summary["eqat"]["e2e_qp"]
     line = {"out_dir": args.out_dir, "format": args.save_format, "bits": args.bits, "group_size": args.group_size,
-            "calibration": list(ids.shape)}
+            "sym": bool(args.sym), "calibration": list(ids.shape)}
     cal = summary["eqat"]["calibration"]   # what E2E-QP really trained on, as recorded by the run
     if cfg.e2e_epochs > 0 and (e2e_ids is not None or cal["self_generated"]):
         line["e2e_data"] = [cal["e2e_samples"], cal["e2e_seq_len"]]
@@ -181,6 +189,32 @@ def run(args) -> int:
         line["save_report"] = report
     print(json.dumps(line, default=str))
     return 0
+
+
+def check_writable(run, cfg) -> None:
+    """Refuse, before any training, a save format that cannot hold this model's linears (e.g.
+    compressed-tensors when an in_features is not a multiple of the group), with the format's own
+    rules (``converters.convert.decide``), so hours of Block-AP never end in a refused save. Runs on
+    the streamed path, whose linears are known up front (on the meta device)."""
+    names = getattr(run, "quantized_names", None)
+    if not names:
+        return
+    from effqat_plugin.converters.convert import decide
+    from effqat_plugin.converters.registry import ModuleSpec, get_format
+    from effqat_plugin.qweight import QuantFormatError, n_groups_for
+
+    specs = []
+    for name in names:
+        m = run.model.get_submodule(name)
+        if cfg.group_size > m.in_features:
+            return  # refused elsewhere with its own message (group larger than in_features)
+        specs.append(ModuleSpec(name=name, in_features=m.in_features, out_features=m.out_features,
+                                n_groups=n_groups_for(m.in_features, cfg.group_size), bits=cfg.bits,
+                                group_size=cfg.group_size))
+    try:
+        decide(get_format(cfg.save_format), specs, cfg.bits, cfg.group_size, "effqat", sym=cfg.sym)
+    except QuantFormatError as e:
+        raise ValueError(f"--format {cfg.save_format} cannot hold this model (nothing was trained): {e}") from None
 
 
 def streamed_quantization(model_dir, cfg, work_dir, calib, n_samples, seq_len, seed, show_progress=True,
