@@ -106,9 +106,11 @@ def _groups(rule: Join, modules: set[str]) -> list[tuple[str, list[str]]]:
                     out.append((prefix, group))
         return out
     pat = re.compile(r"^(.*\.)experts\.(\d+)\." + re.escape(rule.parts[0]) + "$")
-    prefixes = sorted({mt.group(1) for m in modules if (mt := pat.match(m))})
-    for prefix in prefixes:
-        n = sum(1 for m in modules if (mt := pat.match(m)) and mt.group(1) == prefix)
+    experts: dict[str, int] = {}                 # prefix -> number of experts (one pass over the modules)
+    for m in modules:
+        if mt := pat.match(m):
+            experts[mt.group(1)] = experts.get(mt.group(1), 0) + 1
+    for prefix, n in sorted(experts.items()):
         group = [f"{prefix}experts.{e}.{p}" for e in range(n) for p in rule.parts]
         if all(g in modules for g in group):
             out.append((prefix + "experts.", group))
