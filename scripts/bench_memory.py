@@ -51,6 +51,36 @@ def write_tokenizer(path: Path) -> None:
         "unk_token": "<unk>"}))
 
 
+class _Shards:
+    """A sharded bf16 checkpoint written shard by shard (never whole in memory): config + tokenizer
+    first, ``write(k, tensors)`` puts shard ``k`` of ``n`` on disk at once, ``finish`` adds the final
+    norm / head shard and the index and returns the checkpoint's bytes."""
+
+    def __init__(self, path: Path, cfg, n: int, seed: int):
+        path.mkdir(parents=True)
+        cfg.save_pretrained(path)
+        write_tokenizer(path)
+        self.path, self.n, self.total, self.weight_map = path, n, 0, {}
+        self.g = torch.Generator().manual_seed(seed)
+
+    def rnd(self, *shape):
+        return (torch.randn(*shape, generator=self.g) * 0.02).to(torch.bfloat16)
+
+    def write(self, k: int, shard: dict) -> None:
+        name = f"model-{k + 1:05d}-of-{self.n:05d}.safetensors"
+        save_file(shard, str(self.path / name), metadata={"format": "pt"})
+        for key, t in shard.items():
+            self.weight_map[key] = name
+            self.total += t.numel() * t.element_size()
+
+    def finish(self, hidden: int) -> int:
+        self.write(self.n - 1, {"model.norm.weight": torch.ones(hidden, dtype=torch.bfloat16),
+                                "lm_head.weight": self.rnd(512, hidden)})
+        (self.path / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": self.total}, "weight_map": self.weight_map}))
+        return self.total
+
+
 def build_model(path: Path, hidden: int, layers: int, seed: int = 0) -> int:
     """A random bf16 Llama written one shard per few layers (never whole in memory); returns bytes."""
     from transformers import LlamaConfig
@@ -60,28 +90,11 @@ def build_model(path: Path, hidden: int, layers: int, seed: int = 0) -> int:
     cfg = LlamaConfig(vocab_size=512, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
                       num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=256,
                       tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, dtype="bfloat16")
-    path.mkdir(parents=True)
-    cfg.save_pretrained(path)
-    write_tokenizer(path)
-    g = torch.Generator().manual_seed(seed)
-
-    def rnd(*shape):
-        return (torch.randn(*shape, generator=g) * 0.02).to(torch.bfloat16)
-
     per_shard = 3
-    n = 2 + -(-layers // per_shard)
-    weight_map, total = {}, 0
-
-    def write(k, shard):  # each shard goes to disk as soon as it is built
-        nonlocal total
-        name = f"model-{k + 1:05d}-of-{n:05d}.safetensors"
-        save_file(shard, str(path / name), metadata={"format": "pt"})
-        for key, t in shard.items():
-            weight_map[key] = name
-            total += t.numel() * t.element_size()
-
+    out = _Shards(path, cfg, 2 + -(-layers // per_shard), seed)
+    rnd, write = out.rnd, out.write
     write(0, {"model.embed_tokens.weight": rnd(512, hidden)})
-    for s in range(n - 2):
+    for s in range(out.n - 2):
         shard = {}
         for i in range(s * per_shard, min(layers, (s + 1) * per_shard)):
             p = f"model.layers.{i}."
@@ -93,10 +106,7 @@ def build_model(path: Path, hidden: int, layers: int, seed: int = 0) -> int:
             shard[p + "input_layernorm.weight"] = torch.ones(hidden, dtype=torch.bfloat16)
             shard[p + "post_attention_layernorm.weight"] = torch.ones(hidden, dtype=torch.bfloat16)
         write(s + 1, shard)
-    write(n - 1, {"model.norm.weight": torch.ones(hidden, dtype=torch.bfloat16), "lm_head.weight": rnd(512, hidden)})
-    (path / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {"total_size": total}, "weight_map": weight_map}))
-    return total
+    return out.finish(hidden)
 
 
 def build_moe_model(path: Path, hidden: int, layers: int, experts: int, width: int, seed: int = 0) -> int:
@@ -110,25 +120,8 @@ def build_moe_model(path: Path, hidden: int, layers: int, experts: int, width: i
                          num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads // 2,
                          head_dim=head_dim, max_position_embeddings=256, tie_word_embeddings=False,
                          bos_token_id=1, eos_token_id=2, dtype="bfloat16")
-    path.mkdir(parents=True)
-    cfg.save_pretrained(path)
-    write_tokenizer(path)
-    g = torch.Generator().manual_seed(seed)
-
-    def rnd(*shape):
-        return (torch.randn(*shape, generator=g) * 0.02).to(torch.bfloat16)
-
-    n = layers + 2
-    weight_map, total = {}, 0
-
-    def write(k, shard):
-        nonlocal total
-        name = f"model-{k + 1:05d}-of-{n:05d}.safetensors"
-        save_file(shard, str(path / name), metadata={"format": "pt"})
-        for key, t in shard.items():
-            weight_map[key] = name
-            total += t.numel() * t.element_size()
-
+    out = _Shards(path, cfg, layers + 2, seed)
+    rnd, write = out.rnd, out.write
     kv = heads // 2 * head_dim
     write(0, {"model.embed_tokens.weight": rnd(512, hidden)})
     for i in range(layers):
@@ -147,10 +140,7 @@ def build_moe_model(path: Path, hidden: int, layers: int, experts: int, width: i
             shard[q + "up_proj.weight"] = rnd(width, hidden)
             shard[q + "down_proj.weight"] = rnd(hidden, width)
         write(i + 1, shard)
-    write(n - 1, {"model.norm.weight": torch.ones(hidden, dtype=torch.bfloat16), "lm_head.weight": rnd(512, hidden)})
-    (path / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {"total_size": total}, "weight_map": weight_map}))
-    return total
+    return out.finish(hidden)
 
 
 def write_calib(path: Path, n_lines: int = 64) -> None:
