@@ -269,11 +269,12 @@ def _converted(model, ids: torch.Tensor, name: str, bid, n_in: int) -> list:
 
 
 def _exporter_class(base, arch: str, folder, rows: _Rows, other_keys, types: dict, gguf, written: dict,
-                    llama_types: dict | None = None):
+                    llama_types: dict | None = None, extra_kv: dict | None = None):
     """A subclass of the converter's model class that reads effqat's tensors instead of the folder's;
     ``written`` receives the type of every tensor as the writer stores it. ``llama_types``: GGUF
     tensor name -> block type for float tensors llama.cpp's own quantizer writes (a preset's
-    token_embd / output), quantized as ``llama-quantize`` does from the converter's output."""
+    token_embd / output), quantized as ``llama-quantize`` does from the converter's output.
+    ``extra_kv``: string metadata added to the file (key -> value)."""
     specs = rows.modules.specs
     quantized, floats = gguf_layout.converter_inputs(arch, list(specs), other_keys)
     llama_types = llama_types or {}
@@ -338,6 +339,8 @@ def _exporter_class(base, arch: str, folder, rows: _Rows, other_keys, types: dic
             self.prepare_tensors()
             written.update((n, ti.dtype.name) for shard in self.gguf_writer.tensors for n, ti in shard.items())
             self.prepare_metadata(vocab_only=False)
+            for key, value in (extra_kv or {}).items():
+                self.gguf_writer.add_string(key, value)
             self.gguf_writer.write_header_to_file(path=self.fname_out)
             self.gguf_writer.write_kv_data_to_file()
             self.gguf_writer.write_tensors_to_file(progress=False)
@@ -417,11 +420,12 @@ def convert_to_gguf(src, dst, *, bits=None, group_size=None, overwrite=False, dr
 
 
 def write_gguf(src: Path, dst: Path, overwrite: bool, arch: str, base, hparams: dict, folder, rows: _Rows,
-               other_keys, types: dict, written: dict, llama_types: dict | None = None) -> None:
+               other_keys, types: dict, written: dict, llama_types: dict | None = None,
+               extra_kv: dict | None = None) -> None:
     """Run llama.cpp's converter class ``base`` over ``folder``'s tensors and ``rows``' quantized
     modules into ``dst`` (atomically); ``written`` receives every tensor's stored type."""
     gguf, _ = _converter()
-    cls = _exporter_class(base, arch, folder, rows, other_keys, types, gguf, written, llama_types)
+    cls = _exporter_class(base, arch, folder, rows, other_keys, types, gguf, written, llama_types, extra_kv)
     with atomic_file(dst, overwrite) as tmp, torch.inference_mode():
         model = cls(src, gguf.LlamaFileType.MOSTLY_F16, tmp, hparams=hparams, eager=True,
                     model_name=src.name)
@@ -432,3 +436,15 @@ def write_gguf(src: Path, dst: Path, overwrite: bool, arch: str, base, hparams: 
         except _CONVERTER_ERRORS as e:
             raise NotImplementedError(f"llama.cpp's converter failed on {arch} ({type(e).__name__}: "
                                       f"{e}); nothing was written") from None
+
+
+def fp_to_gguf(src, dst, ftype: str = "f16") -> None:
+    """The fp model folder ``src`` as one GGUF file (``ftype`` f16 / f32 / bf16), by llama.cpp's
+    converter unchanged: what ``llama-quantize`` starts from (benchmarks, tests)."""
+    gguf, conversion = _converter()
+    src, dst = Path(src), Path(dst)
+    _, cls, hparams = _architecture(src, conversion)
+    ft = {"f16": gguf.LlamaFileType.MOSTLY_F16, "f32": gguf.LlamaFileType.ALL_F32,
+          "bf16": gguf.LlamaFileType.MOSTLY_BF16}[ftype]
+    with atomic_file(dst, False) as tmp:
+        cls(src, ft, tmp, hparams=hparams, eager=True, model_name=src.name).write()

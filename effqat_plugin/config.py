@@ -142,6 +142,8 @@ class EQATConfig(BaseQuantizeConfig):
             raise ValueError("EQATConfig: epochs must be >= 1 (Block-AP) / >= 0 (E2E-QP), batch sizes >= 1")
         if self.sym and self.e2e_train_zeros:
             raise ValueError("EQATConfig: sym=True fixes every zero point at 2^(b-1); e2e_train_zeros would move them")
+        if (self.save_format == "gguf") != bool(self.gguf_type):
+            raise ValueError("EQATConfig: save_format 'gguf' and gguf_type (a llama.cpp preset) go together")
         if self.desc_act:
             raise ValueError("EQATConfig: act-order (desc_act) does not apply to EfficientQAT")
         super().__post_init__()

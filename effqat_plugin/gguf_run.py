@@ -14,6 +14,7 @@ hands it to llama.cpp's converter (``converters.gguf_export.write_gguf``), which
 """
 from __future__ import annotations
 
+import json
 import logging
 import re
 import shutil
@@ -161,10 +162,14 @@ class StagedModules:
         return rows
 
 
+META_KEY = "effqat.eqat"   # the run's meta.eqat (as in quantize_config.json of the other formats), JSON
+
+
 def write_gguf_file(out: str, model_dir: str, model, tokenizer, dtype: torch.dtype, items: Iterable,
-                    plan: TypePlan, overwrite: bool = False) -> dict:
+                    plan: TypePlan, overwrite: bool = False, meta: Optional[dict] = None) -> dict:
     """Write the GGUF file ``out`` from ``items``: ``(key, tensor)`` for the fp tensors and
-    ``(module, frozen weight)`` for the quantized linears (``gguf_weights``); returns the report."""
+    ``(module, frozen weight)`` for the quantized linears (``gguf_weights``); ``meta`` (the run's
+    meta.eqat) goes into the file's metadata under ``effqat.eqat``. Returns the report."""
     from .converters import gguf_export
     from .converters.checkpoint import SafetensorsFolder
     from .converters.incremental import SpoolingShardWriter
@@ -200,8 +205,9 @@ def write_gguf_file(out: str, model_dir: str, model, tokenizer, dtype: torch.dty
         rows = gguf_export._Rows(StagedModules(folder, plan.modules, shapes))
         written: dict = {}
         try:
+            extra = {META_KEY: json.dumps(meta, default=str)} if meta else None
             gguf_export.write_gguf(staging, dst, overwrite, arch, base, hparams, folder, rows, other, {},
-                                   written, llama_types=plan.floats)
+                                   written, llama_types=plan.floats, extra_kv=extra)
         finally:
             folder.close()
     finally:

@@ -37,6 +37,9 @@ def _eqat_quantize(self, calibration=None, tokenizer=None, seq_len: Optional[int
 
     if getattr(self, "_eqat_result", None) is not None or self.quantized:
         raise EnvironmentError("quantize() was called on a model that is already quantized")
+    if self.quantize_config.save_format == "gguf":
+        raise NotImplementedError("save_format='gguf' (training on llama.cpp's block types) runs through the "
+                                  "streamed CLI: effqat quantize MODEL OUT.gguf --format gguf --gguf-type PRESET")
     if calibration is None:
         raise ValueError("quantize() needs calibration data: a LongTensor [N, T], a list of "
                          "{'input_ids': ...} dicts or a list of strings")

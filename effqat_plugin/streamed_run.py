@@ -171,7 +171,7 @@ class StreamedQuantization:
         from .gguf_run import write_gguf_file
 
         report = write_gguf_file(out_path, self.model_dir, self.model, self.tokenizer, self.result.source_dtype,
-                                 items, self.gguf_plan, overwrite=overwrite)
+                                 items, self.gguf_plan, overwrite=overwrite, meta=self.result.meta(self.cfg))
         log.info("saved GGUF %s to %s", self.cfg.gguf_type, out_path)
         return report
 

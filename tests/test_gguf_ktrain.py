@@ -12,6 +12,7 @@ one).
 from __future__ import annotations
 
 
+import json
 import shutil
 import subprocess
 import sys
@@ -25,6 +26,7 @@ llama_cpp = pytest.importorskip("llama_cpp")
 pytest.importorskip("conversion")
 
 from effqat_plugin import EQATConfig, llama_cpp_quants  # noqa: E402
+from effqat_plugin.converters.gguf_export import fp_to_gguf  # noqa: E402
 from effqat_plugin.gguf_weights import BlockRows  # noqa: E402
 from effqat_plugin.quantizer import KGridParams  # noqa: E402
 
@@ -154,6 +156,11 @@ def test_report_lists_every_tensor_with_its_type_and_bits(trained):
     assert down["fallback"] and down["type"] != down["preset_type"] and down["type"] not in llama_cpp_quants.K_TYPES
     assert report["fallback"] == [n for n, t in by_name.items() if t["fallback"]]
     assert report["bytes_written"] == out.stat().st_size
+    field = gguf.GGUFReader(str(out)).fields["effqat.eqat"]       # the run's meta.eqat travels in the file
+    meta = json.loads(bytes(field.parts[field.data[0]]).decode())
+    assert meta["settings"]["gguf_type"] == "Q4_K_M"
+    assert meta["settings"]["gguf_module_types"] == run.gguf_plan.modules
+    assert meta["e2e_qp"]["trainable_values"] == run.result.e2e.trainable_values
 
 
 def test_llama_cpp_runs_the_trained_model(trained):
@@ -182,19 +189,6 @@ def test_llama_cpp_runs_the_trained_model(trained):
     assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.85
 
 
-def _f16_gguf(model_dir, dst):
-    """The fp model as an F16 GGUF, by llama.cpp's converter (what llama-quantize starts from)."""
-    import conversion
-
-    from effqat_plugin.converters.gguf_export import _converter
-
-    g, _ = _converter()
-    hparams = conversion.ModelBase.load_hparams(model_dir, False)
-    cls = conversion.get_model_class(hparams["architectures"][0])
-    model = cls(model_dir, g.LlamaFileType.MOSTLY_F16, dst, hparams=hparams, eager=True, model_name="fp")
-    model.write()
-
-
 def _llama_quantize(src, dst, preset: str):
     """llama.cpp's own ``llama-quantize SRC DST PRESET`` (its library, in a child process)."""
     code = (
@@ -215,7 +209,7 @@ def test_untrained_run_equals_llama_quantize(tmp_path, preset):
     run_gguf(model_dir, ours, tmp_path / "work", preset, block_quant_lr=0.0, block_weight_lr=0.0, e2e_epochs=0,
              gguf_imatrix=False)
     f16, theirs = tmp_path / "fp16.gguf", tmp_path / "theirs.gguf"
-    _f16_gguf(model_dir, f16)
+    fp_to_gguf(model_dir, f16)
     _llama_quantize(f16, theirs, preset)
     a, b = read_tensors(ours), read_tensors(theirs)
     assert set(a) == set(b)
