@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Build llama.cpp's llama-quantize, llama-imatrix and llama-perplexity (CPU only, Release) from the
+# llama.cpp that llama-cpp-python vendors, so the command-line tools match the library effqat loads
+# (the same src/llama-quant.cpp that effqat_plugin/gguf_presets.py mirrors).
+#
+#   scripts/build_llama_tools.sh            # into .cache/llama-tools/ (or $EFFQAT_LLAMA_TOOLS)
+#   LLAMA_CPP_PYTHON_VERSION=0.3.36 JOBS=2 scripts/build_llama_tools.sh
+#
+# Idempotent: when bin/ holds the three tools and bin/.stamp names this version, nothing is done.
+# The sdist comes from the package registry (pip download) when it is not in $DEST/sdist already.
+# No network is needed at build time (LLAMA_OPENSSL=OFF; LLAMA_CURL is deprecated at this version).
+set -euo pipefail
+
+VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+DEST="${EFFQAT_LLAMA_TOOLS:-$REPO/.cache/llama-tools}"
+JOBS="${JOBS:-2}"
+PY="${PYTHON:-$(command -v python3)}"
+[ -x "$REPO/.venv/bin/python" ] && PY="${PYTHON:-$REPO/.venv/bin/python}"
+TOOLS=(llama-quantize llama-imatrix llama-perplexity)
+STAMP="llama-cpp-python==$VERSION cpu release"
+
+ok=1
+for t in "${TOOLS[@]}"; do [ -x "$DEST/bin/$t" ] || ok=0; done
+if [ "$ok" = 1 ] && [ "$(cat "$DEST/bin/.stamp" 2>/dev/null)" = "$STAMP" ]; then
+    echo "llama.cpp tools up to date in $DEST/bin ($STAMP)"
+    exit 0
+fi
+
+mkdir -p "$DEST/sdist"
+TARBALL="$DEST/sdist/llama_cpp_python-$VERSION.tar.gz"
+if [ ! -f "$TARBALL" ]; then
+    echo "downloading llama-cpp-python==$VERSION sdist"
+    "$PY" -m pip download "llama-cpp-python==$VERSION" --no-binary :all: --no-deps -d "$DEST/sdist"
+fi
+SRC="$DEST/sdist/llama_cpp_python-$VERSION/vendor/llama.cpp"
+if [ ! -f "$SRC/CMakeLists.txt" ]; then
+    tar xzf "$TARBALL" -C "$DEST/sdist"
+fi
+
+GEN=()
+command -v ninja >/dev/null && GEN=(-G Ninja)
+BUILD="$DEST/build-$VERSION"
+cmake -S "$SRC" -B "$BUILD" "${GEN[@]}" \
+    -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF \
+    -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_VULKAN=OFF -DGGML_NATIVE=ON \
+    -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+    -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_COMMON=ON
+cmake --build "$BUILD" --target "${TOOLS[@]}" -j "$JOBS"
+
+mkdir -p "$DEST/bin"
+for t in "${TOOLS[@]}"; do
+    cp "$BUILD/bin/$t" "$DEST/bin/$t"
+done
+echo "$STAMP" > "$DEST/bin/.stamp"
+echo "built ${TOOLS[*]} into $DEST/bin ($STAMP)"
