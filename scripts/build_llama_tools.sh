@@ -9,6 +9,10 @@
 # Idempotent: when bin/ holds the three tools and bin/.stamp names this version, nothing is done.
 # The sdist comes from the package registry (pip download) when it is not in $DEST/sdist already.
 # No network is needed at build time (LLAMA_OPENSSL=OFF; LLAMA_CURL is deprecated at this version).
+#
+# CPU flags: AVX2/FMA/F16C (x86-64-v3), not -march=native: on this project's AMX-capable Xeons a native
+# build routes Q4_0/Q8_0/K-quant matmuls through ggml's AMX kernels, and llama-perplexity dies with
+# SIGSEGV in ggml_backend_amx_mul_mat (F16 files, or --no-repack, run). LLAMA_TOOLS_NATIVE=1 opts in.
 set -euo pipefail
 
 VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
@@ -18,7 +22,13 @@ JOBS="${JOBS:-2}"
 PY="${PYTHON:-$(command -v python3)}"
 [ -x "$REPO/.venv/bin/python" ] && PY="${PYTHON:-$REPO/.venv/bin/python}"
 TOOLS=(llama-quantize llama-imatrix llama-perplexity)
-STAMP="llama-cpp-python==$VERSION cpu release"
+if [ "${LLAMA_TOOLS_NATIVE:-0}" = 1 ]; then
+    CPU_FLAGS=(-DGGML_NATIVE=ON); FLAVOR=native
+else
+    CPU_FLAGS=(-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
+               -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF); FLAVOR=avx2
+fi
+STAMP="llama-cpp-python==$VERSION cpu-$FLAVOR release"
 
 ok=1
 for t in "${TOOLS[@]}"; do [ -x "$DEST/bin/$t" ] || ok=0; done
@@ -40,10 +50,10 @@ fi
 
 GEN=()
 command -v ninja >/dev/null && GEN=(-G Ninja)
-BUILD="$DEST/build-$VERSION"
+BUILD="$DEST/build-$VERSION-$FLAVOR"
 cmake -S "$SRC" -B "$BUILD" "${GEN[@]}" \
     -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF \
-    -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_VULKAN=OFF -DGGML_NATIVE=ON \
+    -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_VULKAN=OFF "${CPU_FLAGS[@]}" \
     -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
     -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_COMMON=ON
 cmake --build "$BUILD" --target "${TOOLS[@]}" -j "$JOBS"
