@@ -33,6 +33,7 @@ keeps the type the converter wrote (F32 for 1-D) and is left out of the result.
 """
 from __future__ import annotations
 
+import operator
 import re
 from dataclasses import dataclass
 
@@ -117,9 +118,9 @@ def category(name: str) -> str:
 
 def _ne(shape, order: str) -> tuple[int, ...]:
     if order == "torch":
-        return tuple(int(x) for x in reversed(shape))
+        return tuple(operator.index(x) for x in reversed(shape))
     if order == "gguf":
-        return tuple(int(x) for x in shape)
+        return tuple(operator.index(x) for x in shape)
     raise ValueError(f"order must be 'torch' or 'gguf', got {order!r}")
 
 
@@ -145,8 +146,14 @@ def _hparam(hparams: dict, key: str, default=None) -> int:
         v = v[0] if v else default
     if v is None:
         raise ValueError(f"hparams needs {key!r} (llama.cpp's rules read it)")
-    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-        raise ValueError(f"hparams[{key!r}] must be a non-negative int, got {v!r}")
+    try:
+        if isinstance(v, bool):
+            raise TypeError
+        v = operator.index(v)
+    except TypeError:
+        v = -1
+    if v < 0:
+        raise ValueError(f"hparams[{key!r}] must be a non-negative int, got {hparams.get(key, default)!r}")
     return v
 
 
@@ -252,6 +259,14 @@ class _Rules:
         return t, f"{cat}: preset default"
 
 
+def _valid_shape(shape) -> bool:
+    try:
+        dims = [operator.index(x) for x in shape]
+    except TypeError:
+        return False
+    return 1 <= len(dims) <= 4 and all(x >= 1 for x in dims) and not isinstance(shape, (str, bytes))
+
+
 def _fallback(t: str, width: int) -> str:
     """tensor_type_fallback: the 32-block stand-in for a 256-block type, F16 if even 32 misfits."""
     if width % BLOCK_SIZE[t] == 0:
@@ -294,8 +309,7 @@ def tensor_types(preset: str, arch: str, tensors: dict, hparams: dict,
     out = {}
     for name in names:
         shape = tensors[name]
-        if not isinstance(shape, (tuple, list)) or not 1 <= len(shape) <= 4 or any(
-                not isinstance(x, int) or x < 1 for x in shape):
+        if not _valid_shape(shape):
             raise ValueError(f"{name}: shape must be 1 to 4 positive ints, got {shape!r}")
         if not quantizes(name, shape, order):
             continue

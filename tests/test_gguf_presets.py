@@ -54,6 +54,14 @@ CASES = {
     # fused attn_qkv and gate_up (one ffn_up tensor)
     "phi3_qkv": ("Phi3Config", dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4,
                                     num_attention_heads=4, num_key_value_heads=4, pad_token_id=0), "sp"),
+    # q/k norms (1-D, left out), tied head
+    "qwen3_tied": ("Qwen3Config", dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                                       num_attention_heads=4, num_key_value_heads=1, head_dim=64,
+                                       tie_word_embeddings=True), "sp"),
+    # gemma3: no output tensor (the head is the embedding), extra per-layer norms
+    "gemma3_text": ("Gemma3TextConfig", dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                                             num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                                             sliding_window=64), "sp"),
     # 80 GQA layers: llama.cpp types it LLM_TYPE_70B and bumps attn_v's Q3_K/Q4_K to Q5_K (narrow
     # heads and FFN keep it small; attn_v's width is the hidden size, 256)
     "llama_70b_like": ("LlamaConfig", dict(hidden_size=256, intermediate_size=32, num_hidden_layers=80,
