@@ -37,8 +37,8 @@ import operator
 import re
 from dataclasses import dataclass
 
-__all__ = ["PRESETS", "TypeChoice", "tensor_types", "quantizes", "category", "use_more_bits",
-           "BLOCK_SIZE"]
+__all__ = ["PRESETS", "TypeChoice", "tensor_types", "hparams_from_hf_config", "quantizes", "category",
+           "use_more_bits", "BLOCK_SIZE"]
 
 
 @dataclass(frozen=True)
@@ -155,6 +155,21 @@ def _hparam(hparams: dict, key: str, default=None) -> int:
     if v < 0:
         raise ValueError(f"hparams[{key!r}] must be a non-negative int, got {hparams.get(key, default)!r}")
     return v
+
+
+def hparams_from_hf_config(config: dict) -> dict:
+    """The ``hparams`` of :func:`tensor_types` from a HF config.json dict, as llama.cpp's converter
+    writes them for the common decoder architectures (block_count = num_hidden_layers, head counts,
+    expert_count from num_local_experts / num_experts / n_routed_experts). Read them from the GGUF
+    file instead where one exists: converters of models with extra (MTP / nextn) layers count those
+    in block_count, and llama.cpp's rules use block_count."""
+    cfg = config.get("text_config") or config
+    if "num_hidden_layers" not in cfg:
+        raise ValueError("config has no num_hidden_layers (not a decoder config llama.cpp converts?)")
+    n_head = cfg.get("num_attention_heads", 0)
+    experts = next((cfg[k] for k in ("num_local_experts", "num_experts", "n_routed_experts") if cfg.get(k)), 0)
+    return {"n_layer": cfg["num_hidden_layers"], "n_head": n_head,
+            "n_head_kv": cfg.get("num_key_value_heads") or n_head, "n_expert": experts}
 
 
 def _sort_key(name: str):

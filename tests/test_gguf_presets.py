@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import ctypes
 import io
+import json
 import shutil
 from pathlib import Path
 
 import pytest
 
 from effqat_plugin import gguf_presets
-from effqat_plugin.gguf_presets import PRESETS, TypeChoice, tensor_types, use_more_bits
+from effqat_plugin.gguf_presets import PRESETS, TypeChoice, hparams_from_hf_config, tensor_types, use_more_bits
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -144,8 +145,10 @@ SEEN: dict[str, set] = {"type": set(), "fallback": set()}
 @pytest.mark.parametrize("case", list(CASES))
 def test_matches_llama_quantize(work, case):
     """Every tensor of every preset's file has the predicted type (or, left out, its source type)."""
-    src = _to_gguf(_hf_model(work, case), work / f"{case}-f16.gguf", CASES[case][2] == "sp_forced")
+    hf = _hf_model(work, case)
+    src = _to_gguf(hf, work / f"{case}-f16.gguf", CASES[case][2] == "sp_forced")
     arch, hp, f16 = _read(src)
+    assert hparams_from_hf_config(json.loads((hf / "config.json").read_text())) == hp
     shapes = {n: s for n, (_, s) in f16.items()}
     bad = []
     for preset in PRESETS:
