@@ -60,7 +60,9 @@ cmake --build "$BUILD" --target "${TOOLS[@]}" -j "$JOBS"
 
 mkdir -p "$DEST/bin"
 for t in "${TOOLS[@]}"; do
-    cp "$BUILD/bin/$t" "$DEST/bin/$t"
+    # copy then rename: a tool that is running keeps its old file (cp over it fails: text file busy)
+    cp "$BUILD/bin/$t" "$DEST/bin/.$t.new"
+    mv -f "$DEST/bin/.$t.new" "$DEST/bin/$t"
 done
 echo "$STAMP" > "$DEST/bin/.stamp"
 echo "built ${TOOLS[*]} into $DEST/bin ($STAMP)"
