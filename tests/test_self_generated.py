@@ -165,3 +165,21 @@ def test_bad_self_generated_files_exit_2_and_write_nothing(tmp_path, stories260k
         err = capsys.readouterr().err
         assert needle in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
         assert not out.exists() and not (tmp_path / f"o{i}.effqat-work").exists()
+
+
+def test_plan_reports_the_sampling_phase(capsys):
+    def plan(*argv):
+        assert main(["plan", "llama-3-8b", "--n-samples", "128", "--seq-len", "256", "--json", *argv]) == 0
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    whole = plan()["sample"]  # auto with --calib: the 112 training samples (16 held out)
+    assert whole["placement"] == "whole" and whole["tokens"] == 112 * 256
+    assert whole["device"] > 8.03e9 * 2 and whole["seconds"] > 0  # bf16 weights plus the KV cache
+    capped = plan("--sample-memory", "8")["sample"]
+    assert capped["placement"] == "offload" and capped["device"] <= 8 * 2**30
+    assert capped["host"] > 7e9 and capped["seconds"] > whole["seconds"]  # the rest in host memory, read per step
+    cpu = plan("--device", "cpu", "--sample-memory", "8")["sample"]
+    assert cpu["disk"] > 20e9 and cpu["device"] == 0  # fp32 on CPU: ~24 GB of the 32 on disk
+    assert "sample" not in plan("--self-generated", "0")
+    assert main(["plan", "llama-3-8b", "--n-samples", "128", "--seq-len", "256"]) == 0
+    assert "sampling 112 x 256 self-generated tokens (whole on the device): ~" in capsys.readouterr().out
