@@ -102,11 +102,20 @@ def test_effqat_sample_then_quantize_from_it_equals_sampling_in_the_run(tmp_path
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
     meta_a = json.loads((tmp_path / "a" / "quantize_config.json").read_text())["meta"]["eqat"]["calibration"]
     meta_b = json.loads((tmp_path / "b" / "quantize_config.json").read_text())["meta"]["eqat"]["calibration"]
+    assert meta_a["block_ap_samples"] == meta_b["block_ap_samples"] == 2 * N_TRAIN  # they were trained on
     assert meta_a["self_generated_source"]["source"] == "sampled"
     assert meta_a["self_generated_source"]["dtype"] == "float32" and meta_a["self_generated_source"]["seed"] == 2
     src = meta_b["self_generated_source"]
     assert src["source"] == "file" and src["sha256"] == out["sha256"] and src["used"] == N_TRAIN
     assert src["dtype"] == "float32" and "self_generated_skipped" not in meta_b
+    # the in-memory run honours the file too, and trains the same checkpoint
+    assert main(["quantize", model, str(tmp_path / "c"), "--calib", str(calib), "--self-generated-from", str(samples),
+                 "--in-memory", *TINY]) == 0
+    capsys.readouterr()
+    tc = load_file(str(tmp_path / "c" / "model.safetensors"))
+    assert tc.keys() == ta.keys() and all(torch.equal(ta[k], tc[k]) for k in ta)
+    meta_c = json.loads((tmp_path / "c" / "quantize_config.json").read_text())["meta"]["eqat"]["calibration"]
+    assert meta_c["self_generated_source"]["sha256"] == out["sha256"] and meta_c["self_generated"] == N_TRAIN
 
 
 def test_skipped_samples_warn_in_the_line_meta_and_card(tmp_path, stories260k_dir, calib, capsys):
