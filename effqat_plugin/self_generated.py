@@ -36,9 +36,10 @@ class SelfGenerated:
         return None if self.skipped is None else f"trained without self-generated samples: {self.skipped}; {COST}"
 
 
-def checked_file(path: str, model_dir: str, seq_len: int):
-    """``--self-generated-from`` read and checked against the model's vocabulary and ``--seq-len``
-    (config.json only; run before any model is loaded, so bad input costs seconds and writes nothing)."""
+def checked_file(path: str, model_dir: str, seq_len: int, requested="auto"):
+    """``--self-generated-from`` read and checked against the model's vocabulary, ``--seq-len`` and an
+    explicit ``--self-generated`` count (``requested``; config.json only: run before any model is
+    loaded, so bad input costs seconds and writes nothing)."""
     from transformers import AutoConfig
 
     from .sample_file import check_against, read_sample_file
@@ -46,7 +47,7 @@ def checked_file(path: str, model_dir: str, seq_len: int):
     sample = read_sample_file(path)
     config = AutoConfig.from_pretrained(model_dir)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    check_against(sample, int(text.vocab_size), seq_len)
+    check_against(sample, int(text.vocab_size), seq_len, n=None if requested == "auto" else int(requested))
     return sample
 
 
@@ -72,10 +73,14 @@ def resolve(args, cfg, model_dir: str, n_train: int, seq_len: int, loaded=None,
         reason = "--e2e-epochs 0 with --no-block-self-generated (no phase trains on them)"
         return SelfGenerated(skipped=reason if args.calib or path else None)
     if path:
-        sample = sample_file or checked_file(path, model_dir, seq_len)
-        n = sample.input_ids.shape[0] if requested == "auto" else min(int(requested), sample.input_ids.shape[0])
+        sample = sample_file or checked_file(path, model_dir, seq_len, requested)
+        n = sample.input_ids.shape[0] if requested == "auto" else int(requested)
         if n == 0:
-            return SelfGenerated(skipped="--self-generated 0")
+            return SelfGenerated(skipped="--self-generated 0 was given")
+        file_seed = sample.metadata.get("seed")
+        if file_seed is not None and file_seed != str(args.seed):
+            log.warning("%s was drawn for --seed %s, this run has --seed %d: it trains on them all the same, "
+                        "but not as `--self-generated N --seed %d` would", path, file_seed, args.seed, args.seed)
         log.info("self-generated samples: %d x %d from %s (sha256 %s)", n, seq_len, path, sample.sha256[:12])
         return SelfGenerated(ids=sample.input_ids[:n], record={"source": "file", **sample.record(), "used": n})
     if requested == "auto":

@@ -167,10 +167,14 @@ def test_bad_self_generated_files_exit_2_and_write_nothing(tmp_path, stories260k
     cases = [(big, "vocabulary has 512 entries"), (short, "sequences of 16 tokens, but --seq-len is 32"),
              (corrupt, "not a readable safetensors file"), (floats, "integer token ids"),
              (pickled, "expected a .safetensors file"), (tmp_path / "missing.safetensors", "file not found")]
+    fine = tmp_path / "fine.safetensors"
+    save_file({"input_ids": torch.ones(4, 32, dtype=torch.int64)}, str(fine))
+    cases.append((fine, "holds 4 samples, 9 asked for"))  # with --self-generated 9 below
     for i, (path, needle) in enumerate(cases):
         out = tmp_path / f"o{i}"
+        count = ["--self-generated", "9"] if path == fine else []
         assert main(["quantize", model, str(out), "--calib", str(calib), "--self-generated-from", str(path),
-                     *TINY]) == 2, path
+                     *count, *TINY]) == 2, path
         err = capsys.readouterr().err
         assert needle in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
         assert not out.exists() and not (tmp_path / f"o{i}.effqat-work").exists()

@@ -89,7 +89,8 @@ def add_self_generated_source_arguments(p) -> None:
                    help="take the self-generated samples from FILE (a .safetensors with int 'input_ids' [N, "
                         "--seq-len], e.g. from `effqat sample`) instead of sampling them; all N with auto")
     p.add_argument("--self-generated-dtype", choices=DTYPE_CHOICES, default="auto",
-                   help="dtype the fp model samples in; auto: the checkpoint's own on CUDA, float32 on CPU")
+                   help="dtype the fp model samples in (the self-generated samples, and the calibration "
+                        "without --calib); auto: the checkpoint's own on CUDA, float32 on CPU")
 
 
 def lr_search_fractions(text: str):
@@ -187,7 +188,8 @@ def run(args) -> int:
     if args.self_generated_from:  # checked against the model's config before anything is loaded
         from effqat_plugin.self_generated import checked_file
 
-        sample_file = checked_file(args.self_generated_from, local_model_dir(args.model_dir), args.seq_len)
+        sample_file = checked_file(args.self_generated_from, local_model_dir(args.model_dir), args.seq_len,
+                                   args.self_generated)
     work_dir = args.work_dir or os.path.normpath(args.out_dir) + ".effqat-work"
     ids, run = streamed_quantization(args.model_dir, cfg, work_dir, args.calib, args.n_samples, args.seq_len,
                                      args.seed, show_progress=not args.quiet, in_memory=args.in_memory,
