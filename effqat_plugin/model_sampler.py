@@ -84,6 +84,10 @@ def kv_cache_bytes(config, batch: int, seq_len: int, dtype: torch.dtype) -> int:
     return batch * seq_len * layers * 2 * kv_heads * head_dim * elem + 2 * batch * vocab * 4
 
 
+def _size(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
 @dataclass
 class Placement:
     """Where the sampling model goes: ``device``, ``dtype``, whole or offloaded (``offload``), and why."""
@@ -95,9 +99,9 @@ class Placement:
     host_budget: int = 0  # CUDA with offload: weights kept in host memory before going to disk
 
     def describe(self) -> str:
-        where = (f"offloaded with accelerate ({self.budget / 1e9:.2f} GB of {self.weight_bytes / 1e9:.2f} GB "
-                 f"of weights on {self.device.type}, the rest on host/disk)" if self.offload
-                 else f"whole on {self.device.type}")
+        where = (f"offloaded with accelerate ({_size(self.budget)} of {_size(self.weight_bytes)} of weights on "
+                 f"{self.device.type}, the rest on host/disk)" if self.offload
+                 else f"whole on {self.device.type} ({_size(self.weight_bytes)})")
         return f"{dtype_name(self.dtype)}, {where}"
 
     def record(self) -> dict:
@@ -174,14 +178,21 @@ def loaded_for_sampling(model_dir: str, placement: Placement, offload_root: Opti
             tmp = tempfile.mkdtemp(prefix="effqat-sample-offload-", dir=offload_root)
             model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=placement.dtype, device_map=device_map,
                                                          offload_folder=tmp)
-        else:
+        elif placement.device.type == "cpu":
             model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=placement.dtype)
-            model.to(placement.device)
+        else:  # straight onto the device: no whole host copy on the way
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=placement.dtype,
+                                                         device_map={"": str(placement.device)})
         yield model.eval()
     finally:
         model = None
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+        if placement.device.type == "cuda":
+            import gc
+
+            gc.collect()
+            torch.cuda.empty_cache()  # Block-AP gets the device back
 
 
 def bos_of(config) -> int:
