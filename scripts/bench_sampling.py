@@ -4,10 +4,10 @@
                                      [--max-memory-mb 48] [--device cpu|cuda] [--dtype auto|float32|bfloat16|float16]
 
 A random-weight Llama (transformers' LlamaConfig, nothing downloaded) is saved to a temporary folder
-and sampled by ``model_sampler.draw`` twice with the same seed: whole on the device, and with
+and sampled (``data.sample_from_model``, the run's sampler) twice with the same seed: whole on the device, and with
 ``max_memory`` capped below its size, so accelerate keeps the layers that do not fit on disk (on
-CPU) or in host memory / on disk (on CUDA) and brings them in at every decoding step. Prints one
-JSON line per placement and a markdown table; also checks that both wrote the same tokens (they
+CPU) or in host memory / on disk (on CUDA) and brings them in at every decoding step. Loading and
+sampling are timed apart. Prints one JSON line per placement and a markdown table; also checks that both wrote the same tokens (they
 do on CPU, where the operations are the same; on CUDA they may differ in the last bits).
 """
 from __future__ import annotations
@@ -17,6 +17,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 
 import torch
 
@@ -51,6 +52,7 @@ def main(argv=None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     from effqat_plugin import model_sampler
+    from effqat_plugin.data import sample_from_model
 
     device = torch.device(a.device)
     rows = []
@@ -60,22 +62,28 @@ def main(argv=None) -> int:
         outs = {}
         for name, cap in (("whole", None), ("offload", int(a.max_memory_mb * 1e6))):
             placement = model_sampler.plan_placement(folder, a.n, a.seq_len, device, a.dtype, max_memory=cap)
-            ids, rec = model_sampler.draw(folder, a.n, a.seq_len, 2, placement, offload_root=tmp)
+            t0 = time.time()
+            with model_sampler.loaded_for_sampling(folder, placement, offload_root=tmp) as model:
+                t1 = time.time()
+                ids = sample_from_model(model, a.n, a.seq_len, seed=2, bos_token_id=1)
+                t2 = time.time()
             outs[name] = ids
-            row = {"placement": rec["placement"], "device": a.device, "dtype": rec["dtype"],
-                   "params_m": round(params / 1e6, 1), "weights_mb": round(placement.weight_bytes / 1e6, 1),
-                   "on_device_mb": round(placement.budget / 1e6, 1), "tokens": a.n * a.seq_len,
-                   "seconds": rec["seconds"], "seconds_per_1k_tokens": rec["seconds_per_1k_tokens"],
-                   "threads": torch.get_num_threads()}
+            tokens = a.n * a.seq_len
+            row = {"placement": "offload" if placement.offload else "whole", "device": a.device,
+                   "dtype": model_sampler.dtype_name(placement.dtype), "params_m": round(params / 1e6, 1),
+                   "weights_mb": round(placement.weight_bytes / 1e6, 1),
+                   "on_device_mb": round(placement.budget / 1e6, 1), "tokens": tokens,
+                   "load_s": round(t1 - t0, 2), "sample_s": round(t2 - t1, 2),
+                   "sample_s_per_1k_tokens": round(1000 * (t2 - t1) / tokens, 3), "threads": torch.get_num_threads()}
             rows.append(row)
             print(json.dumps(row), flush=True)
     same = torch.equal(outs["whole"], outs["offload"])
     print(f"same tokens: {same}")
-    print("| placement | weights MB | on device MB | tokens | s | s / 1K tokens |")
-    print("|---|---|---|---|---|---|")
+    print("| placement | dtype | weights MB | on device MB | tokens | load s | sampling s | s / 1K tokens |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['placement']} | {r['weights_mb']} | {r['on_device_mb']} | {r['tokens']} | {r['seconds']} | "
-              f"{r['seconds_per_1k_tokens']} |")
+        print(f"| {r['placement']} | {r['dtype']} | {r['weights_mb']} | {r['on_device_mb']} | {r['tokens']} | "
+              f"{r['load_s']} | {r['sample_s']} | {r['sample_s_per_1k_tokens']} |")
     return 0
 
 

@@ -196,3 +196,24 @@ def test_plan_reports_the_sampling_phase(capsys):
     assert "sample" not in plan("--self-generated", "0")
     assert main(["plan", "llama-3-8b", "--n-samples", "128", "--seq-len", "256"]) == 0
     assert "sampling 112 x 256 self-generated tokens (whole on the device): ~" in capsys.readouterr().out
+
+
+def test_effqat_sample_offloads_under_max_memory(tmp_path, synthetic_dir, capsys):
+    """`effqat sample --max-memory` below the model's 4 MB: accelerate offloads, the file holds the
+    tokens the whole model writes, and no offload folder is left behind."""
+    from effqat_plugin.sample_file import read_sample_file
+
+    outs = {}
+    for name, extra in (("whole", []), ("offload", ["--max-memory", str(2.5e6 / 2**30)])):
+        path = tmp_path / f"{name}.safetensors"
+        assert main(["sample", str(synthetic_dir), str(path), "--n", "3", "--seq-len", "12", "--device", "cpu",
+                     *extra]) == 0
+        line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert line["placement"] == name
+        outs[name] = read_sample_file(str(path))
+    assert torch.equal(outs["whole"].input_ids, outs["offload"].input_ids)
+    assert outs["offload"].metadata["placement"] == "offload" and outs["offload"].metadata["vocab_size"] == "1000"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["offload.safetensors", "whole.safetensors"]
+    assert main(["sample", str(synthetic_dir), str(tmp_path / "x.safetensors"), "--n", "3", "--device", "cpu",
+                 "--max-memory", str(1e4 / 2**30)]) == 2
+    assert "too little memory" in capsys.readouterr().err and not (tmp_path / "x.safetensors").exists()
