@@ -328,7 +328,8 @@ def self_generated_row(cal: dict) -> Optional[str]:
     if src.get("source") == "file":
         return f"{n} sequences from `{src.get('file')}` (sha256 {str(src.get('sha256'))[:16]}…)"
     if src.get("source") == "sampled":
-        return f"{n} sequences the fp model wrote (seed {src.get('seed')}, {src.get('dtype')}, {src.get('placement')})"
+        return (f"{n} sequences the fp model wrote (sampler seed {src.get('seed')}, {src.get('dtype')}, "
+                f"{src.get('placement')})")
     return f"{n} sequences the fp model wrote"
 
 

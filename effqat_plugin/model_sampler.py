@@ -28,7 +28,7 @@ import shutil
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -86,6 +86,10 @@ def kv_cache_bytes(config, batch: int, seq_len: int, dtype: torch.dtype) -> int:
 
 def _size(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
+class SamplingMemoryError(ValueError):
+    """Too little memory on the compute device even for accelerate's offload (one line for the user)."""
 
 
 @dataclass
@@ -159,7 +163,7 @@ def offload_device_map(model_dir: str, placement: Placement) -> dict:
     device_map = infer_auto_device_map(meta, max_memory=max_memory, dtype=placement.dtype,
                                        no_split_module_classes=getattr(meta, "_no_split_modules", None) or [])
     if all(d == "disk" for d in device_map.values()):
-        raise ValueError(f"too little memory to sample from {model_dir} even with offload: "
+        raise SamplingMemoryError(f"too little memory to sample from {model_dir} even with offload: "
                          f"{placement.budget / 1e6:.1f} MB allowed on {placement.device.type}, "
                          "not enough for its largest module; allow more (--max-memory) or sample elsewhere")
     return device_map
@@ -207,6 +211,8 @@ def draw(model_dir: str, n: int, seq_len: int, seed: int, placement: Placement, 
     used as it is instead of loading another copy. ``record`` (dtype, placement, seconds) goes to
     meta.eqat."""
     t0 = time.time()
+    if loaded is not None:  # already whole in memory, whatever the budget says
+        placement = replace(placement, offload=False, budget=placement.weight_bytes)
     log.info("sampling %d x %d tokens from the fp model (seed %d): %s", n, seq_len, seed, placement.describe())
     if loaded is not None:
         ids = sample_from_model(loaded, n, seq_len, seed=seed, bos_token_id=bos_of(loaded.config))
@@ -220,8 +226,8 @@ def draw(model_dir: str, n: int, seq_len: int, seed: int, placement: Placement, 
 
 
 def matches(model, placement: Placement) -> bool:
-    """Whether an in-memory ``model`` is what ``placement`` would load (so it can be sampled as it is)."""
-    if placement.offload:
-        return False
+    """Whether an in-memory ``model`` (the in-memory run's) has the dtype and device ``placement``
+    samples in, so it can be sampled as it is instead of loading another copy (even when a fresh copy
+    would not fit: this one is there already)."""
     p = next(model.parameters())
     return p.dtype == placement.dtype and p.device.type == placement.device.type

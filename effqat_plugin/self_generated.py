@@ -65,7 +65,7 @@ def resolve(args, cfg, model_dir: str, n_train: int, seq_len: int, loaded=None,
     text; ``loaded``: the in-memory run's fp model, sampled as it is when it is what the sampler would
     load; ``sample_file``: the already checked ``--self-generated-from`` file."""
     from .eqat_run import self_generated_seed
-    from .model_sampler import draw, matches, plan_placement
+    from .model_sampler import SamplingMemoryError, draw, matches, plan_placement
     from .runtime import resolve_runtime
 
     requested, path = args.self_generated, getattr(args, "self_generated_from", None)
@@ -95,16 +95,20 @@ def resolve(args, cfg, model_dir: str, n_train: int, seq_len: int, loaded=None,
     placement = plan_placement(model_dir, n, seq_len, device, getattr(args, "self_generated_dtype", "auto"))
     target = getattr(args, "out_dir", None) or getattr(args, "out_root", None) or "."
     root = offload_root or os.path.dirname(os.path.abspath(target))  # beside the output: room for a model
-    if placement.offload:
+    use = loaded if loaded is not None and matches(loaded, placement) else None
+    elsewhere = "; sample elsewhere (`effqat sample`) and pass --self-generated-from"
+    if placement.offload and use is None:
         needed = placement.weight_bytes - placement.budget - placement.host_budget
         if requested == "auto" and needed > _offload_room(root):
-            reason = (f"--self-generated auto: the model ({placement.weight_bytes / 1e9:.1f} GB in "
-                      f"{str(placement.dtype).replace('torch.', '')}) fits neither in the memory allowed for "
-                      f"sampling nor on the disk under {root}; sample elsewhere (`effqat sample`) and pass "
-                      "--self-generated-from")
-            log.warning(reason)
-            return SelfGenerated(skipped=reason)
-    use = loaded if loaded is not None and matches(loaded, placement) else None
-    ids, record = draw(model_dir, n, seq_len, self_generated_seed(args.seed), placement, loaded=use,
-                       offload_root=root)
+            return SelfGenerated(skipped=(
+                f"--self-generated auto: the model ({placement.weight_bytes / 1e9:.1f} GB in "
+                f"{str(placement.dtype).replace('torch.', '')}) fits neither in the memory allowed for "
+                f"sampling nor on the disk under {root}" + elsewhere))
+    try:
+        ids, record = draw(model_dir, n, seq_len, self_generated_seed(args.seed), placement, loaded=use,
+                           offload_root=root)
+    except SamplingMemoryError as e:
+        if requested != "auto":
+            raise
+        return SelfGenerated(skipped=f"--self-generated auto: {e}" + elsewhere)
     return SelfGenerated(ids=ids, record={"source": "sampled", **record})

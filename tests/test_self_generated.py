@@ -147,6 +147,14 @@ def test_auto_says_why_when_the_model_fits_nowhere(monkeypatch, tmp_path, storie
     got = self_generated.resolve(args, EQATConfig(compute_device="cpu"), str(stories260k_dir), 14, 32)
     assert got.ids is None and "fits neither in the memory allowed for sampling nor on the disk" in got.skipped
     assert got.warning().startswith("trained without self-generated samples: --self-generated auto")
+    # room on disk but too little memory even for accelerate's offload: auto skips, saying why; a count fails
+    monkeypatch.setattr(self_generated, "_offload_room", lambda root: 1 << 40)
+    got = self_generated.resolve(args, EQATConfig(compute_device="cpu"), str(stories260k_dir), 14, 32)
+    assert got.ids is None and got.skipped.startswith("--self-generated auto: too little memory to sample")
+    args.self_generated = 3
+    with pytest.raises(model_sampler.SamplingMemoryError):
+        self_generated.resolve(args, EQATConfig(compute_device="cpu"), str(stories260k_dir), 14, 32)
+    args.self_generated = "auto"
     # without calibration text the calibration is self-generated already: nothing is missing
     args.calib = None
     assert self_generated.resolve(args, EQATConfig(compute_device="cpu"), str(stories260k_dir), 14, 32).skipped is None
