@@ -133,18 +133,71 @@ class _LazyRows:
     def tofile(self, fout) -> None:
         out = np.empty((self._flat.size, self.shape[-1]), dtype=self.dtype)
         for o in np.unique(self._owners):
-            qw = self._rows.read(int(o))
-            enc = gguf_blocks.encode(qw, self.qtype) if self.qtype else gguf_blocks.dequantized_f32(qw)
+            enc = self._rows.encoded(int(o), self.qtype)
             sel = self._owners == o
             out[sel] = enc[self._flat[sel] - o]
         out.tofile(fout)
 
 
-class _Rows:
-    """Quantized modules handed to the converter as row ids, and the GGUF tensors their rows end up in."""
+def row_bytes(qtype: str | None, n_in: int) -> int:
+    """Bytes (F32: values) of one row of ``n_in`` weights stored as ``qtype``."""
+    if qtype is None:
+        return n_in
+    import gguf
+
+    block, size = gguf.GGML_QUANT_SIZES[getattr(gguf.GGMLQuantizationType, qtype)]
+    return n_in // block * size
+
+
+def bits_per_weight(qtype: str | None) -> float:
+    """Storage bits per weight of a GGUF type name (None: F32)."""
+    import gguf
+
+    block, size = gguf.GGML_QUANT_SIZES[getattr(gguf.GGMLQuantizationType, qtype or "F32")]
+    return round(8 * size / block, 4)
+
+
+class FolderModules:
+    """The quantized modules of an effqat folder (uniform grid), written losslessly (:mod:`.gguf_blocks`)."""
 
     def __init__(self, plan):
         self.plan = plan
+        self.specs = plan.specs
+
+    def check(self, m: str) -> None:
+        plan = self.plan
+        g_idx = plan.folder.get(plan.key(m, "g_idx")) if self.specs[m].has_g_idx else None
+        if g_idx is not None and not words_g_idx_is_default(g_idx, self.specs[m]):
+            raise QuantFormatError(f"{m}: act-order g_idx (desc_act) permutes the input channels; "
+                                   f"GGUF blocks follow the stored column order, so this cannot be exact")
+
+    def _read(self, m: str) -> QuantizedWeight:
+        qw = read_module(self.plan, m)
+        self.plan.folder.drop_pages(self.plan.module_keys(m))
+        return qw
+
+    def row_type(self, m: str):
+        s = self.specs[m]
+        t = gguf_blocks.shape_type(s.true_bits, s.in_features, s.group_size)
+        # Q8_0 only when every q - z fits int8: that needs the codes
+        return gguf_blocks.needed_type(self._read(m)) if t == "Q8_0" else t
+
+    @staticmethod
+    def joint_type(name: str, types):
+        return gguf_blocks.widest(types)
+
+    def encoded(self, m: str, qtype) -> np.ndarray:
+        qw = self._read(m)
+        return gguf_blocks.encode(qw, qtype) if qtype else gguf_blocks.dequantized_f32(qw)
+
+
+class _Rows:
+    """Quantized modules handed to the converter as row ids, and the GGUF tensors their rows end up in.
+    ``modules``: :class:`FolderModules`, or another source with the same methods (a GGUF run's rows,
+    already in llama.cpp's block types: ``effqat_plugin.gguf_run.StagedModules``)."""
+
+    def __init__(self, modules):
+        self.modules = modules
         self.names: dict[int, str] = {}                 # row-id offset -> module
         self.offsets: list[int] = []
         self.total = 0
@@ -152,24 +205,15 @@ class _Rows:
         self.tensors: list[dict] = []                   # report: one entry per GGUF tensor
 
     def register(self, module: str) -> torch.Tensor:
-        out = self.plan.specs[module].out_features
+        out = self.modules.specs[module].out_features
         off = self.total
         self.names[off] = module
         self.offsets.append(off)
         self.total += out
         return (torch.arange(out, dtype=torch.int64) + off)[:, None]
 
-    def read(self, offset: int) -> QuantizedWeight:
-        m = self.names[offset]
-        qw = read_module(self.plan, m)
-        self.plan.folder.drop_pages(self.plan.module_keys(m))
-        return qw
-
-    def _needed_type(self, offset: int):
-        s = self.plan.specs[self.names[offset]]
-        t = gguf_blocks.shape_type(s.true_bits, s.in_features, s.group_size)
-        # Q8_0 only when every q - z fits int8: that needs the codes
-        return gguf_blocks.needed_type(self.read(offset)) if t == "Q8_0" else t
+    def encoded(self, offset: int, qtype) -> np.ndarray:
+        return self.modules.encoded(self.names[offset], qtype)
 
     def gather(self, new_name: str, ids: torch.Tensor) -> _LazyRows:
         """The GGUF tensor ``new_name`` from a converter output of row ids."""
@@ -186,15 +230,16 @@ class _Rows:
         offsets = np.asarray(self.offsets)
         owners = offsets[np.searchsorted(offsets, flat, side="right") - 1]
         mods = [int(o) for o in np.unique(owners)]
-        ins = {self.plan.specs[self.names[o]].in_features for o in mods}
+        specs = self.modules.specs
+        ins = {specs[self.names[o]].in_features for o in mods}
         if len(ins) != 1:
             raise NotImplementedError(f"{new_name}: the converter joins weights of different widths")
-        qtype = gguf_blocks.widest(self._needed_type(o) for o in mods)
+        qtype = self.modules.joint_type(new_name, [self.modules.row_type(self.names[o]) for o in mods])
         n_in = ins.pop()
-        width = n_in // gguf_blocks.BLOCK * gguf_blocks.LOSSLESS_TYPES[qtype][1] if qtype else n_in
         self.seen.append(flat)
-        self.tensors.append({"name": new_name, "type": qtype or "F32", "shape": [*ids.shape[:-1], n_in]})
-        return _LazyRows(self, owners, flat, qtype, tuple(ids.shape[:-1]), width)
+        self.tensors.append({"name": new_name, "type": qtype or "F32", "shape": [*ids.shape[:-1], n_in],
+                             "bits_per_weight": bits_per_weight(qtype)})
+        return _LazyRows(self, owners, flat, qtype, tuple(ids.shape[:-1]), row_bytes(qtype, n_in))
 
     def check_complete(self) -> None:
         """Every quantized row reached exactly one GGUF tensor (no row dropped or written twice)."""
@@ -223,20 +268,21 @@ def _converted(model, ids: torch.Tensor, name: str, bid, n_in: int) -> list:
         raise first from None
 
 
-def _exporter_class(base, arch: str, plan, rows: _Rows, other_keys, types: dict, gguf, written: dict):
+def _exporter_class(base, arch: str, folder, rows: _Rows, other_keys, types: dict, gguf, written: dict,
+                    llama_types: dict | None = None):
     """A subclass of the converter's model class that reads effqat's tensors instead of the folder's;
-    ``written`` receives the type of every tensor as the writer stores it."""
-    folder = plan.folder
-    quantized, floats = gguf_layout.converter_inputs(arch, list(plan.specs), other_keys)
+    ``written`` receives the type of every tensor as the writer stores it. ``llama_types``: GGUF
+    tensor name -> block type for float tensors llama.cpp's own quantizer writes (a preset's
+    token_embd / output), quantized as ``llama-quantize`` does from the converter's output."""
+    specs = rows.modules.specs
+    quantized, floats = gguf_layout.converter_inputs(arch, list(specs), other_keys)
+    llama_types = llama_types or {}
 
     def quantized_blocks(self):
         """Hand every quantized input to the converter's own renaming / reordering (see module doc)."""
         for inp in quantized:
             for m in inp.parts:
-                g_idx = folder.get(plan.key(m, "g_idx")) if plan.specs[m].has_g_idx else None
-                if g_idx is not None and not words_g_idx_is_default(g_idx, plan.specs[m]):
-                    raise QuantFormatError(f"{m}: act-order g_idx (desc_act) permutes the input channels; "
-                                           f"GGUF blocks follow the stored column order, so this cannot be exact")
+                rows.modules.check(m)
             item = self.filter_tensors((inp.name, None))
             if item is None:
                 raise NotImplementedError(f"{inp.parts[0]}: llama.cpp's converter drops this quantized weight")
@@ -244,7 +290,7 @@ def _exporter_class(base, arch: str, plan, rows: _Rows, other_keys, types: dict,
             bid = next((int(p) for p in name.split(".") if p.isdecimal()), None)
             ids = inp.build([rows.register(m) for m in inp.parts])
             try:
-                yield from _converted(self, ids, name, bid, plan.specs[inp.parts[0]].in_features)
+                yield from _converted(self, ids, name, bid, specs[inp.parts[0]].in_features)
             except NotImplementedError:
                 raise
             except (ValueError, RuntimeError, AssertionError) as e:   # "Can not map tensor", reshapes
@@ -270,7 +316,22 @@ def _exporter_class(base, arch: str, plan, rows: _Rows, other_keys, types: dict,
                 raw = getattr(gguf.GGMLQuantizationType, data.qtype) if data.qtype else None
                 self.gguf_writer.add_tensor(new_name, data, raw_dtype=raw)
             rows.check_complete()
-            super().prepare_tensors()
+            if not llama_types:
+                super().prepare_tensors()
+                return
+            add = self.gguf_writer.add_tensor
+
+            def add_tensor(name, tensor, *args, raw_dtype=None, **kw):
+                if name in llama_types and getattr(tensor, "dtype", None) in (np.float16, np.float32):
+                    tensor, raw_dtype = _llama_quantized(tensor, llama_types[name], gguf), \
+                        getattr(gguf.GGMLQuantizationType, llama_types[name])
+                return add(name, tensor, *args, raw_dtype=raw_dtype, **kw)
+
+            self.gguf_writer.add_tensor = add_tensor
+            try:
+                super().prepare_tensors()
+            finally:
+                del self.gguf_writer.add_tensor
 
         def write(self):
             """The converter's ``write`` without its progress bar (effqat prints one summary line)."""
@@ -290,6 +351,15 @@ def _exporter_class(base, arch: str, plan, rows: _Rows, other_keys, types: dict,
 
     Export.__name__ = Export.__qualname__ = f"Effqat{base.__name__}"
     return Export
+
+
+def _llama_quantized(data, qtype: str, gguf) -> np.ndarray:
+    """llama.cpp's quantization of a float tensor the converter hands the writer (numpy, rows last)."""
+    from effqat_plugin import llama_cpp_quants
+
+    a = np.asarray(data, dtype=np.float32)
+    raw = llama_cpp_quants.quantize_chunk(a.reshape(-1, a.shape[-1]), qtype)
+    return raw.reshape(*a.shape[:-1], raw.shape[-1])
 
 
 def convert_to_gguf(src, dst, *, bits=None, group_size=None, overwrite=False, dry_run=False,
@@ -314,24 +384,14 @@ def convert_to_gguf(src, dst, *, bits=None, group_size=None, overwrite=False, dr
     if dry_run:
         plan.folder.close()
         return report
-    rows = _Rows(plan)
+    rows = _Rows(FolderModules(plan))
     other = list(plan.other_keys) + [plan.key(m, "bias") for m, s in plan.specs.items() if s.has_bias]
     M = gguf.MODEL_TENSOR
     types = {M.TOKEN_EMBD: embedding_type if embedding_type != "f16" else None,
              M.OUTPUT: output_type if output_type != "f16" else None}
     written = {}
-    cls = _exporter_class(base, arch, plan, rows, other, types, gguf, written)
     try:
-        with atomic_file(dst, overwrite) as tmp, torch.inference_mode():
-            model = cls(src, gguf.LlamaFileType.MOSTLY_F16, tmp, hparams=hparams, eager=True,
-                        model_name=src.name)
-            try:
-                model.write()
-            except (NotImplementedError, QuantFormatError):   # effqat's own refusals, already one line
-                raise
-            except _CONVERTER_ERRORS as e:
-                raise NotImplementedError(f"llama.cpp's converter failed on {arch} ({type(e).__name__}: "
-                                          f"{e}); nothing was written") from None
+        write_gguf(src, dst, overwrite, arch, base, hparams, plan.folder, rows, other, types, written)
     finally:
         plan.folder.close()
     asked = {"token_embd.weight": embedding_type.upper(), "output.weight": output_type.upper()}
@@ -354,3 +414,21 @@ def convert_to_gguf(src, dst, *, bits=None, group_size=None, overwrite=False, dr
                    "files": [dst.name], "bytes_written": dst.stat().st_size,
                    "seconds": round(time.time() - t0, 3)})
     return report
+
+
+def write_gguf(src: Path, dst: Path, overwrite: bool, arch: str, base, hparams: dict, folder, rows: _Rows,
+               other_keys, types: dict, written: dict, llama_types: dict | None = None) -> None:
+    """Run llama.cpp's converter class ``base`` over ``folder``'s tensors and ``rows``' quantized
+    modules into ``dst`` (atomically); ``written`` receives every tensor's stored type."""
+    gguf, _ = _converter()
+    cls = _exporter_class(base, arch, folder, rows, other_keys, types, gguf, written, llama_types)
+    with atomic_file(dst, overwrite) as tmp, torch.inference_mode():
+        model = cls(src, gguf.LlamaFileType.MOSTLY_F16, tmp, hparams=hparams, eager=True,
+                    model_name=src.name)
+        try:
+            model.write()
+        except (NotImplementedError, QuantFormatError):   # effqat's own refusals, already one line
+            raise
+        except _CONVERTER_ERRORS as e:
+            raise NotImplementedError(f"llama.cpp's converter failed on {arch} ({type(e).__name__}: "
+                                      f"{e}); nothing was written") from None

@@ -459,21 +459,24 @@ class BlockAP:
         parameters. Neither the model nor the streams are modified."""
         cfg, rt = self.cfg, self.rt
         layer = copy.deepcopy(original).to(rt.device, torch.float32)
-        fq: Dict[str, FakeQuantLinear] = {}
+        imatrix = self._importance(index, layer, q_in, n_train)
+        fq: Dict[str, nn.Module] = {}
         for name in self.layout.names_in(index):
-            fq[name] = FakeQuantLinear(layer.get_submodule(name), cfg.bits, cfg.group_size,
-                                       sym=cfg.sym).to(rt.device)
+            fq[name] = self._trainable(index, name, layer.get_submodule(name), imatrix.get(name)).to(rt.device)
             set_submodule(layer, name, fq[name])
         quant_params = [p for m in fq.values() for p in m.quant_parameters()]
         quant_ids = {id(p) for p in quant_params}
         other_params = [p for p in layer.parameters() if id(p) not in quant_ids and p.is_floating_point()]
         for p in layer.parameters():
             p.requires_grad_(True)
-        opt = torch.optim.AdamW([
-            {"params": quant_params, "lr": quant_lr},
-            {"params": other_params, "lr": weight_lr},
-        ], weight_decay=cfg.block_weight_decay)
-        base_lrs = [quant_lr, weight_lr]
+        # fields of another scale than a uniform grid's step (GGUF K types) get their own relative rates
+        mult = {k: v for m in fq.values() for k, v in getattr(m, "lr_multipliers", dict)().items()}
+        groups = [([p], quant_lr * mult[id(p)]) for p in quant_params if id(p) in mult]
+        plain = [p for p in quant_params if id(p) not in mult]
+        groups = ([(plain, quant_lr)] if plain or not groups else []) + groups + [(other_params, weight_lr)]
+        opt = torch.optim.AdamW([{"params": ps, "lr": lr} for ps, lr in groups],
+                                weight_decay=cfg.block_weight_decay)
+        base_lrs = [lr for _, lr in groups]
         scaler = torch.amp.GradScaler(rt.device.type) if rt.needs_grad_scaler() else None
 
         bs = cfg.block_batch_size
@@ -531,6 +534,44 @@ class BlockAP:
         experts, idle = routed.experts()
         return _TrainedLayer(qweights=qweights, state=self._trained_state(index, layer), train_loss=train_loss,
                              best_epoch=best[2], steps=step, experts=experts, experts_without_tokens=idle)
+
+    def _trainable(self, index: int, name: str, linear: nn.Module, imatrix) -> nn.Module:
+        """Block-AP's fake-quantized form of one linear: effqat's uniform grid, or the llama.cpp block
+        type the run's GGUF preset gave this module (``gguf_weights.trainable``)."""
+        qtype = self.cfg.gguf_module_types.get(f"{self.layout.layer_name(index)}.{name}")
+        if qtype is None:
+            return FakeQuantLinear(linear, self.cfg.bits, self.cfg.group_size, sym=self.cfg.sym)
+        from .gguf_weights import trainable
+
+        return trainable(linear, qtype, imatrix)
+
+    @torch.no_grad()
+    def _importance(self, index: int, layer: nn.Module, q_in: torch.Tensor, n_train: int) -> Dict[str, torch.Tensor]:
+        """Per GGUF-typed linear of layer ``index``: the mean square of each input column over the
+        training samples of the quant stream (what ``llama-imatrix`` collects, on the inputs the
+        quantized layer really gets), for llama.cpp's fit at initialization. Empty for uniform runs."""
+        prefix = self.layout.layer_name(index)
+        names = [n for n in self.layout.names_in(index) if f"{prefix}.{n}" in self.cfg.gguf_module_types]
+        if not names or not self.cfg.gguf_imatrix:
+            return {}
+        sums = {n: torch.zeros(layer.get_submodule(n).in_features, dtype=torch.float64) for n in names}
+        rows = dict.fromkeys(names, 0)
+
+        def hook(name):
+            def collect(_module, args):
+                x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+                sums[name] += (x * x).sum(0).cpu()
+                rows[name] += x.shape[0]
+            return collect
+
+        handles = [layer.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
+        try:
+            for _, _, x in batches_to_device(q_in, self.cfg.block_batch_size, self.rt.device, stop=n_train):
+                self._forward(index, layer, x)
+        finally:
+            for h in handles:
+                h.remove()
+        return {n: (sums[n] / max(rows[n], 1)).float() for n in names}
 
     def _trained_state(self, index: int, layer: nn.Module) -> Dict[str, torch.Tensor]:
         """The trained parameters outside the quantized linears (norms, other biases), fp32 on CPU."""

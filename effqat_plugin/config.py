@@ -31,7 +31,7 @@ from gptqmodel.quantization.config import FORMAT, METHOD, BaseQuantizeConfig
 from . import lr_rules
 from .qweight import SUPPORTED_BITS
 
-SAVE_FORMATS = ("gptq", "gptq_v2", "eqat", "bitblas", "compressed-tensors")
+SAVE_FORMATS = ("gptq", "gptq_v2", "eqat", "bitblas", "compressed-tensors", "gguf")
 
 
 @dataclass
@@ -86,6 +86,14 @@ class EQATConfig(BaseQuantizeConfig):
     # Block-AP trains on those self-generated samples too (besides the calibration's training split):
     # SmolLM2 w2g64 49.1 -> 42.6 wikitext-2 test ppl, KJV 99.8 -> 70.2 (eqat_run.with_self_generated)
     block_self_generated: bool = True
+
+    # GGUF (save_format "gguf", `effqat quantize ... --format gguf --gguf-type`): the llama.cpp preset
+    # (``gguf_presets``), and the block type of every quantized linear it gives (resolved by the run,
+    # full module names); those linears train on llama.cpp's grids (``gguf_weights``) instead of the
+    # uniform one. gguf_imatrix: llama.cpp's initial fit is weighted by the layer's input statistics.
+    gguf_type: Optional[str] = None
+    gguf_module_types: Dict[str, str] = field(default_factory=dict)
+    gguf_imatrix: bool = True
 
     # learning-rate defaults (see module docstring)
     lr_preset: str = "auto"  # "auto" | "paper"
@@ -176,6 +184,9 @@ class EQATConfig(BaseQuantizeConfig):
         out.update(bits=self.bits, group_size=self.group_size, sym=bool(self.sym), self_generated=self.self_generated,
                    lr_preset=self.lr_preset,
                    max_lr_scale=self.max_lr_scale, seed=self.seed, save_format=self.save_format)
+        if self.gguf_type:   # (uniform runs keep the settings, and resume fingerprints, they had)
+            out.update(gguf_type=self.gguf_type, gguf_imatrix=bool(self.gguf_imatrix),
+                       gguf_module_types=dict(sorted(self.gguf_module_types.items())))
         return out
 
 

@@ -117,11 +117,32 @@ def quantized_modules(model: nn.Module):
     return [m for m in model.modules() if isinstance(m, PackedQuantLinear)]
 
 
+def kgrid_modules(model: nn.Module):
+    """Linears on a llama.cpp K grid (GGUF runs): their trainable step sizes are d and dmin."""
+    from .gguf_weights import KGridLinear
+
+    return [m for m in model.modules() if isinstance(m, KGridLinear)]
+
+
+def optimizer_groups(model: nn.Module, params: List[nn.Parameter]) -> List[dict]:
+    """AdamW groups of ``params``, each with its ``lr_mult`` of the run's rate: 1 for uniform step
+    sizes, the relative rates of ``gguf_weights`` for K-grid scales."""
+    mult = {k: v for m in kgrid_modules(model) for k, v in m.lr_multipliers().items()}
+    plain = [p for p in params if id(p) not in mult]
+    groups = [{"params": plain, "lr_mult": 1.0}] if plain else []
+    return groups + [{"params": [p], "lr_mult": mult[id(p)]} for p in params if id(p) in mult]
+
+
 def trainable_step_sizes(model: nn.Module, train_zeros: bool) -> List[nn.Parameter]:
-    """Freeze everything but the step sizes (and zero points when asked) of the packed linears."""
+    """Freeze everything but the step sizes (and zero points when asked) of the packed linears, and
+    the fp16 super-block scales of K-grid linears."""
     for p in model.parameters():
         p.requires_grad_(False)
     params = []
+    for m in kgrid_modules(model):
+        for p in m.step_parameters():
+            p.requires_grad_(True)
+            params.append(p)
     for m in quantized_modules(model):
         m.scales.requires_grad_(True)
         params.append(m.scales)
@@ -432,12 +453,14 @@ class E2EQP:
         with warnings.catch_warnings():  # torch 2.14 DDP: broadcast_buffers=False is what we mean (no init sync)
             warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
             if opts.fsdp:
+                if kgrid_modules(model):
+                    raise NotImplementedError("E2E-QP with FSDP does not train K-grid (GGUF) scales; run without --fsdp")
                 wrapped = acc.prepare(model)
                 params = [p for p in wrapped.parameters() if p.requires_grad]
                 optimizer = torch.optim.AdamW(params, lr=1.0, weight_decay=0.0)
                 optimizer, loader = acc.prepare(optimizer, loader)
             else:
-                optimizer = torch.optim.AdamW(params, lr=1.0, weight_decay=0.0)
+                optimizer = torch.optim.AdamW(optimizer_groups(model, params), lr=1.0, weight_decay=0.0)
                 wrapped, optimizer, loader = acc.prepare(model, optimizer, loader)
         unwrapped = acc.unwrap_model(wrapped)
 
@@ -498,7 +521,7 @@ class E2EQP:
                         break
                     torch.manual_seed(cfg.seed + step)  # dropout (if any) reproducible across resumes
                     for group in optimizer.param_groups:
-                        group["lr"] = lr * warmup_cosine(step, total, warmup)
+                        group["lr"] = lr * group.get("lr_mult", 1.0) * warmup_cosine(step, total, warmup)
                     local = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
                     n_items = acc.reduce(torch.tensor(local, device=acc.device, dtype=torch.int64), "sum")
                     n_items = n_items.clamp(min=1).to(torch.float32)

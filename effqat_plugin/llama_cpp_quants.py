@@ -29,12 +29,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .quantizer import KGRIDS, KGridParams, check_kgrid_width
+from .quantizer import KGRIDS, KGridParams
 
-# ggml's enum ggml_type (ggml.h); the same numbers as gguf.GGMLQuantizationType
-GGML_TYPE = {"Q2_K": 10, "Q3_K": 11, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
+# ggml's enum ggml_type (ggml.h); the same numbers as gguf.GGMLQuantizationType. The K types are the
+# grids a run trains; the 32-wide types are llama.cpp's fallbacks for rows a K type cannot hold and its
+# choices for some tensors of a preset (``gguf_presets``); they go through this quantizer as they are.
+K_TYPES = {"Q2_K": 10, "Q3_K": 11, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
+BLOCK32_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "IQ4_NL": 20}
+GGML_TYPE = {**K_TYPES, **BLOCK32_TYPES}
 SYMBOL = "ggml_quantize_chunk"
-DEQUANTIZE_SYMBOL = {t: f"dequantize_row_q{t[1]}_K" for t in GGML_TYPE}   # Q2_K -> dequantize_row_q2_K
+DEQUANTIZE_SYMBOL = {t: f"dequantize_row_q{t[1]}_K" for t in K_TYPES}   # Q2_K -> dequantize_row_q2_K
 LIBRARY = "libggml-base.so"
 
 _lib = None
@@ -74,7 +78,9 @@ def _load():
         rs = lib.ggml_row_size
         rs.restype = ctypes.c_size_t
         rs.argtypes = [ctypes.c_int, ctypes.c_int64]
-        for qtype in GGML_TYPE:
+        lib.ggml_quantize_init.restype = None
+        lib.ggml_quantize_init.argtypes = [ctypes.c_int]
+        for qtype in K_TYPES:
             deq = getattr(lib, DEQUANTIZE_SYMBOL[qtype])
             deq.restype = None
             deq.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
@@ -85,16 +91,19 @@ def _load():
 def quantize_chunk(w, qtype: str, imatrix=None) -> np.ndarray:
     """llama.cpp's quantization of a float32 ``[rows, n_per_row]`` matrix (rows along in_features)
     as ``qtype``, with an optional importance matrix ``[n_per_row]`` (llama-imatrix's per-column
-    weights): uint8 ``[rows, row bytes]``, the bytes ``llama-quantize`` writes for that tensor."""
+    weights): uint8 ``[rows, row bytes]``, the bytes ``llama-quantize`` writes for that tensor.
+    ``qtype``: a K type or one of the 32-wide types (``BLOCK32_TYPES``)."""
     if qtype not in GGML_TYPE:
-        raise ValueError(f"unknown K type {qtype!r}; one of {', '.join(GGML_TYPE)}")
+        raise ValueError(f"unknown block type {qtype!r}; one of {', '.join(GGML_TYPE)}")
     if isinstance(w, torch.Tensor):
         w = w.detach().cpu().float().numpy()
     w = np.ascontiguousarray(w, dtype=np.float32)
     if w.ndim != 2:
         raise ValueError(f"expected a [rows, n_per_row] matrix, got shape {list(w.shape)}")
     rows, n = w.shape
-    check_kgrid_width(n, qtype)    # ggml would abort the process on a ragged row; refuse here
+    block = 256 if qtype in K_TYPES else 32
+    if n <= 0 or n % block:   # ggml would abort the process on a ragged row; refuse here
+        raise ValueError(f"{qtype} needs rows that are a multiple of {block} long (in_features), got {n}")
     imp = None
     if imatrix is not None:
         if isinstance(imatrix, torch.Tensor):
@@ -106,6 +115,7 @@ def quantize_chunk(w, qtype: str, imatrix=None) -> np.ndarray:
             raise ValueError("the importance matrix must be finite and non-negative")
     lib = _load()
     t = GGML_TYPE[qtype]
+    lib.ggml_quantize_init(t)   # IQ4_NL's tables (a no-op for the other types, and after the first call)
     row_bytes = lib.ggml_row_size(t, n)
     dst = np.empty((rows, row_bytes), dtype=np.uint8)
     if rows:
@@ -119,8 +129,9 @@ def quantize_chunk(w, qtype: str, imatrix=None) -> np.ndarray:
 def dequantize(raw: np.ndarray, qtype: str) -> np.ndarray:
     """ggml's own C dequantizer (``dequantize_row_q*_K``, the one llama.cpp's CPU backend uses to
     widen these blocks) of uint8 ``[rows, row bytes]``: float32 ``[rows, row bytes / size * 256]``."""
-    if qtype not in GGML_TYPE:
-        raise ValueError(f"unknown K type {qtype!r}; one of {', '.join(GGML_TYPE)}")
+    if qtype not in K_TYPES:
+        raise ValueError(f"ggml's C dequantizer is bound for the K types only ({', '.join(K_TYPES)}), "
+                         f"not {qtype!r}; gguf.quants.dequantize decodes every type")
     lib = _load()
     raw = np.ascontiguousarray(raw, dtype=np.uint8)
     size = lib.ggml_row_size(GGML_TYPE[qtype], 256)
@@ -136,5 +147,6 @@ def llama_cpp_fit(w, qtype: str, imatrix=None) -> KGridParams:
     """llama.cpp's fit of ``w`` on ``qtype``'s grid, as the fields a K-grid run starts from."""
     from effqat_plugin.converters.gguf_kblocks import decode
 
-    assert qtype in KGRIDS
+    if qtype not in KGRIDS:
+        raise ValueError(f"{qtype} is not a K type; llama_cpp_fit gives the fields of {', '.join(KGRIDS)}")
     return decode(quantize_chunk(w, qtype, imatrix), qtype)

@@ -67,12 +67,17 @@ def _empty_model(config, dtype):
 
 
 def install_packed_linears(hf_model: nn.Module, qweights, train_zeros: bool, device) -> None:
-    """Swap each quantized nn.Linear for a PackedQuantLinear holding its learned integers."""
+    """Swap each quantized nn.Linear for a PackedQuantLinear holding its learned integers (or, for a
+    weight on a llama.cpp block type, its E2E-QP module: ``gguf_weights.e2e_module``)."""
+    from .gguf_weights import e2e_module, is_gguf_weight
     from .kernels import PackedQuantLinear
     from .layout import set_submodule
 
     for name, qw in qweights.items():
-        module = PackedQuantLinear.from_quantized_weight(qw, train_zeros=train_zeros)
+        if is_gguf_weight(qw):
+            module = e2e_module(qw)
+        else:
+            module = PackedQuantLinear.from_quantized_weight(qw, train_zeros=train_zeros)
         set_submodule(hf_model, name, module.to(device))
 
 

@@ -53,7 +53,7 @@ def block_lrs(bits: int, preset: str, max_scale: float, train_tokens: int,
     if preset == "auto":
         k = lr_scale(train_tokens, PAPER_BLOCK_TOKENS, max_scale) if scale is None else float(scale)
         q, w = q * step_size_scale(k, bits), w * k
-    return quant_lr or q, weight_lr or w
+    return (q if quant_lr is None else quant_lr), (w if weight_lr is None else weight_lr)   # 0 = frozen
 
 
 def e2e_lr(bits: int, preset: str, max_scale: float, train_tokens: int, lr: Optional[float] = None,

@@ -238,14 +238,24 @@ class KGridParams:
     q: torch.Tensor
     dmin: torch.Tensor | None = None
     m: torch.Tensor | None = None
+    bias: torch.Tensor | None = None   # the linear's bias (not part of the grid; F32 in GGUF)
 
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.q.shape)
 
-    def dequantize(self) -> torch.Tensor:
-        """The float32 weights ``[out, in]``, exactly as ggml decodes the blocks."""
-        return kgrid_dequantize(self.q, self.sc, self.d, self.qtype, self.m, self.dmin)
+    @property
+    def out_features(self) -> int:
+        return int(self.q.shape[0])
+
+    @property
+    def in_features(self) -> int:
+        return int(self.q.shape[1])
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weights ``[out, in]``, exactly as ggml decodes the blocks (float32, then ``dtype``)."""
+        with torch.no_grad():
+            return kgrid_dequantize(self.q, self.sc, self.d, self.qtype, self.m, self.dmin).to(dtype)
 
 
 class _Fp16RoundSTE(torch.autograd.Function):
@@ -388,8 +398,11 @@ class KGridFakeQuantLinear(nn.Module):
     def quant_parameters(self):
         return [p for p in (self.d, self.dmin, self.sc, self.m) if p is not None]
 
-    def freeze(self) -> KGridParams:
-        return kgrid_freeze(self.weight, self.d, self.sc, self.qtype, self.dmin, self.m)
+    def freeze(self, scales_dtype=None) -> KGridParams:
+        """The frozen fields (``scales_dtype`` is ignored: d and dmin are fp16 by the type's definition)."""
+        p = kgrid_freeze(self.weight, self.d, self.sc, self.qtype, self.dmin, self.m)
+        p.bias = None if self.bias is None else self.bias.detach().clone()
+        return p
 
 
 class KGridFrozenWeight(nn.Module):
@@ -409,8 +422,22 @@ class KGridFrozenWeight(nn.Module):
     def forward(self) -> torch.Tensor:
         return kgrid_dequantize(self.q, self.sc, self.d, self.qtype, self.m, self.dmin)
 
+    def step_parameters(self):
+        """What E2E-QP trains: the fp16 super-block scales d (and dmin)."""
+        return [p for p in (self.d, self.dmin) if p is not None]
+
     @torch.no_grad()
     def to_params(self) -> KGridParams:
         dmin = None if self.dmin is None else fp16_ste(self.dmin).half()
         m = None if self.m is None else self.m.clone()
         return KGridParams(self.qtype, fp16_ste(self.d).half(), self.sc.clone(), self.q.clone(), dmin, m)
+
+
+def roundtrip_ste(w: torch.Tensor, roundtrip) -> torch.Tensor:
+    """``roundtrip(w)`` (a quantize-dequantize of ``w`` by an outside quantizer, e.g. llama.cpp's for its
+    32-wide and non-uniform types) in the forward pass, identity gradient to ``w`` in the backward pass:
+    the weights train against the exact grid they will be stored on, while the grid's scales are that
+    quantizer's own fit of the current weights (they have no gradient)."""
+    with torch.no_grad():
+        w_hat = roundtrip(w.detach()).to(w.dtype)
+    return (w_hat - w).detach() + w

@@ -78,12 +78,10 @@ class LayerStore:
     def save(self, index: int, qweights: Dict[str, QuantizedWeight], state: Dict[str, torch.Tensor], report) -> None:
         tensors, layout = {}, {}
         for name, qw in qweights.items():
-            tensors[f"q.{name}.int_weight"] = qw.int_weight.contiguous()
-            tensors[f"q.{name}.zeros"] = qw.zeros.contiguous()
-            tensors[f"q.{name}.scales"] = qw.scales.contiguous()
+            fields, layout[name] = _frozen_fields(qw)
+            tensors.update({f"q.{name}.{k}": v.contiguous() for k, v in fields.items() if v is not None})
             if qw.bias is not None:
                 tensors[f"q.{name}.bias"] = qw.bias.contiguous()
-            layout[name] = {"bits": qw.bits, "group_size": qw.group_size}
         for key, value in state.items():
             tensors[f"s.{key}"] = value.contiguous()
         meta = {"report": json.dumps(asdict(report)), "layout": json.dumps(layout)}
@@ -100,12 +98,9 @@ class LayerStore:
             meta = f.metadata()
             tensors = {k: f.get_tensor(k) for k in f.keys()}
         layout = json.loads(meta["layout"])
-        qweights = {}
-        for name, spec in layout.items():
-            qweights[name] = QuantizedWeight(
-                int_weight=tensors[f"q.{name}.int_weight"], zeros=tensors[f"q.{name}.zeros"],
-                scales=tensors[f"q.{name}.scales"], bits=spec["bits"], group_size=spec["group_size"],
-                bias=tensors.get(f"q.{name}.bias"))
+        qweights = {name: _frozen_from({k[len(name) + 3:]: v for k, v in tensors.items()
+                                        if k.startswith(f"q.{name}.")}, spec)
+                    for name, spec in layout.items()}
         state = {k[2:]: v for k, v in tensors.items() if k.startswith("s.")}
         return SavedLayer(qweights=qweights, state=state, report=LayerReport(**json.loads(meta["report"])))
 
@@ -132,7 +127,40 @@ class LayerStore:
             keys = set(f.keys())
             out = {}
             for name, spec in layout.items():
+                if "gguf" in spec:   # a llama.cpp block type: no uniform-grid shapes
+                    out[name] = dict(spec, has_bias=f"q.{name}.bias" in keys)
+                    continue
                 out[name] = dict(spec, weight_shape=tuple(f.get_slice(f"q.{name}.int_weight").get_shape()),
                                  zeros_shape=tuple(f.get_slice(f"q.{name}.zeros").get_shape()),
                                  has_bias=f"q.{name}.bias" in keys)
         return out
+
+
+# the frozen forms a layer file holds: effqat's uniform grid (QuantizedWeight), a llama.cpp K grid
+# (KGridParams: q, sc, m int8; d, dmin fp16) or llama.cpp's own rows of a 32-wide type (BlockRows)
+_KGRID_FIELDS = ("q", "sc", "d", "dmin", "m")
+
+
+def _frozen_fields(qw):
+    """(tensors, layout entry) of one frozen weight."""
+    from .gguf_weights import BlockRows
+    from .quantizer import KGridParams
+
+    if isinstance(qw, KGridParams):
+        return {k: getattr(qw, k) for k in _KGRID_FIELDS}, {"gguf": qw.qtype, "kind": "kgrid"}
+    if isinstance(qw, BlockRows):
+        return {"rows": qw.data}, {"gguf": qw.qtype, "kind": "rows", "in_features": qw.in_features}
+    return ({"int_weight": qw.int_weight, "zeros": qw.zeros, "scales": qw.scales},
+            {"bits": qw.bits, "group_size": qw.group_size})
+
+
+def _frozen_from(t: Dict[str, torch.Tensor], spec: dict):
+    from .gguf_weights import BlockRows
+    from .quantizer import KGridParams
+
+    if spec.get("kind") == "kgrid":
+        return KGridParams(spec["gguf"], t["d"], t["sc"], t["q"], t.get("dmin"), t.get("m"), bias=t.get("bias"))
+    if spec.get("kind") == "rows":
+        return BlockRows(spec["gguf"], t["rows"], spec["in_features"], bias=t.get("bias"))
+    return QuantizedWeight(int_weight=t["int_weight"], zeros=t["zeros"], scales=t["scales"], bits=spec["bits"],
+                           group_size=spec["group_size"], bias=t.get("bias"))

@@ -51,10 +51,18 @@ class StreamedQuantization:
                  show_progress: bool = True):
         self.cfg, self.work_dir, self.tokenizer, self.show_progress = cfg, work_dir, tokenizer, show_progress
         self.rt = resolve_runtime(cfg.compute_device, cfg.amp_dtype)
+        self.model_dir = model_dir
         self.sm = StreamedModel(model_dir)
         self.model = self.sm.model
         self.layout = resolve_layout(self.model, definition_for(self.model.config.model_type), cfg)
         self.result: Optional[EQATResult] = None
+        self.gguf_plan = None
+        if cfg.save_format == "gguf":   # every linear's llama.cpp block type, before anything trains
+            from .gguf_run import describe, plan_types
+
+            self.gguf_plan = plan_types(model_dir, self.model, self.quantized_names, cfg.gguf_type)
+            cfg.gguf_module_types = dict(self.gguf_plan.modules)
+            log.info("GGUF %s: %s", cfg.gguf_type, describe(self.gguf_plan))
 
     @property
     def quantized_names(self) -> list:
@@ -148,6 +156,9 @@ class StreamedQuantization:
         from .converters.incremental import spec_from_shapes
 
         store = LayerStore.reopen(self.work_dir)
+        if self.gguf_plan is not None:
+            self.result.seconds = time.time() - self._t0
+            return self._write_gguf(out_dir, overwrite, self._items(store))
         specs = {}
         for index in range(len(self.layout.layers)):
             for name, s in store.module_shapes(index).items():
@@ -155,6 +166,14 @@ class StreamedQuantization:
                                                s["zeros_shape"], s["has_bias"])
         self.result.seconds = time.time() - self._t0
         return self._write(out_dir, fmt, overwrite, max_shard_size, specs, self._items(store))
+
+    def _write_gguf(self, out_path: str, overwrite: bool, items) -> dict:
+        from .gguf_run import write_gguf_file
+
+        report = write_gguf_file(out_path, self.model_dir, self.model, self.tokenizer, self.result.source_dtype,
+                                 items, self.gguf_plan, overwrite=overwrite)
+        log.info("saved GGUF %s to %s", self.cfg.gguf_type, out_path)
+        return report
 
     def _write(self, out_dir, fmt, overwrite, max_shard_size, specs, items) -> dict:
         from .converters.incremental import save_quantized_stream
@@ -226,6 +245,8 @@ class StreamedQuantization:
         e2e = self.result.e2e
         log.info("EQAT done in %.1fs%s", self.result.seconds, "" if e2e is None or e2e.val_loss_after is None
                  else f", val ppl {math.exp(e2e.val_loss_after):.2f}")
+        if self.gguf_plan is not None:
+            return self._write_gguf(out_dir, overwrite, self._packed_items(model))
         return self._write(out_dir, fmt, overwrite, max_shard_size, self._packed_specs(model),
                            self._packed_items(model))
 
@@ -248,7 +269,11 @@ class StreamedQuantization:
         names = self.quantized_names
         yield from non_quantized_tensors(model, names, self.result.source_dtype).items()
         for name in names:
-            yield name, collect_qweights(model, [name])[name]
+            module = model.get_submodule(name)
+            if hasattr(module, "to_frozen"):   # a llama.cpp block type (gguf_weights)
+                yield name, module.to_frozen()
+            else:
+                yield name, collect_qweights(model, [name])[name]
 
 
 class InMemoryQuantization:

@@ -282,9 +282,26 @@ def test_quantize_chunk_checks_its_inputs():
     w = torch.randn(4, 256, generator=torch.Generator().manual_seed(5))
     with pytest.raises(ValueError, match="importance matrix has 255"):
         llama_cpp_quants.quantize_chunk(w, "Q4_K", torch.ones(255))
-    with pytest.raises(ValueError, match="unknown K type"):
-        llama_cpp_quants.quantize_chunk(w, "Q4_0")
+    with pytest.raises(ValueError, match="unknown block type"):
+        llama_cpp_quants.quantize_chunk(w, "Q3_0")
+    with pytest.raises(ValueError, match="multiple of 256"):
+        llama_cpp_quants.quantize_chunk(w[:, :224], "Q4_K")
+    with pytest.raises(ValueError, match="multiple of 32"):
+        llama_cpp_quants.quantize_chunk(w[:, :48], "IQ4_NL")
     assert llama_cpp_quants.quantize_chunk(w[:0], "Q6_K").shape == (0, 210)
+
+
+@pytest.mark.parametrize("qtype", sorted(llama_cpp_quants.BLOCK32_TYPES))
+def test_fallback_types_quantize_as_gguf_decodes_them(qtype):
+    """The 32-wide types: llama.cpp's bytes, sized as gguf says, decode (gguf.quants) close to the input."""
+    w = torch.randn(3, 96, generator=torch.Generator().manual_seed(7))
+    raw = llama_cpp_quants.quantize_chunk(w, qtype)
+    t = getattr(gguf.GGMLQuantizationType, qtype)
+    block, size = gguf.GGML_QUANT_SIZES[t]
+    assert raw.shape == (3, 96 // block * size)
+    back = gguf.quants.dequantize(raw, t)
+    assert back.shape == (3, 96)
+    assert np.abs(back - w.numpy()).max() < 0.35 * np.abs(w.numpy()).max()
 
 
 # --- gradients -------------------------------------------------------------------------------------

@@ -18,9 +18,17 @@ def add_parser(sub) -> None:
     p.add_argument("model_dir", help="fp16/fp32 HF model folder or hub id")
     p.add_argument("out_dir", help="output folder (must not exist unless --overwrite)")
     p.add_argument("--format", dest="save_format", default="gptq",
-                   choices=["gptq", "gptq_v2", "eqat", "bitblas", "compressed-tensors"],
+                   choices=["gptq", "gptq_v2", "eqat", "bitblas", "compressed-tensors", "gguf"],
                    help="checkpoint layout; compressed-tensors (pack-quantized, asymmetric group) is what vLLM "
-                        "serves asymmetric weights from, and needs every in_features a multiple of --group-size")
+                        "serves asymmetric weights from, and needs every in_features a multiple of --group-size; "
+                        "gguf: one llama.cpp file (OUT ends in .gguf) trained on llama.cpp's own block types "
+                        "(--gguf-type; --bits / --group-size do not apply)")
+    p.add_argument("--gguf-type", default=None, metavar="PRESET",
+                   help="--format gguf: llama.cpp's preset (Q2_K, Q3_K_S, Q3_K_M, Q4_K_S, Q4_K_M, Q5_K_M, Q6_K); "
+                        "each tensor gets the type llama-quantize gives it (README: llama.cpp presets)")
+    p.add_argument("--no-gguf-imatrix", dest="gguf_imatrix", action="store_false",
+                   help="--format gguf: start from llama.cpp's fit without the layer's importance matrix (then an "
+                        "untrained run is exactly llama-quantize without --imatrix)")
     add_training_arguments(p)
     p.add_argument("--e2e-data", metavar="FILE", default=None,
                    help="E2E-QP trains on this file (same formats as --calib, --seq-len tokens per sample, "
@@ -136,12 +144,35 @@ def add_lr_search_argument(p) -> None:
                         "the lowest held-out loss picks the rates of every layer ('off' = always the full raise)")
 
 
+def gguf_settings(args, save_format: str) -> dict:
+    """``--format gguf``'s config fields: the preset, and the bit width the lr rules use for it
+    (its main type's: Q2_K 2, Q3_K 3, Q4_K and wider 4). Checked before any model is loaded."""
+    preset = getattr(args, "gguf_type", None)
+    if save_format != "gguf":
+        if preset:
+            raise ValueError("--gguf-type applies to --format gguf only")
+        return {}
+    from effqat_plugin.gguf_presets import PRESETS
+
+    if not preset:
+        raise ValueError(f"--format gguf needs --gguf-type, one of {', '.join(PRESETS)}")
+    preset = preset.upper()
+    if preset not in PRESETS:
+        raise ValueError(f"--gguf-type {args.gguf_type}: not a preset effqat trains; use one of {', '.join(PRESETS)}")
+    if args.sym:
+        raise ValueError("--sym does not apply to --format gguf (each llama.cpp type fixes its own grid)")
+    return {"gguf_type": preset, "gguf_imatrix": bool(getattr(args, "gguf_imatrix", True)),
+            "bits": min(int(preset[1]), 4)}
+
+
 def config_from_args(args, save_format: str, e2e_epochs: int | None = None, kernel_backend: str | None = None):
     """The EQATConfig of the training arguments (``add_training_arguments``); validates bits / group."""
     from effqat_plugin import EQATConfig
 
+    gguf = gguf_settings(args, save_format)
     return EQATConfig(
-        bits=args.bits, group_size=args.group_size, sym=args.sym, save_format=save_format,
+        bits=gguf.pop("bits", args.bits), group_size=args.group_size, sym=args.sym, save_format=save_format,
+        **gguf,
         block_epochs=args.block_epochs, block_batch_size=args.block_batch_size,
         block_quant_lr=args.block_quant_lr, block_weight_lr=args.block_weight_lr,
         block_early_stop=args.block_early_stop, block_lr_search=args.block_lr_search,
@@ -184,6 +215,14 @@ def run(args) -> int:
     if args.e2e_data and not os.path.isfile(args.e2e_data):
         raise FileNotFoundError(f"E2E-QP data file not found: {args.e2e_data}")
     cfg = config_from_args(args, args.save_format, kernel_backend=args.kernel)  # before the model is loaded
+    if cfg.save_format == "gguf":
+        from pathlib import Path
+
+        from effqat_plugin.converters.gguf_export import check_gguf_destination
+
+        check_gguf_destination(Path(local_model_dir(args.model_dir)), Path(args.out_dir), args.overwrite)
+        if args.in_memory:
+            raise ValueError("--format gguf runs streamed; drop --in-memory")
     sample_file = None
     if args.self_generated_from:  # checked against the model's config before anything is loaded
         from effqat_plugin.self_generated import checked_file
@@ -208,6 +247,9 @@ def run(args) -> int:
     e2e = summary["eqat"]["e2e_qp"]
     line = {"out_dir": args.out_dir, "format": args.save_format, "bits": args.bits, "group_size": args.group_size,
             "sym": bool(args.sym), "calibration": list(ids.shape)}
+    if cfg.save_format == "gguf":
+        line = {"out_dir": args.out_dir, "format": "gguf", "gguf_type": cfg.gguf_type,
+                "calibration": list(ids.shape)}
     cal = summary["eqat"]["calibration"]   # what E2E-QP really trained on, as recorded by the run
     if cfg.e2e_epochs > 0 and (e2e_ids is not None or cal["self_generated"]):
         line["e2e_data"] = [cal["e2e_samples"], cal["e2e_seq_len"]]
@@ -229,7 +271,7 @@ def check_writable(run, cfg) -> None:
     rules (``converters.convert.decide``), so hours of Block-AP never end in a refused save. Runs on
     the streamed path, whose linears are known up front (on the meta device)."""
     names = getattr(run, "quantized_names", None)
-    if not names:
+    if not names or cfg.save_format == "gguf":   # a GGUF run's types were planned when it was set up
         return
     from effqat_plugin.converters.convert import decide
     from effqat_plugin.converters.registry import ModuleSpec, get_format
