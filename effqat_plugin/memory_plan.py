@@ -39,9 +39,9 @@ LAYER_TRAIN_BYTES = 22
 
 # Rough rates for the sampling-time estimate (bytes/s read per decoding step, FLOP/s), per device.
 # CPU: scripts/bench_sampling.py on the 2-core development machine, one thread, a 121M-parameter
-# random Llama in fp32, 16 x 128 tokens: whole 13.1 s (38 GFLOP/s, or 4.8 GB/s of weights read per
-# step), offloaded with 164 of 486 MB resident 25.2 s (3.4 GB/s for the offloaded part, from the page
-# cache; a cold disk is slower, hence 2). CUDA: conservative fractions of an H100-class card's HBM
+# random Llama in fp32, 16 x 128 tokens, least loaded run: whole 13.1 s (38 GFLOP/s, or 4.8 GB/s of
+# weights read per step), offloaded with 164 of 486 MB resident 25.2 s (3.4 GB/s for the offloaded
+# part, from the page cache; a cold disk is slower, hence 2); 2-3x slower when the machine is busy. CUDA: conservative fractions of an H100-class card's HBM
 # bandwidth and bf16 throughput, PCIe for host-offloaded layers. Not measured on CUDA.
 SAMPLE_RATES = {"cpu": {"flops": 30e9, "resident_bw": 5e9, "offload_bw": 2e9},
                 "cuda": {"flops": 100e12, "resident_bw": 1.5e12, "offload_bw": 12e9}}
