@@ -52,10 +52,10 @@ class EQATResult:
                             "e2e_samples": self.extra.get("e2e_samples"), "e2e_seq_len": self.extra.get("e2e_seq_len"),
                             "self_generated": self.extra.get("self_generated", 0),
                             "block_ap_samples": self.extra.get("block_ap_samples", self.n_train),
-                            # where the self-generated samples came from (file + sha256, or sampler dtype and
-                            # placement), and why the default's samples are missing when they are
-                            **{k: self.extra[k] for k in ("self_generated_source", "self_generated_skipped")
-                               if k in self.extra}},
+                            # where sampled calibration / self-generated samples came from (file + sha256, or
+                            # sampler dtype and placement), and why the default's samples are missing if they are
+                            **{k: self.extra[k] for k in ("calibration_source", "self_generated_source",
+                                                          "self_generated_skipped") if k in self.extra}},
             "block_ap": {
                 "quant_lr": self.block_ap.quant_lr,
                 "weight_lr": self.block_ap.weight_lr,

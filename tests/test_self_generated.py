@@ -135,6 +135,18 @@ def test_skipped_samples_warn_in_the_line_meta_and_card(tmp_path, stories260k_di
     assert "| self-generated samples | none: --self-generated 0 was given |" in card and "49.1" in card
 
 
+def test_sampled_calibration_records_its_sampler(tmp_path, stories260k_dir, capsys):
+    """No --calib: the calibration is drawn by the same sampler (seed, not seed + 2), its dtype and
+    placement recorded; nothing is missing, so no warning."""
+    out = tmp_path / "s"
+    assert main(["quantize", str(stories260k_dir), str(out), "--bits", "2", "--e2e-epochs", "0", "--n-samples", "8",
+                 "--seq-len", "16", "--block-epochs", "1", "--device", "cpu", "--quiet"]) == 0
+    assert "warning" not in json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    cal = json.loads((out / "quantize_config.json").read_text())["meta"]["eqat"]["calibration"]
+    assert cal["calibration_source"]["dtype"] == "float32" and cal["calibration_source"]["seed"] == 0
+    assert cal["calibration_source"]["placement"] == "whole" and "self_generated_skipped" not in cal
+
+
 def test_auto_says_why_when_the_model_fits_nowhere(monkeypatch, tmp_path, stories260k_dir):
     """auto: when the model fits neither in the memory allowed nor on disk for the offload, nothing is
     drawn, and the reason is kept for the warning (no silent fallback)."""

@@ -199,6 +199,8 @@ def train(run, args, cfg, model_dir: str, ids, e2e_ids=None, offload_dir=None, s
     if extra.skipped:
         logging.getLogger("effqat").warning(extra.warning())
     run.block_ap(ids, offload_dir=offload_dir, e2e_data=e2e_ids, self_generated=extra.ids)
+    if getattr(run, "calibration_source", None):
+        run.result.extra["calibration_source"] = run.calibration_source
     if extra.record:
         run.result.extra["self_generated_source"] = extra.record
     if extra.skipped:
@@ -323,8 +325,9 @@ def streamed_quantization(model_dir, cfg, work_dir, calib, n_samples, seq_len, s
         placement = model_sampler.plan_placement(model_dir, n_samples, seq_len, device, sample_dtype)
         logging.getLogger("effqat").info("no --calib: sampling the calibration from the model itself")
         loaded = run.model if in_memory and model_sampler.matches(run.model, placement) else None
-        ids = model_sampler.draw(model_dir, n_samples, seq_len, seed, placement, loaded=loaded,
-                                 offload_root=os.path.dirname(os.path.abspath(work_dir)))[0]
+        ids, record = model_sampler.draw(model_dir, n_samples, seq_len, seed, placement, loaded=loaded,
+                                         offload_root=os.path.dirname(os.path.abspath(work_dir)))
+        run.calibration_source = {"source": "sampled", **record}  # train() puts it in meta.eqat
     return ids, run
 
 
