@@ -11,7 +11,7 @@ import sys
 
 from .env import prepare_runtime_env, quiet_third_party_logs
 
-COMMANDS = ("quantize", "eval", "convert", "push", "pipeline", "e2e", "plan")
+COMMANDS = ("quantize", "eval", "convert", "push", "pipeline", "e2e", "plan", "sample")
 
 
 def build_parser() -> argparse.ArgumentParser:

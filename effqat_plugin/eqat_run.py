@@ -51,7 +51,11 @@ class EQATResult:
             "calibration": {"train_samples": self.n_train, "val_samples": self.n_val, "seq_len": self.seq_len,
                             "e2e_samples": self.extra.get("e2e_samples"), "e2e_seq_len": self.extra.get("e2e_seq_len"),
                             "self_generated": self.extra.get("self_generated", 0),
-                            "block_ap_samples": self.extra.get("block_ap_samples", self.n_train)},
+                            "block_ap_samples": self.extra.get("block_ap_samples", self.n_train),
+                            # where sampled calibration / self-generated samples came from (file + sha256, or
+                            # sampler dtype and placement), and why the default's samples are missing if they are
+                            **{k: self.extra[k] for k in ("calibration_source", "self_generated_source",
+                                                          "self_generated_skipped") if k in self.extra}},
             "block_ap": {
                 "quant_lr": self.block_ap.quant_lr,
                 "weight_lr": self.block_ap.weight_lr,

@@ -15,6 +15,11 @@ The terms follow what the code keeps resident (see ``streaming.py``, ``block_ap.
   the 16-bit non-layer modules, fp32 master step sizes with gradients and AdamW moments, and
   checkpointed activations (one hidden state per layer boundary plus one layer's activations).
 * Saving: host holds one layer's packed tensors; disk gets the packed checkpoint.
+* Sampling the self-generated samples (``model_sampler``): the whole model in the sampling dtype
+  (fp32 on CPU, the checkpoint's 16-bit dtype on CUDA) plus the KV cache of a batch of 64, on the
+  compute device; with a cap (``--sample-memory``) what does not fit is offloaded by accelerate (to
+  host memory on CUDA, to disk on CPU) and read back at every decoding step. Its time is an estimate
+  from the bytes each step reads and the FLOPs it does (``SAMPLE_RATES``), not a measurement.
 
 These are estimates; ``scripts/bench_memory.py`` measures the real peak on CPU.
 """
@@ -31,6 +36,17 @@ GiB = 2**30
 # Not yet measured on CUDA.
 PROCESS_BASE = 1.0 * GiB
 LAYER_TRAIN_BYTES = 22
+
+# Rough rates for the sampling-time estimate (bytes/s read per decoding step, FLOP/s), per device.
+# CPU: scripts/bench_sampling.py on the 2-core development machine, one thread, a 121M-parameter
+# random Llama in fp32, 16 x 128 tokens, least loaded run: whole 13.1 s (38 GFLOP/s, or 4.8 GB/s of
+# weights read per step), offloaded with 164 of 486 MB resident 25.2 s (3.4 GB/s for the offloaded
+# part, from the page cache; a cold disk is slower, hence 2); 2-3x slower when the machine is busy. CUDA: conservative fractions of an H100-class card's HBM
+# bandwidth and bf16 throughput, PCIe for host-offloaded layers. Not measured on CUDA.
+SAMPLE_RATES = {"cpu": {"flops": 30e9, "resident_bw": 5e9, "offload_bw": 2e9},
+                "cuda": {"flops": 100e12, "resident_bw": 1.5e12, "offload_bw": 12e9}}
+SAMPLE_BATCH = 64
+
 
 # Public configs of the models the README plans for (so no download is needed to plan them).
 PRESETS = {
@@ -86,10 +102,32 @@ class Shape:
         return int(batch * seq * h * per_token * elem_bytes / 2)
 
 
+def sample_phase(shape: Shape, n: int, seq_len: int, device: str = "cuda", cap=None) -> dict:
+    """Memory and estimated seconds of drawing ``n`` x ``seq_len`` self-generated tokens (see the module
+    docstring); ``cap``: bytes the model may use on the compute device (None: it fits whole)."""
+    cpu = device == "cpu"
+    elem = 4 if cpu else shape.src_bytes
+    params = shape.layers * shape.layer_params + shape.outside_params
+    weights = params * elem
+    batch = max(1, min(n, SAMPLE_BATCH))
+    head_dim = shape.hidden // shape.heads
+    kv = batch * seq_len * shape.layers * 2 * shape.kv_heads * head_dim * elem + 2 * batch * shape.vocab * 4
+    resident = weights if cap is None else max(0, min(weights, int(cap) - kv))
+    offloaded = weights - resident
+    rate = SAMPLE_RATES["cpu" if cpu else "cuda"]
+    steps = -(-n // SAMPLE_BATCH) * max(0, seq_len - 1)
+    step = max(2 * params * batch / rate["flops"], resident / rate["resident_bw"] + offloaded / rate["offload_bw"])
+    on_device = resident + kv
+    return {"host": PROCESS_BASE + (on_device if cpu else offloaded), "device": 0 if cpu else on_device,
+            "disk": offloaded if cpu else 0, "placement": "offload" if offloaded else "whole",
+            "seconds": steps * step, "tokens": n * seq_len}
+
+
 def plan(shape: Shape, bits: int, group_size: int, n_samples: int, seq_len: int, block_batch: int = 2,
          e2e_samples: int = 4096, e2e_seq_len: int = 4096, e2e_batch: int = 1, device: str = "cuda",
-         offload_streams: bool = False) -> dict:
-    """Bytes per phase: {phase: {"host": b, "device": b, "disk": b}} plus totals for reference."""
+         offload_streams: bool = False, self_generated: int = 0, sample_cap=None) -> dict:
+    """Bytes per phase: {phase: {"host": b, "device": b, "disk": b}} plus totals for reference; with
+    ``self_generated`` samples also the sampling phase ("sample", with its estimated seconds)."""
     cpu = device == "cpu"
     src = shape.src_bytes
     group = group_size if group_size > 0 else shape.hidden
@@ -117,7 +155,9 @@ def plan(shape: Shape, bits: int, group_size: int, n_samples: int, seq_len: int,
         e2e = {"host": PROCESS_BASE + e2e_model + e2e_train, "device": 0, "disk": 0}
     else:
         e2e = {"host": PROCESS_BASE + e2e_model, "device": e2e_model + e2e_train, "disk": 0}
+    extra = {"sample": sample_phase(shape, self_generated, seq_len, device, sample_cap)} if self_generated else {}
     return {
+        **extra,
         "params": shape.layers * shape.layer_params + shape.outside_params,
         "checkpoint_16bit": (shape.layers * shape.layer_params + shape.outside_params) * 2,
         "block_ap": {"host": block_host, "device": block_dev,

@@ -262,9 +262,18 @@ def render_card(inp: CardInputs) -> str:
         e2e_src = (inp.marker or {}).get("e2e_data")
         if e2e_src:
             rows.append(("E2E-QP data", str(e2e_src)))
+        sg_row = self_generated_row(cal)
+        if sg_row:
+            rows.append(("self-generated samples", sg_row))
         if eqat.get("seconds") is not None:
             rows.append(("quantization time", f"{eqat['seconds']:.0f} s"))
         out += ["| setting | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows] + [""]
+        if cal.get("self_generated_skipped"):
+            from .self_generated import COST
+
+            out += [f"**Note: trained without self-generated samples: {cal['self_generated_skipped']}.** "
+                    f"The default recipe also trains both phases on text the full-precision model writes; {COST}.",
+                    ""]
 
     data = results_for_card(inp.folder)
     table = data.get("table") if data else None
@@ -305,6 +314,23 @@ def render_card(inp: CardInputs) -> str:
             "Zhang, Kaipeng and Luo, Ping},",
             "  journal={arXiv preprint arXiv:2407.11062},", "  year={2024}", "}", "```", ""]
     return "\n".join(out)
+
+
+def self_generated_row(cal: dict) -> Optional[str]:
+    """The card's line on the self-generated samples (meta.eqat calibration): how many, from where,
+    or that there were none and why."""
+    if cal.get("self_generated_skipped"):
+        return f"none: {cal['self_generated_skipped']}"
+    n = cal.get("self_generated")
+    if not n:
+        return None
+    src = cal.get("self_generated_source") or {}
+    if src.get("source") == "file":
+        return f"{n} sequences from `{src.get('file')}` (sha256 {str(src.get('sha256'))[:16]}…)"
+    if src.get("source") == "sampled":
+        return (f"{n} sequences the fp model wrote (sampler seed {src.get('seed')}, {src.get('dtype')}, "
+                f"{src.get('placement')})")
+    return f"{n} sequences the fp model wrote"
 
 
 def avg_bits(bits: Optional[int], group: Optional[int]) -> Optional[float]:

@@ -151,6 +151,9 @@ class Pipeline:
         cfg = config_from_args(a, MASTER_FORMAT, e2e_epochs=0 if separate_e2e else None)
         # everything that shapes the checkpoint: the whole config (a changed default redoes the stage too)
         settings = {**cfg.eqat_settings(), "self_generated": a.self_generated}
+        if a.self_generated_from or a.self_generated_dtype != "auto":  # keys of earlier runs unchanged
+            settings.update(self_generated_from=file_fingerprint(a.self_generated_from),
+                            self_generated_dtype=a.self_generated_dtype)
         key = _hash({"stage": "quantize", "model": model_fingerprint(a.model), "settings": settings,
                      "calib": file_fingerprint(a.calib), "n_samples": a.n_samples, "seq_len": a.seq_len})
         out = self.folder(MASTER_FORMAT, blockap=separate_e2e)

@@ -25,6 +25,12 @@ def add_parser(sub) -> None:
     p.add_argument("--e2e-batch-size", type=int, default=1, help="micro-batch on the device")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda")
     p.add_argument("--offload-streams", action="store_true", help="plan with the streams in files on disk")
+    p.add_argument("--self-generated", type=int, default=None, metavar="N",
+                   help="self-generated samples to draw before Block-AP (default: --n-samples less the held-out "
+                        "ones, as quantize's auto with --calib; 0 = none)")
+    p.add_argument("--sample-memory", type=float, default=None, metavar="GIB",
+                   help="memory the sampling model may use on the device (default: it fits whole); the rest "
+                        "is offloaded by accelerate")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=run)
 
@@ -50,6 +56,14 @@ def load_config(model: str) -> dict:
                                 f"({type(e).__name__})") from None
 
 
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 def run(args) -> int:
     from effqat_plugin.memory_plan import GiB, Shape, plan
 
@@ -58,8 +72,13 @@ def run(args) -> int:
         shape = Shape.from_config(cfg)
     except (TypeError, KeyError) as e:
         raise ValueError(f"{args.model}: config lacks a field the plan needs ({e})") from None
+    n_self = args.self_generated
+    if n_self is None:  # quantize --self-generated auto with --calib: the calibration's training split
+        n_self = args.n_samples - min(16, args.n_samples // 8)
+    cap = None if args.sample_memory is None else int(args.sample_memory * GiB)
     p = plan(shape, args.bits, args.group_size, args.n_samples, args.seq_len, args.block_batch_size,
-             args.e2e_samples, args.e2e_seq_len, args.e2e_batch_size, args.device, args.offload_streams)
+             args.e2e_samples, args.e2e_seq_len, args.e2e_batch_size, args.device, args.offload_streams,
+             self_generated=max(0, n_self), sample_cap=cap)
     if args.json:
         print(json.dumps(p))
         return 0
@@ -68,9 +87,14 @@ def run(args) -> int:
           f"w{args.bits}g{args.group_size}, Block-AP {args.n_samples} x {args.seq_len}, "
           f"E2E-QP {args.e2e_samples} x {args.e2e_seq_len} (micro-batch {args.e2e_batch_size}), device {args.device}")
     print(f"{'phase':<10}{'host GiB':>10}{'device GiB':>12}{'disk GiB':>10}")
-    for phase in ("block_ap", "e2e_qp", "save"):
+    for phase in (("sample",) if "sample" in p else ()) + ("block_ap", "e2e_qp", "save"):
         row = p[phase]
         print(f"{phase:<10}{gib(row['host']):>10}{gib(row['device']):>12}{gib(row['disk']):>10}")
+    if "sample" in p:
+        sp = p["sample"]
+        where = "offloaded by accelerate" if sp["placement"] == "offload" else "whole on the device"
+        print(f"sampling {n_self} x {args.seq_len} self-generated tokens ({where}): "
+              f"~{_duration(sp['seconds'])} (estimate from bandwidth and FLOP rates, memory_plan.SAMPLE_RATES)")
     if not args.offload_streams:
         print(f"Block-AP activation streams: {p['block_ap']['streams'] / GiB:.1f} GiB of host memory "
               "(--offload-streams DIR moves them to disk)")

@@ -73,12 +73,12 @@ def add_training_arguments(p) -> None:
                         "epochs, keeping the one with the lowest held-out loss (1 = never repeat)")
     p.add_argument("--self-generated", "--e2e-self-generated", type=self_generated_arg, default="auto", metavar="N|auto",
                    help="Block-AP and E2E-QP also train on N sequences the fp model writes itself (sampled once, "
-                        "seed + 2). "
-                        "auto: as many as the calibration's training samples when --calib is given and the fp32 "
-                        "model fits in half the free host memory (it is loaded once to sample), else 0")
+                        "seed + 2, on the compute device, or offloaded by accelerate when the model does not fit). "
+                        "auto: as many as the calibration's training samples when --calib is given, else 0")
     p.add_argument("--no-block-self-generated", dest="block_self_generated", action="store_false",
                    help="the self-generated samples train E2E-QP only, not Block-AP (half Block-AP's time; "
                         "on SmolLM2 w2g64 it costs 49.1 instead of 42.6 wikitext-2 ppl)")
+    add_self_generated_source_arguments(p)
     p.add_argument("--e2e-lr", type=float, default=None)
     p.add_argument("--e2e-batch-size", type=int, default=4)
     p.add_argument("--train-zeros", action="store_true", help="E2E-QP also trains zero points")
@@ -87,6 +87,18 @@ def add_training_arguments(p) -> None:
     add_lr_search_argument(p)
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
     p.add_argument("--seed", type=int, default=0)
+
+
+def add_self_generated_source_arguments(p) -> None:
+    """Where the --self-generated samples come from (``effqat_plugin.self_generated``)."""
+    from effqat_plugin.model_sampler import DTYPE_CHOICES
+
+    p.add_argument("--self-generated-from", metavar="FILE", default=None,
+                   help="take the self-generated samples from FILE (a .safetensors with int 'input_ids' [N, "
+                        "--seq-len], e.g. from `effqat sample`) instead of sampling them; all N with auto")
+    p.add_argument("--self-generated-dtype", choices=DTYPE_CHOICES, default="auto",
+                   help="dtype the fp model samples in (the self-generated samples, and the calibration "
+                        "without --calib); auto: the checkpoint's own on CUDA, float32 on CPU")
 
 
 def lr_search_fractions(text: str):
@@ -170,18 +182,30 @@ def config_from_args(args, save_format: str, e2e_epochs: int | None = None, kern
         seed=args.seed, compute_device=args.device, kernel_backend=kernel_backend)
 
 
-def train(run, args, cfg, model_dir: str, ids, e2e_ids=None, offload_dir=None) -> None:
+def train(run, args, cfg, model_dir: str, ids, e2e_ids=None, offload_dir=None, sample_file=None):
     """Block-AP, then E2E-QP on ``e2e_ids`` (default: the calibration's training split), both also on
-    the ``--self-generated`` samples (``eqat_run.with_self_generated``), on ``run`` (a streamed or
-    in-memory quantization); the sample counts end up in the run's meta."""
-    from effqat_plugin.eqat_run import sample_self_generated, split_calibration
+    the self-generated samples (``effqat_plugin.self_generated.resolve``: ``--self-generated`` drawn from
+    the model, or ``--self-generated-from``, already checked as ``sample_file``), on ``run`` (a streamed
+    or in-memory quantization); the sample counts, their source, and why they were skipped when they
+    were, end up in the run's meta. Returns the :class:`SelfGenerated` used."""
+    from effqat_plugin import self_generated
+    from effqat_plugin.eqat_run import split_calibration
+    from effqat_plugin.streamed_run import InMemoryQuantization
 
     train_ids = split_calibration(ids, cfg.block_val_samples)[0]
-    n_self = self_generated_count(args.self_generated, args.calib, model_dir, cfg, train_ids.shape[0])
-    extra = None
-    if n_self:
-        extra = sample_self_generated(full_model(run, local_model_dir(model_dir)), n_self, ids.shape[1], args.seed)
-    run.block_ap(ids, offload_dir=offload_dir, e2e_data=e2e_ids, self_generated=extra)
+    loaded = run.model if isinstance(run, InMemoryQuantization) else None
+    extra = self_generated.resolve(args, cfg, local_model_dir(model_dir), train_ids.shape[0], ids.shape[1],
+                                   loaded=loaded, sample_file=sample_file)
+    if extra.skipped:
+        logging.getLogger("effqat").warning(extra.warning())
+    run.block_ap(ids, offload_dir=offload_dir, e2e_data=e2e_ids, self_generated=extra.ids)
+    if getattr(run, "calibration_source", None):
+        run.result.extra["calibration_source"] = run.calibration_source
+    if extra.record:
+        run.result.extra["self_generated_source"] = extra.record
+    if extra.skipped:
+        run.result.extra["self_generated_skipped"] = extra.skipped
+    return extra
 
 
 def run(args) -> int:
@@ -201,16 +225,24 @@ def run(args) -> int:
         check_gguf_destination(Path(local_model_dir(args.model_dir)), Path(args.out_dir), args.overwrite)
         if args.in_memory:
             raise ValueError("--format gguf runs streamed; drop --in-memory")
+    sample_file = None
+    if args.self_generated_from:  # checked against the model's config before anything is loaded
+        from effqat_plugin.self_generated import checked_file
+
+        sample_file = checked_file(args.self_generated_from, local_model_dir(args.model_dir), args.seq_len,
+                                   args.self_generated)
     work_dir = args.work_dir or os.path.normpath(args.out_dir) + ".effqat-work"
     ids, run = streamed_quantization(args.model_dir, cfg, work_dir, args.calib, args.n_samples, args.seq_len,
-                                     args.seed, show_progress=not args.quiet, in_memory=args.in_memory)
+                                     args.seed, show_progress=not args.quiet, in_memory=args.in_memory,
+                                     sample_dtype=args.self_generated_dtype)
     check_writable(run, cfg)
     e2e_ids = None
     if args.e2e_data and args.e2e_epochs > 0:
         from effqat_plugin.data import load_token_file
 
         e2e_ids = load_token_file(args.e2e_data, run.tokenizer, seq_len=args.seq_len)
-    train(run, args, cfg, args.model_dir, ids, e2e_ids, offload_dir=args.offload_streams)
+    extra = train(run, args, cfg, args.model_dir, ids, e2e_ids, offload_dir=args.offload_streams,
+                  sample_file=sample_file)
     report = run.finish(args.out_dir, overwrite=args.overwrite)
     shutil.rmtree(work_dir, ignore_errors=True)
     summary = {"eqat": run.result.meta(cfg)}
@@ -227,6 +259,8 @@ def run(args) -> int:
     if e2e and e2e.get("val_loss_after") is not None:
         line["val_ppl_before_e2e"] = round(math.exp(e2e["val_loss_before"]), 3)
         line["val_ppl"] = round(math.exp(e2e["val_loss_after"]), 3)
+    if extra.skipped:
+        line["warning"] = extra.warning()
     if report:
         line["save_report"] = report
     print(json.dumps(line, default=str))
@@ -260,15 +294,16 @@ def check_writable(run, cfg) -> None:
 
 
 def streamed_quantization(model_dir, cfg, work_dir, calib, n_samples, seq_len, seed, show_progress=True,
-                          in_memory=False):
+                          in_memory=False, sample_dtype="auto"):
     """Calibration ids and a :class:`StreamedQuantization` for ``model_dir`` (layers streamed from its
     shards, dense and MoE alike; the folder is checked before anything runs), or with ``in_memory`` an
     :class:`InMemoryQuantization` (the whole model through ``GPTQModel.load``). Without ``calib`` the
-    data-free default samples from the model itself, which needs the whole model in memory once (fp32,
-    freed before Block-AP); pass a calibration file to keep host memory flat in depth."""
-    from effqat_plugin.data import load_token_file, sample_from_model
+    data-free default samples from the model itself (``model_sampler``: whole on the compute device
+    in ``sample_dtype``, or offloaded, freed before Block-AP)."""
+    from effqat_plugin.data import load_token_file
     from effqat_plugin.evaluation import load_tokenizer_for
     from effqat_plugin.layout import definition_for
+    from effqat_plugin.runtime import resolve_runtime
     from effqat_plugin.streamed_run import InMemoryQuantization, StreamedQuantization
     from transformers import AutoConfig
 
@@ -284,52 +319,16 @@ def streamed_quantization(model_dir, cfg, work_dir, calib, n_samples, seq_len, s
     if calib:
         ids = load_token_file(calib, tokenizer, seq_len=seq_len, n_samples=n_samples)
     else:
-        bos = run.model.config.bos_token_id
-        bos = 1 if bos is None else int(bos)
-        logging.getLogger("effqat").info("no --calib: sampling %d x %d tokens from the model itself (seed %d); "
-                                         "this loads the whole model once", n_samples, seq_len, seed)
-        full = full_model(run, model_dir)
-        ids = sample_from_model(full, n_samples, seq_len, seed=seed, bos_token_id=bos)
-        del full
+        from effqat_plugin import model_sampler
+
+        device = resolve_runtime(cfg.compute_device, cfg.amp_dtype).device
+        placement = model_sampler.plan_placement(model_dir, n_samples, seq_len, device, sample_dtype)
+        logging.getLogger("effqat").info("no --calib: sampling the calibration from the model itself")
+        loaded = run.model if in_memory and model_sampler.matches(run.model, placement) else None
+        ids, record = model_sampler.draw(model_dir, n_samples, seq_len, seed, placement, loaded=loaded,
+                                         offload_root=os.path.dirname(os.path.abspath(work_dir)))
+        run.calibration_source = {"source": "sampled", **record}  # train() puts it in meta.eqat
     return ids, run
-
-
-def full_model(run, model_dir):
-    """The whole fp model in memory, for sampling from it: the in-memory run's own, else loaded in fp32
-    (the streamed run keeps its layers on the meta device)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from effqat_plugin.streamed_run import InMemoryQuantization
-
-    if isinstance(run, InMemoryQuantization):
-        return run.model
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-
-
-def self_generated_count(requested, calib, model_dir: str, cfg, n_train: int) -> int:
-    """``--self-generated`` (``requested``) resolved: an explicit count, or for ``auto`` the
-    calibration's training samples (``n_train``) when there is calibration text (``calib``;
-    self-generated calibration gains nothing from more of the same) and the fp32 model fits in half the
-    free host memory; 0 when neither phase would train on them."""
-    if not cfg.trains_on_self_generated():
-        return 0
-    if requested != "auto":
-        return requested
-    if not calib:
-        return 0
-    from effqat_plugin.converters.checkpoint import SafetensorsFolder
-
-    folder = SafetensorsFolder(local_model_dir(model_dir))
-    fp32_bytes = sum(4 * math.prod(shape) for shape in folder.shapes.values())
-    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 0
-    if 2 * fp32_bytes > free:
-        logging.getLogger("effqat").info(
-            "--self-generated auto: the fp32 model (%.1f GB) does not fit in half the free host memory "
-            "(%.1f GB); both phases train on the calibration data only (pass a count to force sampling)",
-            fp32_bytes / 1e9, free / 1e9)
-        return 0
-    return int(n_train)
 
 
 def local_model_dir(model_dir: str) -> str:
