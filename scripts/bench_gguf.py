@@ -58,10 +58,14 @@ def run(cmd, **kw) -> float:
 
 
 def pad_to_256(src: Path, dst: Path) -> Path:
-    """An exactly equivalent Llama-family model whose hidden size is a multiple of 256 (module doc):
-    zero input columns for every tensor that reads the residual stream, zero output rows for the
-    two that write it (o_proj, down_proj), RMSNorm weights times sqrt(h / H) and eps times h / H (the
-    mean square over H channels of which h - H are zero is h / H of the mean over h)."""
+    """An exactly equivalent Llama-family model whose hidden size H is a multiple of 256 (module doc).
+
+    transformers needs H = heads x head_dim, so heads are added too (keeping head_dim and the GQA
+    ratio; H is the smallest multiple of 256 and of head_dim x ratio): new query / key / value heads
+    with zero weights, whose outputs o_proj drops (zero columns). The residual stream gets H - h zero
+    channels: zero input columns for every tensor that reads it, zero output rows for o_proj and
+    down_proj, RMSNorm weights times sqrt(h / H) and eps times h / H (the mean square over H
+    channels of which H - h are zero is h / H of the mean over h)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -69,28 +73,38 @@ def pad_to_256(src: Path, dst: Path) -> Path:
         return dst
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
     cfg = model.config
-    h = cfg.hidden_size
-    H = -(-h // 256) * 256
+    h, heads, kv = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads
+    hd = getattr(cfg, "head_dim", None) or h // heads
+    ratio = heads // kv
+    step = math.lcm(256, hd * ratio)
+    H = -(-h // step) * step
     if H == h:
         raise ValueError(f"{src}: hidden size {h} is already a multiple of 256")
+    H_heads, H_kv = H // hd, H // hd // ratio
 
-    def padded(t, dim):
+    def padded(t, dim, to):
         shape = list(t.shape)
-        shape[dim] = H - h
+        shape[dim] = to - t.shape[dim]
         return torch.cat([t, torch.zeros(shape)], dim=dim)
 
     new = {}
     for k, t in model.state_dict().items():
         if t.ndim == 1 and t.shape[0] == h:              # the RMSNorms of the residual stream
-            t = padded(t * math.sqrt(h / H), 0)
+            t = padded(t * math.sqrt(h / H), 0, H)
         elif t.ndim == 2:
-            if t.shape[1] == h:
-                t = padded(t, 1)
-            if k.endswith(("o_proj.weight", "down_proj.weight")):
-                t = padded(t, 0)
+            if k.endswith("q_proj.weight"):
+                t = padded(t, 0, H_heads * hd)
+            elif k.endswith(("k_proj.weight", "v_proj.weight")):
+                t = padded(t, 0, H_kv * hd)
+            if k.endswith("o_proj.weight"):
+                t = padded(padded(t, 1, H_heads * hd), 0, H)
+            elif k.endswith("down_proj.weight"):
+                t = padded(t, 0, H)
+            elif t.shape[1] == h:
+                t = padded(t, 1, H)
         new[k] = t.contiguous()
-    cfg.head_dim = getattr(cfg, "head_dim", None) or h // cfg.num_attention_heads
-    cfg.hidden_size = H
+    cfg.head_dim, cfg.hidden_size = hd, H
+    cfg.num_attention_heads, cfg.num_key_value_heads = H_heads, H_kv
     cfg.rms_norm_eps = cfg.rms_norm_eps * h / H
     out = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     res = out.load_state_dict(new, strict=False)
@@ -101,7 +115,7 @@ def pad_to_256(src: Path, dst: Path) -> Path:
         err = (out(ids).logits - model(ids).logits).abs().max().item()
     if err > 1e-3:
         raise RuntimeError(f"the padded model is not equivalent (max logit difference {err})")
-    log(f"padded hidden {h} -> {H}; max logit difference {err:.2e}")
+    log(f"padded hidden {h} -> {H}, heads {heads}/{kv} -> {H_heads}/{H_kv}; max logit difference {err:.2e}")
     tmp = dst.with_name(dst.name + ".tmp")
     out.save_pretrained(tmp)
     AutoTokenizer.from_pretrained(src).save_pretrained(tmp)
