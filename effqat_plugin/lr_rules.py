@@ -61,10 +61,11 @@ def e2e_lr(bits: int, preset: str, max_scale: float, train_tokens: int, lr: Opti
     """E2E-QP's rate; ``fraction`` (auto preset) scales the token-budget raise ``k`` (never below 1):
     the share of Block-AP's raise its lr search ended on (``BlockAPResult.lr_fraction``). Both phases
     move the same step sizes on the same calibration data, so a model that wants a smaller raise in
-    Block-AP gets the same share in E2E-QP."""
+    Block-AP gets the same share in E2E-QP; a share above 1 (the search went past the full raise)
+    still stops at ``max_scale``."""
     base = paper_e2e_lr(bits)
     if preset == "auto":
-        k = max(1.0, lr_scale(train_tokens, PAPER_E2E_TOKENS, max_scale) * fraction)
+        k = min(max_scale, max(1.0, lr_scale(train_tokens, PAPER_E2E_TOKENS, max_scale) * fraction))
         base *= step_size_scale(k, bits)
     return lr or base
 

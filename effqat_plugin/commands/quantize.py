@@ -59,6 +59,10 @@ def add_training_arguments(p) -> None:
     p.add_argument("--block-quant-lr", type=float, default=None, help="Block-AP lr for s and z")
     p.add_argument("--block-weight-lr", type=float, default=None, help="Block-AP lr for weights and norms")
     p.add_argument("--block-early-stop", type=int, default=0, help="patience in epochs (0 = off)")
+    p.add_argument("--block-loss", choices=["mse", "channel_rms", "token_relative"], default="mse",
+                   help="Block-AP's loss against the fp layer output, also its held-out score: mse (the paper's); "
+                        "channel_rms: each channel divided by its fp RMS; token_relative: each token's error "
+                        "relative to its fp norm (for residual streams with a few huge dimensions)")
     p.add_argument("--e2e-epochs", type=int, default=1, help="E2E-QP epochs over the calibration data (0 = off)")
     p.add_argument("--e2e-max-auto-epochs", type=positive_int, default=2, metavar="N",
                    help="--lr-preset auto with fewer E2E-QP steps than the paper's 128: repeat the data up to N "
@@ -133,6 +137,7 @@ def config_from_args(args, save_format: str, e2e_epochs: int | None = None, kern
         block_epochs=args.block_epochs, block_batch_size=args.block_batch_size,
         block_quant_lr=args.block_quant_lr, block_weight_lr=args.block_weight_lr,
         block_early_stop=args.block_early_stop, block_lr_search=args.block_lr_search,
+        block_loss=getattr(args, "block_loss", "mse"),
         e2e_epochs=args.e2e_epochs if e2e_epochs is None else e2e_epochs,
         e2e_max_auto_epochs=args.e2e_max_auto_epochs, e2e_lr=args.e2e_lr, block_self_generated=args.block_self_generated,
         e2e_batch_size=args.e2e_batch_size, e2e_train_zeros=args.train_zeros, lr_preset=args.lr_preset,
