@@ -74,9 +74,10 @@ class EQATConfig(BaseQuantizeConfig):
 
     # E2E-QP
     e2e_epochs: int = 1  # 0 disables E2E-QP
-    # auto preset with fewer optimizer steps than the paper's 128: up to this many passes, keeping the
-    # epoch with the lowest held-out loss (lr_rules.e2e_epochs; 1 = never repeat)
-    e2e_max_auto_epochs: int = 2
+    # auto preset with fewer optimizer steps than the paper's 128: up to this many passes, continued
+    # while held-out loss falls by > 1% an epoch, keeping the epoch with the lowest held-out loss
+    # (lr_rules.e2e_epochs / e2e_continue; 1 = never repeat)
+    e2e_max_auto_epochs: int = 4
     e2e_batch_size: int = 4
     e2e_lr: Optional[float] = None
     e2e_train_zeros: bool = False

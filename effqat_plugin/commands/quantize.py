@@ -64,9 +64,10 @@ def add_training_arguments(p) -> None:
                         "channel_rms: each channel divided by its fp RMS; token_relative: each token's error "
                         "relative to its fp norm (for residual streams with a few huge dimensions)")
     p.add_argument("--e2e-epochs", type=int, default=1, help="E2E-QP epochs over the calibration data (0 = off)")
-    p.add_argument("--e2e-max-auto-epochs", type=positive_int, default=2, metavar="N",
+    p.add_argument("--e2e-max-auto-epochs", type=positive_int, default=4, metavar="N",
                    help="--lr-preset auto with fewer E2E-QP steps than the paper's 128: repeat the data up to N "
-                        "epochs, keeping the one with the lowest held-out loss (1 = never repeat)")
+                        "epochs while held-out loss falls by > 1%% an epoch, keeping the one with the lowest "
+                        "held-out loss (1 = never repeat)")
     p.add_argument("--self-generated", "--e2e-self-generated", type=self_generated_arg, default="auto", metavar="N|auto",
                    help="Block-AP and E2E-QP also train on N sequences the fp model writes itself (sampled once, "
                         "seed + 2). "
@@ -190,6 +191,8 @@ def run(args) -> int:
     if e2e and e2e.get("val_loss_after") is not None:
         line["val_ppl_before_e2e"] = round(math.exp(e2e["val_loss_before"]), 3)
         line["val_ppl"] = round(math.exp(e2e["val_loss_after"]), 3)
+    if e2e:
+        line["e2e_epochs"] = e2e.get("epochs_run")   # trained, of e2e["epochs"] planned (meta.eqat.e2e_qp)
     if report:
         line["save_report"] = report
     print(json.dumps(line, default=str))
