@@ -49,8 +49,9 @@ class BlockLoss:
             total += x.pow(2).reshape(-1, x.shape[-1]).sum(0)
             count += x.numel() // x.shape[-1]
         rms = (total / max(count, 1)).sqrt()
-        # a channel that is (almost) always zero gets the mean RMS, not an infinite weight
-        floor = max(float(rms.mean()) * 1e-3, _EPS)
+        # a (nearly) dead channel gets a weight of at most 1000 / the median channel's RMS, not an
+        # infinite one (the median, unlike the mean, is not moved by a few massive channels)
+        floor = max(float(rms.median()) * 1e-3, _EPS)
         self.inv_rms = (1.0 / rms.clamp_min(floor)).to(torch.float32)
         return self
 
