@@ -399,15 +399,14 @@ class BlockAP:
         run that sees fewer tokens has no reason to move its parameters less than that) and
         ``max_lr_scale`` above (the user's cap on any raise; under the default 128 the full raise of
         a small run already sits on it, so upward steps only happen for runs nearer the paper's budget).
-        A candidate whose training diverges scores an infinite loss, so the search turns downwards."""
-        scored = [t for t in trials if "val_loss" in t]
-        if not scored:
-            return None
-        best = min(scored, key=lambda t: t["val_loss"])
+        A candidate whose training diverged (``diverged``, no ``val_loss``) ranks below every other,
+        so the search never goes past it and, if all diverged, goes downwards."""
         scales = [t["scale"] for t in trials]
+        scored = [t for t in trials if "val_loss" in t]
+        best = min(scored, key=lambda t: t["val_loss"]) if scored else {"scale": min(scales)}
         if best["scale"] <= min(scales) and best["scale"] > MIN_LR_SCALE:
             return self.cfg.block_lr_trial(self.train_tokens, max(MIN_LR_SCALE, best["scale"] / 2))
-        if best["scale"] >= max(scales) and best["scale"] < self.cfg.max_lr_scale and math.isfinite(best["val_loss"]):
+        if scored and best["scale"] >= max(scales) and best["scale"] < self.cfg.max_lr_scale:
             return self.cfg.block_lr_trial(self.train_tokens, min(self.cfg.max_lr_scale, best["scale"] * 2))
         return None
 
@@ -468,7 +467,7 @@ class BlockAP:
             except FloatingPointError as e:
                 if not searching:
                     raise
-                trial["val_loss"] = float("inf")
+                trial["diverged"] = True   # no val_loss: strict JSON has no inf, and it ranks last anyway
                 log.info("Block-AP layer %d, lr scale %g diverged (%s)", index, trial.get("scale", 0), e)
                 continue
             if searching:

@@ -70,7 +70,12 @@ def test_the_search_doubles_up_to_max_lr_scale_and_turns_down_where_training_div
     scripted(monkeypatch, lambda i: 100 * k, diverge_above=2 * k)
     trials = run(cfg).lr_search[0]["trials"]
     assert scales(trials) == pytest.approx([k / 4, k / 2, k, 2 * k, 4 * k])
-    assert trials[-1]["val_loss"] == float("inf") and min(trials, key=lambda t: t["val_loss"])["scale"] == 2 * k
+    assert trials[-1]["diverged"] and "val_loss" not in trials[-1]
+    assert min(trials[:-1], key=lambda t: t["val_loss"])["scale"] == 2 * k
+    # every rate diverges: down to the paper's rates, then a clear error
+    scripted(monkeypatch, lambda i: 100 * k, diverge_above=0.5)
+    with pytest.raises(FloatingPointError, match="every lr scale"):
+        run(cfg)
 
 
 def test_recheck_layers_keep_halving_while_half_wins_and_double_when_the_current_wins(monkeypatch):

@@ -42,7 +42,7 @@ def assert_search_went_past_its_edges(trials, extensions, low=1.0, high=128.0):
     where the best so far was; the search ends with its best interior or on a bound."""
     for n in range(len(trials) - extensions, len(trials)):
         before, new = trials[:n], trials[n]["scale"]
-        best = min(before, key=lambda t: t["val_loss"])["scale"]
+        best = min(before, key=lambda t: t.get("val_loss", float("inf")))["scale"]
         lo, hi = min(t["scale"] for t in before), max(t["scale"] for t in before)
         assert (best == lo and new == max(low, lo / 2)) or (best == hi and new == min(high, hi * 2)), (before, new)
     best = min(trials, key=lambda t: t["val_loss"])["scale"]
