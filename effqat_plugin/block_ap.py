@@ -383,7 +383,8 @@ class BlockAP:
     def _lr_trials(self, index: int, scale: float) -> List[dict]:
         """The rates the lr search tries on layer ``index``: layer 0 all candidates, a recheck layer
         the current raise and half of it (deeper layers, fed by more quantization error, overfit a
-        small calibration set sooner), other layers none (the current rates)."""
+        small calibration set sooner), other layers none (the current rates). ``quantize_layer`` extends
+        either list past its edge while an edge wins (``_extend_search``)."""
         if index == 0:
             return [dict(c) for c in self.lr_candidates]
         if index in self.lr_recheck_layers and scale / 2 >= 1.0:
