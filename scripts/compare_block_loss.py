@@ -139,7 +139,9 @@ def main(argv=None) -> int:
         del fp
         for loss in args.losses.split(","):
             model = builders[name]()
-            cfg = EQATConfig(bits=args.bits, group_size=args.group_size, block_loss=loss, compute_device="cpu")
+            # block_loss only when asked for: the mse rows also run on versions before it existed
+            extra = {} if loss == "mse" else {"block_loss": loss}
+            cfg = EQATConfig(bits=args.bits, group_size=args.group_size, compute_device="cpu", **extra)
             t0 = time.time()
             res = run_eqat(model, cfg, calib, show_progress=False)
             q_h = layer_outputs(model, in_domain)
@@ -151,7 +153,8 @@ def main(argv=None) -> int:
                    "rel_err_per_layer": rel,
                    "lr_scale": [r.lr_scale for r in res.block_ap.reports],
                    "lr_search": res.block_ap.lr_search,
-                   "e2e_epochs": None if e2e is None else [e2e.epochs_run, e2e.epochs, e2e.best_epoch],
+                   "e2e_epochs": None if e2e is None else [getattr(e2e, "epochs_run", e2e.epochs), e2e.epochs,
+                                                           e2e.best_epoch],
                    "fp_ppl": fp_ppl,
                    "q_ppl": {"self": ppl(model, in_domain, rt), "wikitext2": ppl(model, other, rt)},
                    "seconds": round(time.time() - t0, 1)}
