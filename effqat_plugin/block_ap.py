@@ -18,9 +18,9 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .block_loss import BlockLoss
 from .config import EQATConfig
 from .layout import ModelLayout, set_submodule
 from .qweight import QuantizedWeight
@@ -220,6 +220,8 @@ def _move_non_layer_modules(hf_model, layout: ModelLayout, device) -> List[Tuple
     return moved
 
 
+MIN_LR_SCALE = 1.0  # the lr search never goes below the paper's rates (BlockAP._extend_search)
+
 _EXPERT = re.compile(r"^(.*\.experts\.\d+)\.")
 
 
@@ -286,6 +288,7 @@ class BlockAP:
         self.show_progress = show_progress
         self.layer_source = layer_source
         self.keep_qweights = keep_qweights
+        self._block_loss = BlockLoss(getattr(cfg, "block_loss", "mse"))  # refitted per layer (quantize_layer)
 
     def steps_per_layer(self, n_train: int) -> int:
         return self.cfg.block_epochs * math.ceil(n_train / self.cfg.block_batch_size)
@@ -312,9 +315,10 @@ class BlockAP:
                  "lr s/z %.3g, lr weights/norms %.3g", n_layers, n_train,
                  all_ids.shape[0] - n_train, train_ids.shape[1], self.steps_per_layer(n_train), quant_lr, weight_lr)
         if self.lr_candidates:
-            log.info("Block-AP: choosing the rates on layer 0 among %s by held-out loss, checked against half "
-                     "of them on layers %s", ", ".join(f"scale {c['scale']:g}" for c in self.lr_candidates),
-                     self.lr_recheck_layers or "none")
+            log.info("Block-AP: choosing the rates on layer 0 among %s by held-out loss (extended past the edge "
+                     "while the lowest or highest scale wins, within [%g, %g]), checked against half of them on "
+                     "layers %s", ", ".join(f"scale {c['scale']:g}" for c in self.lr_candidates), MIN_LR_SCALE,
+                     cfg.max_lr_scale, self.lr_recheck_layers or "none")
         store = None
         if work_dir is None and not self.keep_qweights:
             raise ValueError("keep_qweights=False needs a work_dir: finished layers live only there")
@@ -379,12 +383,33 @@ class BlockAP:
     def _lr_trials(self, index: int, scale: float) -> List[dict]:
         """The rates the lr search tries on layer ``index``: layer 0 all candidates, a recheck layer
         the current raise and half of it (deeper layers, fed by more quantization error, overfit a
-        small calibration set sooner), other layers none (the current rates)."""
+        small calibration set sooner), other layers none (the current rates). ``quantize_layer`` extends
+        either list past its edge while an edge wins (``_extend_search``)."""
         if index == 0:
             return [dict(c) for c in self.lr_candidates]
         if index in self.lr_recheck_layers and scale / 2 >= 1.0:
             return [self.cfg.block_lr_trial(self.train_tokens, s) for s in (scale / 2, scale)]
         return []
+
+    def _extend_search(self, trials: List[dict]) -> Optional[dict]:
+        """The next candidate when the best so far lies at an edge of the scales tried: half the lowest
+        when the lowest wins, double the highest when the highest wins; None when the best is interior
+        or the edge is a bound.
+
+        Bounds: ``MIN_LR_SCALE`` (1 = the paper's rates, tuned for 2 x 4096 x 2048 tokens per block: a
+        run that sees fewer tokens has no reason to move its parameters less than that) and
+        ``max_lr_scale`` above (the user's cap on any raise; under the default 128 the full raise of
+        a small run already sits on it, so upward steps only happen for runs nearer the paper's budget).
+        A candidate whose training diverged (``diverged``, no ``val_loss``) ranks below every other,
+        so the search never goes past it and, if all diverged, goes downwards."""
+        scales = [t["scale"] for t in trials]
+        scored = [t for t in trials if "val_loss" in t]
+        best = min(scored, key=lambda t: t["val_loss"]) if scored else {"scale": min(scales)}
+        if best["scale"] <= min(scales) and best["scale"] > MIN_LR_SCALE:
+            return self.cfg.block_lr_trial(self.train_tokens, max(MIN_LR_SCALE, best["scale"] / 2))
+        if scored and best["scale"] >= max(scales) and best["scale"] < self.cfg.max_lr_scale:
+            return self.cfg.block_lr_trial(self.train_tokens, min(self.cfg.max_lr_scale, best["scale"] * 2))
+        return None
 
     # -- one layer -------------------------------------------------------------------------------
 
@@ -404,13 +429,14 @@ class BlockAP:
         return stream
 
     def _loss_on(self, index: int, layer, inputs, targets, start, stop) -> float:
+        """Mean ``block_loss`` of ``layer`` over rows ``start:stop`` (the held-out rows, in practice)."""
         total, count = 0.0, 0
         bs = self.cfg.block_batch_size
         with torch.no_grad():
             for i in range(start, stop, bs):
                 j = min(i + bs, stop)
                 y = self._forward(index, layer, inputs[i:j].to(self.rt.device, torch.float32))
-                total += F.mse_loss(y.float(), targets[i:j].to(self.rt.device, torch.float32)).item() * (j - i)
+                total += self._block_loss(y.float(), targets[i:j].to(self.rt.device, torch.float32)).item() * (j - i)
                 count += j - i
         return total / max(count, 1)
 
@@ -420,18 +446,32 @@ class BlockAP:
 
         ``candidates`` (lr search, ``_lr_trials``): dicts with ``scale`` / ``quant_lr`` / ``weight_lr``;
         the layer is trained once per candidate from the same start and the one whose frozen layer has
-        the lowest held-out loss is kept (each candidate's loss is written into its dict). The streams
-        are touched once, so a search costs extra training only, no extra stream memory.
+        the lowest held-out loss is kept (each candidate's loss is written into its dict). While the
+        best lies at an edge of the scales tried, one more candidate beyond it is appended
+        (``_extend_search``), so the report lists every candidate in the order tried. The streams are
+        touched once, so a search costs extra training only, no extra stream memory.
         """
         t0 = time.time()
         self.rt.reset_peak()
         original = self.layout.layers[index]
         fp_out = self._propagate(index, copy.deepcopy(original).to(self.rt.device, torch.float32), fp_in)
-        trials = candidates if candidates and len(candidates) > 1 else [{"quant_lr": quant_lr, "weight_lr": weight_lr}]
-        best = None
-        for trial in trials:
-            trained = self._train_layer(index, original, fp_out, q_in, n_train, trial["quant_lr"], trial["weight_lr"])
-            if len(trials) > 1:
+        self._block_loss.fit(fp_out, n_train, self.cfg.block_batch_size)
+        searching = bool(candidates) and len(candidates) > 1
+        trials = list(candidates) if searching else [{"quant_lr": quant_lr, "weight_lr": weight_lr}]
+        best, tried = None, 0
+        while tried < len(trials) or (searching and self._append(trials)):
+            trial = trials[tried]
+            tried += 1
+            try:
+                trained = self._train_layer(index, original, fp_out, q_in, n_train, trial["quant_lr"],
+                                            trial["weight_lr"])
+            except FloatingPointError as e:
+                if not searching:
+                    raise
+                trial["diverged"] = True   # no val_loss: strict JSON has no inf, and it ranks last anyway
+                log.info("Block-AP layer %d, lr scale %g diverged (%s)", index, trial.get("scale", 0), e)
+                continue
+            if searching:
                 held_out = self._quantized_layer(index, original, trained.state, trained.qweights)
                 trial["val_loss"] = self._loss_on(index, held_out, q_in, fp_out, n_train, q_in.shape[0])
                 del held_out
@@ -440,6 +480,9 @@ class BlockAP:
                 if best is not None and trial["val_loss"] >= best[0]["val_loss"]:
                     continue
             best = (trial, trained)
+        if best is None:
+            raise FloatingPointError(f"Block-AP layer {index}: training diverged at every lr scale tried "
+                                     f"({[t['scale'] for t in trials]}); set lower rates (--block-quant-lr / --block-weight-lr)")
         trial, trained = best
         fp_out_done, q_out, val_loss = self._finish_layer(index, original, trained.state, trained.qweights,
                                                           fp_out, q_in, n_train)
@@ -449,8 +492,14 @@ class BlockAP:
                              experts=trained.experts, experts_without_tokens=trained.experts_without_tokens,
                              quant_lr=trial["quant_lr"], weight_lr=trial["weight_lr"],
                              lr_scale=trial.get("scale", 0.0),
-                             lr_search=list(trials) if len(trials) > 1 else [])
+                             lr_search=list(trials) if searching else [])
         return fp_out_done, q_out, trained.qweights, report, trained.state
+
+    def _append(self, trials: List[dict]) -> bool:
+        nxt = self._extend_search(trials)
+        if nxt is not None:
+            trials.append(nxt)
+        return nxt is not None
 
     def _train_layer(self, index: int, original: nn.Module, fp_out: torch.Tensor, q_in: torch.Tensor,
                      n_train: int, quant_lr: float, weight_lr: float) -> "_TrainedLayer":
@@ -496,7 +545,7 @@ class BlockAP:
                     group["lr"] = lr * factor
                 x = q_in[i:j].to(rt.device, torch.float32)
                 target = fp_out[i:j].to(rt.device, torch.float32)
-                loss = F.mse_loss(self._forward(index, layer, x).float(), target)
+                loss = self._block_loss(self._forward(index, layer, x).float(), target)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"Block-AP layer {index}: loss became {loss.item()} at step {step}; "
                                              "lower the learning rates (--block-quant-lr/--block-weight-lr)")

@@ -17,7 +17,9 @@ Below the paper's budget the best raise depends on the model, the data, the bit 
 64 x 256 tokens 128x holds throughout, w4g128 wants 32x; stories260k: 128x), so ``auto`` trains the
 first layer with ``block_lr_search`` fractions of ``k`` (1/4, 1/2, 1 by default) and keeps the rates
 with the lowest held-out loss, then at ``block_lr_recheck`` evenly spaced later layers tries the
-current rates against half of them. Every trial is recorded in ``meta.eqat.block_ap.lr_search``;
+current rates against half of them. Whenever the best of a search is its lowest (highest) scale, the
+search goes on past that edge, halving (doubling) the scale, down to 1 (the paper's rates) and up to
+``max_lr_scale`` (``BlockAP._extend_search``). Every trial is recorded in ``meta.eqat.block_ap.lr_search``;
 E2E-QP uses the share of its own raise that Block-AP ended on (``BlockAPResult.lr_fraction``).
 ``lr_preset="paper"`` uses the paper's values unchanged; explicit ``*_lr`` arguments always win.
 """
@@ -29,6 +31,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from gptqmodel.quantization.config import FORMAT, METHOD, BaseQuantizeConfig
 
 from . import lr_rules
+from .block_loss import BLOCK_LOSSES
 from .qweight import SUPPORTED_BITS
 
 SAVE_FORMATS = ("gptq", "gptq_v2", "eqat", "bitblas", "compressed-tensors", "gguf")
@@ -65,12 +68,16 @@ class EQATConfig(BaseQuantizeConfig):
     # the current rate is checked against half of it (0 = layer 0 only).
     block_lr_search: Tuple[float, ...] = (0.25, 0.5, 1.0)
     block_lr_recheck: int = 3
+    # Block-AP's reconstruction loss (block_loss.py): "mse" (the paper's) | "channel_rms" (each output
+    # channel divided by its fp RMS) | "token_relative" (each token's error relative to its fp norm)
+    block_loss: str = "mse"
 
     # E2E-QP
     e2e_epochs: int = 1  # 0 disables E2E-QP
-    # auto preset with fewer optimizer steps than the paper's 128: up to this many passes, keeping the
-    # epoch with the lowest held-out loss (lr_rules.e2e_epochs; 1 = never repeat)
-    e2e_max_auto_epochs: int = 2
+    # auto preset with fewer optimizer steps than the paper's 128: up to this many passes, continued
+    # while held-out loss falls by > 1% an epoch, keeping the epoch with the lowest held-out loss
+    # (lr_rules.e2e_epochs / e2e_continue; 1 = never repeat)
+    e2e_max_auto_epochs: int = 4
     e2e_batch_size: int = 4
     e2e_lr: Optional[float] = None
     e2e_train_zeros: bool = False
@@ -132,6 +139,8 @@ class EQATConfig(BaseQuantizeConfig):
             raise ValueError(f"EQATConfig: block_lr_search={self.block_lr_search}; use fractions in (0, 1] of the "
                              "auto raise, e.g. (0.25, 0.5, 1.0), or () to turn the search off")
         self.block_lr_search = tuple(float(f) for f in self.block_lr_search)
+        if self.block_loss not in BLOCK_LOSSES:
+            raise ValueError(f"EQATConfig: block_loss={self.block_loss!r}; use one of {', '.join(BLOCK_LOSSES)}")
         if self.e2e_max_auto_epochs < 1:
             raise ValueError("EQATConfig: e2e_max_auto_epochs must be >= 1")
         if self.self_generated < 0:

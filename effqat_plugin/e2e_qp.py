@@ -70,6 +70,9 @@ class E2EReport:
     completed: bool = True
     eval_history: List[Dict[str, float]] = field(default_factory=list)
     best_epoch: int = 0  # 1-based epoch whose step sizes were kept (0: the last one, not compared)
+    # epochs actually trained: ``epochs`` is the plan (the cosine runs over it), the auto rule stops
+    # earlier once held-out loss stops falling (lr_rules.e2e_continue); 0 in reports of older versions
+    epochs_run: int = 0
 
 
 @dataclass
@@ -79,7 +82,7 @@ class E2ESettings:
 
     bits: int = 2
     e2e_epochs: int = 1
-    e2e_max_auto_epochs: int = 2
+    e2e_max_auto_epochs: int = 4
     e2e_batch_size: int = 32  # global batch (sequences per optimizer step, all processes)
     e2e_lr: Optional[float] = None
     e2e_train_zeros: bool = False
@@ -505,10 +508,13 @@ class E2EQP:
                    disable=not (self.show_progress and acc.is_local_main_process))
         step = start_step
         stop_at = total if opts.stop_after is None else min(total, int(opts.stop_after))
-        # epochs added by the auto rule, with held-out data: evaluate at each epoch's end and keep the
-        # best step sizes (an explicit epoch count trains exactly that)
+        # epochs added by the auto rule, with held-out data: evaluate at each epoch's end, keep the
+        # best step sizes, and stop once held-out loss no longer falls (an explicit epoch count trains
+        # exactly that). The cosine is planned over all ``epochs``: see lr_rules.e2e_continue.
         keep_best = epochs > cfg.e2e_epochs and val_ds is not None
         best = None   # (val loss, epoch, host copies of the trainable tensors)
+        stopped = False  # by the auto rule, after epoch ``epochs_run``
+        epochs_run = start_step // steps_per_epoch
         try:
             for epoch in range(start_step // steps_per_epoch, epochs):
                 order.epoch = epoch
@@ -561,9 +567,21 @@ class E2EQP:
                                     "val_ppl": math.exp(min(v, 50.0))})
                     if acc.is_main_process:
                         log.info("E2E-QP: epoch %d/%d, train loss %.4f, val loss %.4f", epoch + 1, epochs, running, v)
+                    earlier = [h["val_loss"] for h in history[:-1] if "epoch" in h]
+                    if val_before is not None:
+                        earlier.append(val_before)
                     if best is None or v < best[0]:
                         best = (v, epoch + 1, [p.detach().to("cpu", copy=True) for p in params])
-                if step >= stop_at:
+                    if (epoch + 1 < epochs and epoch + 1 >= cfg.e2e_epochs and earlier
+                            and not lr_rules.e2e_continue(min(earlier), v)):
+                        stopped = True
+                        if acc.is_main_process:
+                            log.info("E2E-QP: held-out loss fell by less than %g%% in epoch %d; stopping after "
+                                     "%d of %d planned epochs", 100 * lr_rules.E2E_MIN_GAIN, epoch + 1,
+                                     epoch + 1, epochs)
+                if step == (epoch + 1) * steps_per_epoch:
+                    epochs_run = epoch + 1
+                if step >= stop_at or stopped:
                     break
         except KeyboardInterrupt:
             if opts.state_dir and not opts.fsdp and step > start_step:
@@ -573,7 +591,7 @@ class E2EQP:
             raise
         finally:
             bar.close()
-        completed = step >= total
+        completed = step >= total or stopped
         if not completed and opts.state_dir:
             self._save_state(unwrapped, optimizer, state_info(step))
             if acc.is_main_process:
@@ -582,7 +600,7 @@ class E2EQP:
         val_after, best_epoch = None, 0
         if completed and best is not None:
             val_after, best_epoch = best[0], best[1]
-            if best_epoch != epochs:
+            if best_epoch != epochs_run:
                 with torch.no_grad():
                     for p, saved in zip(params, best[2]):
                         p.data.copy_(saved.to(p.device))
@@ -591,7 +609,7 @@ class E2EQP:
                 log.warning("E2E-QP: an epoch before the resume had a lower held-out loss; its step sizes were "
                             "not saved, so epoch %d's are kept", best_epoch)
             if acc.is_main_process:
-                log.info("E2E-QP: kept epoch %d of %d (lowest held-out loss)", best_epoch, epochs)
+                log.info("E2E-QP: kept epoch %d of %d trained (lowest held-out loss)", best_epoch, epochs_run)
         elif completed and val_ds is not None:
             val_after = self.evaluate(wrapped, val_ds, eval_bs)
             history.append({"step": step, "val_loss": val_after, "val_ppl": math.exp(min(val_after, 50.0))})
@@ -613,7 +631,8 @@ class E2EQP:
                            total_steps=total, epochs=epochs, global_batch_size=global_bs,
                            micro_batch_size=mb, grad_accum_steps=accum, world_size=world, mixed_precision=mp,
                            trainable_values=n_trainable, train_tokens=train_tokens, resumed_from_step=start_step,
-                           completed=completed, eval_history=history, best_epoch=best_epoch)
+                           completed=completed, eval_history=history, best_epoch=best_epoch,
+                           epochs_run=epochs_run)
         if val_before is not None and val_after is not None and acc.is_main_process:
             log.info("E2E-QP: val loss %.4f -> %.4f (ppl %.2f -> %.2f), %.1fs", val_before, val_after,
                      math.exp(val_before), math.exp(val_after), report.seconds)

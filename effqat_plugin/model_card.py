@@ -241,10 +241,12 @@ def render_card(inp: CardInputs) -> str:
             rows.append(("Block-AP", f"{settings.get('block_epochs')} epoch(s), batch {settings.get('block_batch_size')}, "
                                      f"lr {_fmt_num(blk.get('quant_lr'))} (s, z) / {_fmt_num(blk.get('weight_lr'))} "
                                      f"(weights, norms){_lr_search_note(blk.get('lr_search'))}, "
-                                     f"early stop {settings.get('block_early_stop') or 'off'}"))
+                                     f"early stop {settings.get('block_early_stop') or 'off'}"
+                                     f"{', loss ' + settings['block_loss'] if settings.get('block_loss', 'mse') != 'mse' else ''}"))
             e2e = eqat.get("e2e_qp")
             if e2e:
-                rows.append(("E2E-QP", f"{settings.get('e2e_epochs')} epoch(s), {e2e.get('steps')} steps, batch "
+                epochs = e2e.get("epochs_run") or settings.get("e2e_epochs")   # trained (auto may add epochs)
+                rows.append(("E2E-QP", f"{epochs} epoch(s), {e2e.get('steps')} steps, batch "
                                        f"{settings.get('e2e_batch_size')}, lr {_fmt_num(e2e.get('lr'))}, trains step "
                                        f"sizes{' and zero points' if settings.get('e2e_train_zeros') else ''}"))
             else:

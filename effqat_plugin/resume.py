@@ -31,6 +31,8 @@ def run_fingerprint(hf_model, layout, cfg, ids: torch.Tensor, n_train: int) -> s
     settings = {k: v for k, v in cfg.eqat_settings().items() if not k.startswith("e2e_")}
     if not settings.get("sym"):   # asymmetric runs keep the fingerprints they had before sym existed
         settings.pop("sym", None)
+    if settings.get("block_loss") == "mse":   # likewise for runs before block_loss existed
+        settings.pop("block_loss", None)
     h.update(json.dumps(settings, sort_keys=True, default=str).encode())
     h.update(hf_model.config.to_json_string(use_diff=False).encode())
     h.update(json.dumps([layout.layers_prefix, layout.linear_names, n_train]).encode())

@@ -32,6 +32,7 @@ def test_quantize_then_eval_from_the_shell(tmp_path, stories260k_dir, data_files
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["format"] == "gptq_v2" and line["calibration"] == [24, 64]
     assert line["val_ppl"] < line["val_ppl_before_e2e"] * 1.05
+    assert line["e2e_epochs"] == 1   # trained (--e2e-max-auto-epochs 1), also in meta.eqat.e2e_qp.epochs_run
     qcfg = json.loads((out / "quantize_config.json").read_text())
     assert qcfg["bits"] == 4 and qcfg["group_size"] == 32
     assert not (tmp_path / "w4.effqat-work").exists()
@@ -53,6 +54,15 @@ def test_sampled_calibration_default(tmp_path, stories260k_dir, capsys):
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["calibration"] == [8, 32]
     meta = json.loads((out / "quantize_config.json").read_text())["meta"]["eqat"]
     assert meta["e2e_qp"] is None and len(meta["block_ap"]["layers"]) == 5
+
+
+def test_block_loss_flag_reaches_the_run_and_its_meta(tmp_path, stories260k_dir, capsys):
+    out = tmp_path / "rms"
+    assert main(["quantize", str(stories260k_dir), str(out), "--bits", "2", "--e2e-epochs", "0", "--block-loss",
+                 "channel_rms", "--n-samples", "8", "--seq-len", "32", "--block-epochs", "1", "--quiet"]) == 0
+    meta = json.loads((out / "quantize_config.json").read_text())["meta"]["eqat"]
+    assert meta["settings"]["block_loss"] == "channel_rms"
+    assert all(layer["val_loss"] is not None for layer in meta["block_ap"]["layers"])
 
 
 def test_e2e_data_trains_e2e_qp_on_its_own_samples(tmp_path, stories260k_dir, data_files, capsys):
@@ -124,6 +134,7 @@ def _expect_error(argv, capsys, needle):
 def test_user_errors_exit_2_with_a_message_and_write_nothing(tmp_path, stories260k_dir, data_files, capsys):
     model = str(stories260k_dir)
     _expect_error(["quantize", model, str(tmp_path / "a"), "--bits", "5"], capsys, "invalid choice")
+    _expect_error(["quantize", model, str(tmp_path / "h"), "--block-loss", "l1"], capsys, "invalid choice")
 
     def fails(argv, needle):
         assert main(argv) == 2
@@ -150,6 +161,6 @@ def test_user_errors_exit_2_with_a_message_and_write_nothing(tmp_path, stories26
     (bert / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]}))
     fails(["quantize", str(bert), str(tmp_path / "g")], "no GPTQModel 7.7 model definition")
     fails(["eval", str(tmp_path / "nowhere"), "--data", str(data_files / "eval.safetensors")], "not found")
-    for name in "abcdefg":
+    for name in "abcdefgh":
         assert not (tmp_path / name).exists()
     shutil.rmtree(bert)

@@ -239,3 +239,47 @@ def test_auto_preset_repeats_short_runs_and_keeps_the_best_epoch(monkeypatch):
     assert [h["epoch"] for h in rep.eval_history] == [1, 2, 3] and rep.val_loss_after == 1.0
     assert_same_scales(scales_of(model), seen[2][1], rtol=0, atol=0)   # epoch 2's scales, not the last
     assert not torch.equal(seen[2][1][next(iter(seen[2][1]))], seen[3][1][next(iter(seen[3][1]))])
+
+
+def _scripted_evaluate(monkeypatch, losses):
+    """E2EQP.evaluate returns ``losses`` in order (before training, then each epoch's end) and keeps
+    a copy of the scales it was called on."""
+    seen = []
+
+    def evaluate(self, model, data, bs):
+        seen.append(scales_of(model))
+        return losses[len(seen) - 1]
+    monkeypatch.setattr(E2EQP, "evaluate", evaluate)
+    return seen
+
+
+def _auto_run(max_epochs=4):
+    model = tiny_packed_llama()
+    st = E2ESettings(bits=2, e2e_epochs=1, e2e_max_auto_epochs=max_epochs, e2e_batch_size=4, e2e_lr=5e-3)
+    return model, E2EQP(model, st, RT, show_progress=False).run(token_data(12), token_data(4, seed=2))
+
+
+def test_auto_epochs_continue_while_held_out_loss_falls_by_more_than_the_threshold(monkeypatch):
+    from effqat_plugin import lr_rules
+
+    assert lr_rules.e2e_continue(4.0, 3.95) and not lr_rules.e2e_continue(4.0, 3.97)  # 1.25% / 0.75%
+    _scripted_evaluate(monkeypatch, [5.0, 4.0, 3.5, 3.2, 3.0])   # every epoch gains > 1%
+    _, rep = _auto_run()
+    assert (rep.epochs, rep.epochs_run, rep.best_epoch) == (4, 4, 4)
+    assert rep.steps == rep.total_steps == 12 and rep.completed and rep.val_loss_after == 3.0
+
+
+def test_auto_epochs_stop_once_an_epoch_gains_less_than_the_threshold(monkeypatch):
+    # epoch 2 gains 0.25% over epoch 1: stop there (2 of 4 planned), keep the better of the two
+    _scripted_evaluate(monkeypatch, [5.0, 4.0, 3.99, 1.0, 1.0])
+    _, rep = _auto_run()
+    assert (rep.epochs, rep.epochs_run, rep.best_epoch) == (4, 2, 2)
+    assert rep.steps == 6 and rep.total_steps == 12 and rep.completed and rep.val_loss_after == 3.99
+    assert [h["epoch"] for h in rep.eval_history] == [1, 2]
+
+
+def test_auto_epochs_stop_when_held_out_loss_rises_and_keep_the_best_epoch(monkeypatch):
+    seen = _scripted_evaluate(monkeypatch, [5.0, 4.0, 4.5, 1.0, 1.0])
+    model, rep = _auto_run()
+    assert (rep.epochs_run, rep.best_epoch, rep.val_loss_after) == (2, 1, 4.0)
+    assert_same_scales(scales_of(model), seen[1], rtol=0, atol=0)   # epoch 1's scales, not epoch 2's

@@ -52,9 +52,10 @@ def add_parser(sub) -> None:
     p.add_argument("--source-len", type=int, default=384, help="instruction: max source tokens (default 384)")
     p.add_argument("--target-len", type=int, default=128, help="instruction: max target tokens (default 128)")
     p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--max-auto-epochs", type=positive_int, default=2, metavar="N",
-                   help="--lr-preset auto with fewer steps than the paper's 128: repeat the data up to N epochs, "
-                        "keeping the one with the lowest held-out loss (1 = never repeat)")
+    p.add_argument("--max-auto-epochs", type=positive_int, default=4, metavar="N",
+                   help="--lr-preset auto with fewer steps than the paper's 128: repeat the data up to N epochs "
+                        "while held-out loss falls by > 1%% an epoch, keeping the one with the lowest held-out "
+                        "loss (1 = never repeat)")
     p.add_argument("--lr", type=float, default=None,
                    help="learning rate (default: the paper's 2e-5 at w2 / 1e-5 at w3-w4, raised by --lr-preset auto "
                         "when there are fewer steps than the paper's 128)")
@@ -164,7 +165,8 @@ def run(args) -> int:
     acc = trainer.accelerator
     line = {"out_dir": out_dir, "format": fmt, "bits": bits, "data_format": args.data_format,
             "train_rows": len(train), "val_rows": 0 if val is None else len(val), "steps": report.steps,
-            "total_steps": report.total_steps, "completed": report.completed, "world_size": report.world_size}
+            "total_steps": report.total_steps, "completed": report.completed, "world_size": report.world_size,
+            "epochs": report.epochs_run, "planned_epochs": report.epochs}
     if not report.completed:
         line["state"] = state_dir
         line["resume_with"] = "--resume"

@@ -67,10 +67,15 @@ def add_training_arguments(p) -> None:
     p.add_argument("--block-quant-lr", type=float, default=None, help="Block-AP lr for s and z")
     p.add_argument("--block-weight-lr", type=float, default=None, help="Block-AP lr for weights and norms")
     p.add_argument("--block-early-stop", type=int, default=0, help="patience in epochs (0 = off)")
+    p.add_argument("--block-loss", choices=["mse", "channel_rms", "token_relative"], default="mse",
+                   help="Block-AP's loss against the fp layer output, also its held-out score: mse (the paper's); "
+                        "channel_rms: each channel divided by its fp RMS; token_relative: each token's error "
+                        "relative to its fp norm (for residual streams with a few huge dimensions)")
     p.add_argument("--e2e-epochs", type=int, default=1, help="E2E-QP epochs over the calibration data (0 = off)")
-    p.add_argument("--e2e-max-auto-epochs", type=positive_int, default=2, metavar="N",
+    p.add_argument("--e2e-max-auto-epochs", type=positive_int, default=4, metavar="N",
                    help="--lr-preset auto with fewer E2E-QP steps than the paper's 128: repeat the data up to N "
-                        "epochs, keeping the one with the lowest held-out loss (1 = never repeat)")
+                        "epochs while held-out loss falls by > 1%% an epoch, keeping the one with the lowest "
+                        "held-out loss (1 = never repeat)")
     p.add_argument("--self-generated", "--e2e-self-generated", type=self_generated_arg, default="auto", metavar="N|auto",
                    help="Block-AP and E2E-QP also train on N sequences the fp model writes itself (sampled once, "
                         "seed + 2, on the compute device, or offloaded by accelerate when the model does not fit). "
@@ -176,6 +181,7 @@ def config_from_args(args, save_format: str, e2e_epochs: int | None = None, kern
         block_epochs=args.block_epochs, block_batch_size=args.block_batch_size,
         block_quant_lr=args.block_quant_lr, block_weight_lr=args.block_weight_lr,
         block_early_stop=args.block_early_stop, block_lr_search=args.block_lr_search,
+        block_loss=getattr(args, "block_loss", "mse"),
         e2e_epochs=args.e2e_epochs if e2e_epochs is None else e2e_epochs,
         e2e_max_auto_epochs=args.e2e_max_auto_epochs, e2e_lr=args.e2e_lr, block_self_generated=args.block_self_generated,
         e2e_batch_size=args.e2e_batch_size, e2e_train_zeros=args.train_zeros, lr_preset=args.lr_preset,
@@ -261,6 +267,8 @@ def run(args) -> int:
         line["val_ppl"] = round(math.exp(e2e["val_loss_after"]), 3)
     if extra.skipped:
         line["warning"] = extra.warning()
+    if e2e:
+        line["e2e_epochs"] = e2e.get("epochs_run")   # trained, of e2e["epochs"] planned (meta.eqat.e2e_qp)
     if report:
         line["save_report"] = report
     print(json.dumps(line, default=str))
