@@ -13,9 +13,9 @@ pieces (trained on the README).
 from __future__ import annotations
 
 import ctypes
-import io
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,6 +24,8 @@ from effqat_plugin import gguf_presets
 from effqat_plugin.gguf_presets import PRESETS, TypeChoice, hparams_from_hf_config, tensor_types, use_more_bits
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+from gguf_arch_table import sentencepiece_model  # noqa: E402
 
 # name -> (transformers config class, config kwargs, vocabulary). The vocabulary is always the 256
 # sentencepiece pieces: "sp" where the converter class reads a tokenizer.model itself, "sp_forced"
@@ -75,16 +77,8 @@ PRESETS_OF = {"llama_70b_like": ("Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M")
 
 
 def _sentencepiece(work: Path) -> Path:
-    out = work / "sp256.model"
-    if not out.exists():
-        spm = pytest.importorskip("sentencepiece")
-        lines = [ln for ln in (REPO / "README.md").read_text().splitlines() if ln.strip()]
-        buf = io.BytesIO()
-        spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=buf, vocab_size=256,
-                                       model_type="bpe", character_coverage=1.0, hard_vocab_limit=False,
-                                       minloglevel=2, unk_id=0, bos_id=1, eos_id=2, pad_id=-1)
-        out.write_bytes(buf.getvalue())
-    return out
+    pytest.importorskip("sentencepiece")
+    return sentencepiece_model(work)   # the arch matrix's 256-piece model trained on the README
 
 
 def _hf_model(work: Path, name: str) -> Path:
