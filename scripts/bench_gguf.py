@@ -222,10 +222,11 @@ def main(argv=None) -> int:
         calib.write_text(Path(args.calib).read_text())
     imatrix = work / "imatrix.gguf"
     t_imatrix = results.get("_imatrix_seconds")
-    if "llama-quantize+imatrix" in rows_wanted and not imatrix.exists():
+    if "llama-quantize+imatrix" in rows_wanted and (not imatrix.exists() or t_imatrix is None):
         t_imatrix = run([tool("llama-imatrix"), "-m", f16, "-f", calib, "-c", args.calib_len,
                          "--chunks", args.n_calib, "-o", imatrix, "-t", args.threads], log=work / "imatrix.log")
         results["_imatrix_seconds"] = round(t_imatrix, 1)
+        results_path.write_text(json.dumps(results, indent=1))
     for preset in args.presets.split(","):
         for row in rows_wanted:
             name = f"{preset} {row}"
