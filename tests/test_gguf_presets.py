@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import json
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -86,12 +87,25 @@ def _hf_model(work: Path, name: str) -> Path:
     import transformers
 
     cls_name, kw, tok = CASES[name]
-    cfg = getattr(transformers, cls_name)(vocab_size=256, max_position_embeddings=128, bos_token_id=1,
-                                          eos_token_id=2, **kw)
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(cfg).to(torch.float16)
     d = work / name
-    model.save_pretrained(d)
+    if "num_local_experts" in kw or "num_experts" in kw:
+        # in a fresh interpreter: once GPTQModel is imported (other tests), its defuser has replaced
+        # transformers' fused MoE experts by per-expert linears, and the checkpoint would be saved in
+        # that layout, which is not the original one llama.cpp's converter reads
+        code = ("import json, sys, torch, transformers\n"
+                "cfg = getattr(transformers, sys.argv[1])(vocab_size=256, max_position_embeddings=128, "
+                "bos_token_id=1, eos_token_id=2, **json.loads(sys.argv[2]))\n"
+                "torch.manual_seed(0)\n"
+                "transformers.AutoModelForCausalLM.from_config(cfg).to(torch.float16).save_pretrained(sys.argv[3])\n")
+        res = subprocess.run([sys.executable, "-c", code, cls_name, json.dumps(kw), str(d)], capture_output=True,
+                             text=True)
+        assert res.returncode == 0, res.stderr[-2000:]
+    else:
+        cfg = getattr(transformers, cls_name)(vocab_size=256, max_position_embeddings=128, bos_token_id=1,
+                                              eos_token_id=2, **kw)
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(cfg).to(torch.float16)
+        model.save_pretrained(d)
     shutil.copy(_sentencepiece(work), d / "tokenizer.model")
     return d
 

@@ -95,7 +95,10 @@ def test_rerun_skips_everything_and_setting_change_redoes(run_copy):
     assert marker["settings"]["block_epochs"] == 2
     # the key covers the whole training config, not a hand-picked subset: a setting only `effqat
     # quantize` had before (shared arguments now) redoes the stage as well
-    assert marker["settings"]["e2e_max_auto_epochs"] == 2 and marker["settings"]["self_generated"] == "auto"
+    from effqat_plugin import EQATConfig
+
+    assert marker["settings"]["e2e_max_auto_epochs"] == EQATConfig().e2e_max_auto_epochs   # the default
+    assert marker["settings"]["self_generated"] == "auto"
     argv3 = argv2 + ["--e2e-max-auto-epochs", "1"]
     assert main(argv3) == 0
     assert stages(root)["block_ap+e2e_qp"].startswith("done")
