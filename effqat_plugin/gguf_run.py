@@ -71,10 +71,14 @@ def plan_types(model_dir: str, model, quantized_names, preset: str) -> TypePlan:
     gguf_arch = gguf.MODEL_ARCH_NAMES[base.model_arch]
     hp = _hparams(model.config)
     tensor_map = gguf.get_tensor_name_map(base.model_arch, int(hp["n_layer"] or 0))
+    from .layout import tied_output_keys
+
     state = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     names = list(quantized_names)
     prefixes = tuple(n + "." for n in names)
-    floats_2d = [k for k, shape in state.items() if len(shape) == 2 and not k.startswith(prefixes)]
+    tied = tied_output_keys(model)   # not in the file: llama.cpp then gives token_embd the output's rule
+    floats_2d = [k for k, shape in state.items()
+                 if len(shape) == 2 and not k.startswith(prefixes) and k not in tied]
     quantized, _ = gguf_layout.converter_inputs(arch, names, [])
     gguf_names, shapes = {}, {}
     for inp in quantized:

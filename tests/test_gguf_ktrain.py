@@ -38,14 +38,14 @@ HIDDEN, INTER, HEADS, KV = 256, 384, 4, 2
 TOKENS = torch.randint(0, VOCAB, (48,), generator=torch.Generator().manual_seed(3)).tolist()
 
 
-def fp_model(tmp_path):
+def fp_model(tmp_path, tied: bool = False):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     d = tmp_path / "fp"
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=2,
                       num_attention_heads=HEADS, num_key_value_heads=KV, max_position_embeddings=256,
-                      tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+                      tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2)
     model = LlamaForCausalLM(cfg).to(torch.float16)
     model.save_pretrained(d)
     for f in TOKENIZER.iterdir():
@@ -201,10 +201,11 @@ def _llama_quantize(src, dst, preset: str):
     assert res.returncode == 0, res.stderr[-2000:]
 
 
-@pytest.mark.parametrize("preset", ["Q2_K", "Q4_K_M"])
-def test_untrained_run_equals_llama_quantize(tmp_path, preset):
-    """Rates 0, no E2E-QP, no importance matrix: every tensor's bytes are llama-quantize's."""
-    model_dir = fp_model(tmp_path)
+@pytest.mark.parametrize("preset,tied", [("Q2_K", False), ("Q4_K_M", True)])
+def test_untrained_run_equals_llama_quantize(tmp_path, preset, tied):
+    """Rates 0, no E2E-QP, no importance matrix: every tensor's bytes are llama-quantize's (a tied
+    head: token_embd takes the output's rule)."""
+    model_dir = fp_model(tmp_path, tied)
     ours = tmp_path / "ours.gguf"
     run_gguf(model_dir, ours, tmp_path / "work", preset, block_quant_lr=0.0, block_weight_lr=0.0, e2e_epochs=0,
              gguf_imatrix=False)
