@@ -17,9 +17,6 @@ Reported per row: file bytes, bits per weight (over the quantized tensors' weigh
 counts them: file bytes x 8 / parameters), perplexities, seconds, and seconds as a ratio to
 ``llama-quantize`` + ``llama-imatrix`` on the same machine in the same run.
 
-``--keep-layers N``: the first N decoder layers only (then the final norm and head): a smaller
-synthetic model with real weights, for machines where the whole model takes too long.
-
 ``--pad-to-256``: the model is first rewritten as an exactly equivalent one whose hidden size is the
 next multiple of 256 (zero columns and rows; RMSNorm weights scaled so the normalized values are
 unchanged), so that every linear takes the preset's K type rather than its 32-wide fallback.
@@ -126,27 +123,6 @@ def pad_to_256(src: Path, dst: Path) -> Path:
     return dst
 
 
-def keep_layers(src: Path, dst: Path, n: int) -> Path:
-    """``src`` with only its first ``n`` decoder layers (module doc)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if (dst / "config.json").exists():
-        return dst
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
-    if n >= model.config.num_hidden_layers:
-        raise ValueError(f"{src} has {model.config.num_hidden_layers} layers; --keep-layers {n} keeps all")
-    model.model.layers = model.model.layers[:n]
-    model.config.num_hidden_layers = n
-    if getattr(model.config, "layer_types", None):
-        model.config.layer_types = model.config.layer_types[:n]
-    tmp = dst.with_name(dst.name + ".tmp")
-    model.save_pretrained(tmp)
-    AutoTokenizer.from_pretrained(src).save_pretrained(tmp)
-    tmp.rename(dst)
-    return dst
-
-
 def quantized_weights(gguf_path: Path) -> tuple[int, int]:
     """(weights in quantized tensors, their bytes), read from the file's tensor table."""
     import gguf
@@ -173,7 +149,6 @@ def main(argv=None) -> int:
     ap.add_argument("--chunks", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--pad-to-256", action="store_true")
-    ap.add_argument("--keep-layers", type=int, default=None, metavar="N")
     ap.add_argument("--effqat-args", default="", help="extra arguments of effqat quantize")
     ap.add_argument("--json", default=None, help="write the results here (default WORK/results.json)")
     args = ap.parse_args(argv)
@@ -192,8 +167,6 @@ def main(argv=None) -> int:
     model = Path(args.model)
     if args.pad_to_256:
         model = pad_to_256(model, work / (model.name + "-pad256"))
-    if args.keep_layers:
-        model = keep_layers(model, work / f"{model.name}-{args.keep_layers}layers", args.keep_layers)
     evals = args.eval or [str(SHARED / "test.txt")]
     rows_wanted = args.rows.split(",")
     results_path = Path(args.json or work / "results.json")
