@@ -71,10 +71,6 @@ def encoded_rows(frozen) -> np.ndarray:
     return gguf_kblocks.encode(frozen)
 
 
-def row_type(frozen) -> str:
-    return frozen.qtype
-
-
 def _typical(t: torch.Tensor) -> float:
     t = t.detach().float().abs()
     return float(t.mean()) if t.numel() else 0.0
