@@ -49,16 +49,6 @@ def _gguf_name(tensor_map, key: str) -> Optional[str]:
     return name
 
 
-def _hparams(config) -> dict:
-    text = getattr(config, "get_text_config", lambda: config)()
-    n_head = getattr(text, "num_attention_heads", None)
-    return {"n_layer": getattr(text, "num_hidden_layers", None), "n_head": n_head,
-            "n_head_kv": getattr(text, "num_key_value_heads", None) or n_head,
-            "n_embd": getattr(text, "hidden_size", None),
-            "n_expert": (getattr(text, "num_local_experts", None) or getattr(text, "num_experts", None)
-                         or getattr(text, "n_routed_experts", None) or 0)}
-
-
 def plan_types(model_dir: str, model, quantized_names, preset: str) -> TypePlan:
     """The block type of every quantized linear and of the other 2-D tensors, by ``preset``'s rules.
     Refuses (one line) architectures llama.cpp's converter does not know and linears it names no
@@ -69,8 +59,8 @@ def plan_types(model_dir: str, model, quantized_names, preset: str) -> TypePlan:
     gguf, conversion = gguf_export._converter()
     arch, base, hparams = gguf_export._architecture(Path(model_dir), conversion)
     gguf_arch = gguf.MODEL_ARCH_NAMES[base.model_arch]
-    hp = _hparams(model.config)
-    tensor_map = gguf.get_tensor_name_map(base.model_arch, int(hp["n_layer"] or 0))
+    hp = gguf_presets.hparams_from_hf_config(model.config.to_dict())
+    tensor_map = gguf.get_tensor_name_map(base.model_arch, int(hp["n_layer"]))
     from .layout import tied_output_keys
 
     state = {k: tuple(v.shape) for k, v in model.state_dict().items()}
