@@ -58,6 +58,38 @@ LABELS = {"fp": "fp32", "rtn": "RTN (min/max)", "gptq": "GPTQModel GPTQ (sym=Fal
           "eqat-sym-blockap": "EQAT --sym Block-AP only", "eqat-sym": "EQAT --sym Block-AP + E2E-QP"}
 
 
+def label_of(method: str) -> str:
+    base, bracket, variant = method.partition("[")
+    return LABELS.get(base, base) + (f" [{variant}" if bracket else "")
+
+
+def variant_suffix(settings, samples_from) -> str:
+    """What ``--eqat-set`` / ``--self-generated-from`` add to an EQAT row's name (and its cached
+    result's file name), so variants share one work folder's data and its baseline rows:
+    ``eqat[block_loss=channel_rms]``."""
+    parts = [f"{k}={v}" for k, v in sorted((settings or {}).items())]
+    if samples_from:
+        parts.append("samples=" + os.path.splitext(os.path.basename(samples_from))[0])
+    return f"[{','.join(parts)}]" if parts else ""
+
+
+def parse_settings(pairs) -> dict:
+    """``--eqat-set KEY=VALUE`` pairs as EQATConfig overrides (VALUE read as JSON when it parses:
+    numbers, true/false; else kept as a string)."""
+    from effqat_plugin import EQATConfig
+
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in EQATConfig.__dataclass_fields__:
+            raise SystemExit(f"--eqat-set {pair!r}: expected KEY=VALUE with KEY an EQATConfig field")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
 def parse_config(spec: str):
     b, g = spec.lower().lstrip("w").split("g")
     return int(b), int(g)
@@ -167,11 +199,14 @@ def autoround_rows(method, model_dir, bits, group, calib, evals, out):
              "note": f"iters={iters}, exported auto_gptq -> effqat convert --to gptq_v2"}]
 
 
-def eqat_rows(model_dir, bits, group, calib, evals, out, text_calib=False, sym=False):
+def eqat_rows(model_dir, bits, group, calib, evals, out, text_calib=False, sym=False, settings=None,
+              samples_from=None):
     """Block-AP once (saved: the Block-AP-only row), then E2E-QP on the same in-memory model as
-    ``eqat_run.run_eqat`` does (saved: the full row); EQATConfig defaults throughout, and with text
-    calibration both phases also train on as many self-generated samples, as ``effqat quantize`` does
-    by default (sampling is not timed: the CLI does it once before Block-AP)."""
+    ``eqat_run.run_eqat`` does (saved: the full row); EQATConfig defaults throughout (``settings``
+    overrides some, ``--eqat-set``), and with text calibration both phases also train on as many
+    self-generated samples, as ``effqat quantize`` does by default: drawn here in fp32 on the CPU, or
+    read from ``samples_from`` (an ``effqat sample`` file, e.g. drawn in bf16). Sampling is not timed:
+    the CLI does it once before Block-AP."""
     from gptqmodel import GPTQModel
 
     from effqat_plugin import EQATConfig
@@ -181,12 +216,20 @@ def eqat_rows(model_dir, bits, group, calib, evals, out, text_calib=False, sym=F
     from effqat_plugin.runtime import resolve_runtime
 
     fmt = "gptq_v2" if bits == 3 else "gptq"
-    full_cfg = EQATConfig(bits=bits, group_size=group, sym=sym)
-    cfg = EQATConfig(bits=bits, group_size=group, e2e_epochs=0, sym=sym)
+    settings = settings or {}
+    full_cfg = EQATConfig(bits=bits, group_size=group, sym=sym, **settings)
+    cfg = EQATConfig(bits=bits, group_size=group, sym=sym, **{**settings, "e2e_epochs": 0})
     name = "eqat-sym" if sym else "eqat"
     train_ids, val_ids = split_calibration(calib, full_cfg.block_val_samples)
     extra = None
-    if text_calib:  # as `effqat quantize --self-generated auto`: as many samples the fp model writes
+    if text_calib and samples_from:
+        from transformers import AutoConfig
+
+        from effqat_plugin.sample_file import check_against, read_sample_file
+
+        extra = check_against(read_sample_file(samples_from), AutoConfig.from_pretrained(model_dir).vocab_size,
+                              calib.shape[1], train_ids.shape[0])
+    elif text_calib:  # as `effqat quantize --self-generated auto`: as many samples the fp model writes
         from transformers import AutoModelForCausalLM
 
         fp = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -200,7 +243,8 @@ def eqat_rows(model_dir, bits, group, calib, evals, out, text_calib=False, sym=F
     model.save(out + "-blockap", fmt=fmt)
     blk = model._eqat_result.block_ap
     rows = [{"method": f"{name}-blockap", **t_block, "note": f"lr s/z {blk.quant_lr:.3g}, w {blk.weight_lr:.3g}",
-             "layers": [[r.train_loss, r.val_loss] for r in blk.reports]}]
+             "layers": [[r.train_loss, r.val_loss] for r in blk.reports],
+             "lr_search": blk.lr_search}]
     clock = Clock()
     rep = E2EQP(model.model, full_cfg, resolve_runtime(None), show_progress=False,
                 lr_fraction=blk.lr_fraction).run(e2e_ids, val_ids)
@@ -211,7 +255,7 @@ def eqat_rows(model_dir, bits, group, calib, evals, out, text_calib=False, sym=F
     model.quantize_config = full_cfg
     model.save(out, fmt=fmt)
     rows.append({"method": name, **{k: t_block[k] + t_e2e[k] for k in t_block},
-                 "note": f"E2E-QP lr {rep.lr:.3g}, {rep.steps} steps on {e2e_ids.shape[0]} samples "
+                 "note": f"E2E-QP lr {rep.lr:.3g}, {rep.epochs_run} epochs, {rep.steps} steps on {e2e_ids.shape[0]} samples "
                          f"({e2e_ids.shape[0] - train_ids.shape[0]} self-generated)"})
     del model
     rows[0]["ppl"] = reloaded_ppl(out + "-blockap", evals)
@@ -219,19 +263,20 @@ def eqat_rows(model_dir, bits, group, calib, evals, out, text_calib=False, sym=F
     return rows
 
 
-def child(method, model_dir, config, work):
+def child(method, model_dir, config, work, settings=None, samples_from=None):
     from effqat_plugin.data import load_token_file
 
     bits, group = parse_config(config)
     calib = load_token_file(os.path.join(work, "calib.safetensors"))
     evals = load_evals(work)
-    out = os.path.join(work, config, method)
+    out = os.path.join(work, config, method + variant_suffix(settings, samples_from))
     os.makedirs(os.path.join(work, config), exist_ok=True)
     fn = {"fp": fp_rows, "rtn": rtn_rows, "gptq": gptq_rows, "eqat": eqat_rows}.get(method)
     if method in ("eqat", "eqat-sym"):
         with open(os.path.join(work, "data.json")) as f:
             text = not str(json.load(f)["calib"][0]).startswith("sampled")
-        fn = functools.partial(eqat_rows, text_calib=text, sym=method == "eqat-sym")
+        fn = functools.partial(eqat_rows, text_calib=text, sym=method == "eqat-sym", settings=settings,
+                               samples_from=samples_from)
     rows = (fn(model_dir, bits, group, calib, evals, out) if fn
             else autoround_rows(method, model_dir, bits, group, calib, evals, out))
     with open(out + ".json", "w") as f:
@@ -241,15 +286,21 @@ def child(method, model_dir, config, work):
 def run_child(args, method, config) -> list:
     """The rows of one method (cached in WORK/<config>/<method>.json); a failure becomes a note row.
     With ``--cached-only`` a row not measured yet is left out instead of run."""
-    result = os.path.join(args.work, config, method + ".json")
+    variant = ""
+    if method.startswith("eqat"):
+        variant = variant_suffix(parse_settings(args.eqat_set), args.self_generated_from)
+    result = os.path.join(args.work, config, method + variant + ".json")
     if not os.path.exists(result) and args.cached_only:
         print(f"  {config} {method}: not measured in {args.work} (left out)", flush=True)
         return []
     if not os.path.exists(result):
-        log = os.path.join(args.work, config, method + ".log")
+        log = os.path.join(args.work, config, method + variant + ".log")
         os.makedirs(os.path.dirname(log), exist_ok=True)
         cmd = [sys.executable, os.path.abspath(__file__), "--child", method, "--model", args.model,
                "--configs", config, "--work", args.work]
+        if variant:
+            cmd += [f"--eqat-set={pair}" for pair in args.eqat_set]
+            cmd += [f"--self-generated-from={args.self_generated_from}"] if args.self_generated_from else []
         t0 = time.time()
         with open(log, "w") as f:
             rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
@@ -258,9 +309,13 @@ def run_child(args, method, config) -> list:
             with open(log, errors="replace") as f:
                 errs = [ln.strip() for ln in f if "Error" in ln]
             note = "failed: " + (errs[-1][:120] if errs else f"exit {rc}")
-            return [{"method": method, "ppl": {}, "seconds": None, "note": note}]
+            return [{"method": method + variant, "ppl": {}, "seconds": None, "note": note}]
     with open(result) as f:
-        return json.load(f)
+        rows = json.load(f)
+    for r in rows:  # a variant's rows are named after it (LABELS then shows the plain method's label + it)
+        if variant and not r["method"].endswith(variant):
+            r["method"] += variant
+    return rows
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -340,7 +395,7 @@ def format_table(args, results) -> str:
                    for lb in labels]
             sec, wall = r.get("cpu_seconds"), r.get("seconds")
             ratio = f"{sec / gptq:.2f}x" if sec and gptq else "–"
-            lines.append("| " + " | ".join([config if r["method"] != "fp" else "–", LABELS.get(r["method"], r["method"]),
+            lines.append("| " + " | ".join([config if r["method"] != "fp" else "–", label_of(r["method"]),
                                             *ppl, f"{sec:.0f} s" if sec else "–", ratio,
                                             f"{wall:.0f} s" if wall else "–", r.get("note", "")]) + " |")
     return "\n".join(lines)
@@ -364,7 +419,7 @@ def reference_table(args, results) -> dict:
         gptq = gptq_cpu_seconds(rows)
         out["fp"] = next((ppl(r) for r in rows if r["method"] == "fp" and r.get("ppl")), out["fp"])
         out["configs"][config] = [
-            {"method": r["method"], "label": LABELS.get(r["method"], r["method"]), "ppl": ppl(r),
+            {"method": r["method"], "label": label_of(r["method"]), "ppl": ppl(r),
              "cpu_time_vs_gptq": round(r["cpu_seconds"] / gptq, 2) if r.get("cpu_seconds") and gptq else None}
             for r in rows if r.get("ppl") and r["method"] != "fp"]
     return out
@@ -394,10 +449,17 @@ def main(argv=None):
                                    "model cards quote: effqat_plugin/assets/reference_quality.json)")
     ap.add_argument("--cached-only", action="store_true",
                     help="build the table from the rows already measured in --work; run nothing")
+    ap.add_argument("--eqat-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="EQATConfig override for the EQAT rows (repeatable), e.g. block_loss=channel_rms; "
+                         "the rows are named eqat[KEY=VALUE] and cached beside the plain ones")
+    ap.add_argument("--self-generated-from", metavar="FILE",
+                    help="the EQAT rows' self-generated samples from this `effqat sample` file (e.g. drawn with "
+                         "--dtype bfloat16) instead of drawn here in fp32")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
-        child(args.child, args.model, args.configs, args.work)
+        child(args.child, args.model, args.configs, args.work, parse_settings(args.eqat_set),
+              args.self_generated_from)
         return 0
     if args.n_selfgen is None:
         args.n_selfgen = 8 if args.text_eval else 32
