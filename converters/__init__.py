@@ -8,10 +8,10 @@ Each is one module with a reader and a writer to and from :class:`effqat_plugin.
     save_quantized(dst, fmt=..., qweights=..., tensors=..., config_dir_or_files=...)
     load_quantized(src) -> (fmt, qweights, tensors, quantize_config)
 """
-from . import fmt_awq, fmt_bitblas, fmt_compressed_tensors, fmt_eqat, fmt_gptq  # noqa: F401  (register the formats)
 from .convert import convert, load_quantized, save_quantized
 from .detect import plan_folder
-from .registry import FORMATS, QuantFormat, get_format, register
+from .format_base import QuantFormat
+from .registry import FORMATS, get_format, register
 
 __all__ = ["convert", "save_quantized", "load_quantized", "plan_folder", "FORMATS", "QuantFormat",
            "get_format", "register"]

@@ -26,7 +26,8 @@ from . import packing
 from .checkpoint import (ShardWriter, atomic_folder, carried_files, check_destination, copy_files,
                          parse_size, write_json)
 from .detect import plan_folder
-from .registry import ModuleSpec, QuantFormat, WriteContext, get_format
+from .format_base import ModuleSpec, QuantFormat, WriteContext
+from .registry import get_format
 
 log = logging.getLogger("effqat.converters")
 
@@ -92,26 +93,6 @@ def decide(fmt: QuantFormat, specs: list[ModuleSpec], bits: int, group: int, sou
     return ctx, stored
 
 
-def _in_file(plan, m: str, e: QuantFormatError) -> QuantFormatError:
-    """Prefix a module error with the shard file that holds the module."""
-    shard = plan.folder.key_to_file.get(plan.key(m, plan.fmt.required[0]), "")
-    return QuantFormatError(f"{plan.folder.path / shard}: {e}")
-
-
-def read_module(plan, m: str) -> QuantizedWeight:
-    """Read one module of a planned folder; narrow it back to its quantized width if stored wider."""
-    spec = plan.specs[m]
-    try:
-        qw = plan.fmt.read(plan.getter(m), spec, plan.params)
-    except QuantFormatError as e:
-        raise _in_file(plan, m, e) from None
-    if spec.logical_bits and spec.logical_bits != qw.bits:
-        qw = QuantizedWeight(int_weight=qw.int_weight, zeros=qw.zeros, scales=qw.scales,
-                             bits=spec.logical_bits, group_size=qw.group_size, g_idx=qw.g_idx,
-                             bias=qw.bias)
-    return qw
-
-
 def _fast_module(plan, dst_fmt: QuantFormat, m: str, stored_bits: int, ctx: WriteContext):
     spec = plan.specs[m]
     if spec.true_bits not in (2, 4, 8) or stored_bits != spec.bits:
@@ -119,7 +100,7 @@ def _fast_module(plan, dst_fmt: QuantFormat, m: str, stored_bits: int, ctx: Writ
     try:
         words = plan.fmt.read_words(plan.getter(m), spec, plan.params)
     except QuantFormatError as e:
-        raise _in_file(plan, m, e) from None
+        raise plan.in_file(m, e) from None
     if words is None:
         return None
     if ctx.sym:
@@ -292,7 +273,7 @@ def convert(src, dst, *, to: str, bits=None, group_size=None, overwrite=False, d
                             yield m, tensors
                             folder.drop_pages(plan.module_keys(m))
                             continue
-                    yield m, read_module(plan, m)
+                    yield m, plan.read(m)
                     folder.drop_pages(plan.module_keys(m))
         finally:
             folder.close()
@@ -385,7 +366,7 @@ def load_quantized(src, *, bits=None, group_size=None, v1_zeros: str = "auto"):
     qweights, tensors = {}, {}
     try:
         for m in plan.specs:
-            qweights[m] = read_module(plan, m)
+            qweights[m] = plan.read(m)
         for k in plan.other_keys:
             tensors[k] = folder.get(k)
     finally:

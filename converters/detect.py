@@ -25,12 +25,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from effqat_plugin.qweight import QuantFormatError, n_groups_for
+from effqat_plugin.qweight import QuantFormatError, QuantizedWeight, n_groups_for
 
 from .checkpoint import SafetensorsFolder
 from .fmt_gptq import dynamic_for, parse_dynamic
-from .registry import (BITS_CANDIDATES, GROUP_CANDIDATES, ModuleSpec, QuantFormat,
-                       get_format)
+from .format_base import BITS_CANDIDATES, GROUP_CANDIDATES, ModuleSpec, QuantFormat
+from .registry import get_format
 
 log = logging.getLogger("effqat.converters")
 
@@ -59,6 +59,24 @@ class FolderPlan:
     def module_keys(self, module: str) -> list:
         keys = [self.key(module, s) for s in self.fmt.suffixes]
         return [k for k in keys if k in self.folder.shapes]
+
+    def in_file(self, module: str, e: QuantFormatError) -> QuantFormatError:
+        """``e`` prefixed with the shard file that holds ``module``."""
+        shard = self.folder.key_to_file.get(self.key(module, self.fmt.required[0]), "")
+        return QuantFormatError(f"{self.folder.path / shard}: {e}")
+
+    def read(self, module: str) -> QuantizedWeight:
+        """One module of the folder, narrowed back to its quantized width if stored wider."""
+        spec = self.specs[module]
+        try:
+            qw = self.fmt.read(self.getter(module), spec, self.params)
+        except QuantFormatError as e:
+            raise self.in_file(module, e) from None
+        if spec.logical_bits and spec.logical_bits != qw.bits:
+            qw = QuantizedWeight(int_weight=qw.int_weight, zeros=qw.zeros, scales=qw.scales,
+                                 bits=spec.logical_bits, group_size=qw.group_size, g_idx=qw.g_idx,
+                                 bias=qw.bias)
+        return qw
 
 
 def stored_key(folder: SafetensorsFolder, fmt: QuantFormat, module: str, suffix: str) -> str:

@@ -21,8 +21,8 @@ from effqat_plugin.qweight import QuantFormatError
 
 from . import packing
 from .checkpoint import DerivedTensor
-from .registry import (ModuleSpec, QuantFormat, WriteContext, check_codes,
-                       g_idx_is_default, make_qweight, register, words_g_idx_is_default)
+from .format_base import (ModuleSpec, QuantFormat, WriteContext, check_codes,
+                       g_idx_is_default, make_qweight, words_g_idx_is_default)
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 AWQ_BITS = (4,)
@@ -128,7 +128,7 @@ class AwqFormat(QuantFormat):
         return make_qweight(w.t().contiguous(), z.t().contiguous(), scales.t().contiguous(), bits,
                             spec.group_size, None, get("bias"), spec.name)
 
-    # -- packed-word fast path (4-bit words <-> GPTQ-v2 words, see registry.QuantFormat) ----------
+    # -- packed-word fast path (4-bit words <-> GPTQ-v2 words, see format_base.QuantFormat) ----------
     def _words_ok(self, spec: ModuleSpec) -> bool:
         return (spec.bits in AWQ_BITS and not spec.logical_bits and spec.in_features % 8 == 0
                 and spec.out_features % 8 == 0 and packing.nibble_transpose(AWQ_ORDER) is not None)
@@ -172,4 +172,4 @@ class AwqFormat(QuantFormat):
         return out
 
 
-register(AwqFormat())
+FORMATS = (AwqFormat(),)

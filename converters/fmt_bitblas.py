@@ -19,8 +19,8 @@ from effqat_plugin.qweight import QuantFormatError
 
 from . import packing
 from .checkpoint import DerivedTensor
-from .registry import (ModuleSpec, QuantFormat, WriteContext, check_codes, g_idx_is_default,
-                       make_qweight, register, words_g_idx_is_default)
+from .format_base import (ModuleSpec, QuantFormat, WriteContext, check_codes, g_idx_is_default,
+                       make_qweight, words_g_idx_is_default)
 
 BITBLAS_BITS = (2, 4, 8)
 BITBLAS_GROUPS = (-1, 32, 64, 128)
@@ -182,4 +182,4 @@ class BitblasFormat(QuantFormat):
         return out
 
 
-register(BitblasFormat())
+FORMATS = (BitblasFormat(),)

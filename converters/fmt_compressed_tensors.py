@@ -32,8 +32,8 @@ import torch
 
 from effqat_plugin.qweight import QuantFormatError
 
-from .registry import (ModuleSpec, QuantFormat, WriteContext, check_codes, check_finite_scales, declared_sym,
-                       g_idx_is_default, make_qweight, register)
+from .format_base import (ModuleSpec, QuantFormat, WriteContext, check_codes, check_finite_scales, declared_sym,
+                       g_idx_is_default, make_qweight)
 
 PACK_FORMAT = "pack-quantized"
 QUANT_METHOD = "compressed-tensors"
@@ -254,4 +254,4 @@ class CompressedTensorsFormat(QuantFormat):
         return tensors
 
 
-register(CompressedTensorsFormat())
+FORMATS = (CompressedTensorsFormat(),)

@@ -17,8 +17,8 @@ from effqat_plugin.qweight import QuantFormatError
 from . import packing
 from effqat_plugin.qweight import default_g_idx
 
-from .registry import (ModuleSpec, QuantFormat, WriteContext, check_codes, g_idx_is_default,
-                       make_qweight, qw_group, register, words_g_idx_is_default)
+from .format_base import (ModuleSpec, QuantFormat, WriteContext, check_codes, g_idx_is_default,
+                       make_qweight, qw_group, words_g_idx_is_default)
 
 
 class InPackedFormat(QuantFormat):
@@ -178,4 +178,4 @@ class EqatFormat(InPackedFormat):
         }
 
 
-register(EqatFormat())
+FORMATS = (EqatFormat(),)

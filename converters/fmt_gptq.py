@@ -43,15 +43,11 @@ from .checkpoint import DerivedTensor
 from .fmt_eqat import InPackedFormat
 from effqat_plugin.qweight import QuantizedWeight
 
-from .registry import ModuleSpec, WriteContext, package_version, register, words_g_idx_is_default
+from .format_base import ModuleSpec, WriteContext, words_g_idx_is_default
 
 log = logging.getLogger("effqat.converters")
 
 MIN_GPTQMODEL_WORD_V1 = Version("0.9.0")
-
-
-def gptqmodel_quantizer_entry() -> str:
-    return f"gptqmodel:{package_version('gptqmodel', '7.7.0')}"
 
 
 def v1_convention_from_meta(qcfg: dict | None) -> str:
@@ -271,5 +267,4 @@ def dynamic_for(rules, name: str):
     return {}
 
 
-register(GptqFormat(v2=False))
-register(GptqFormat(v2=True))
+FORMATS = (GptqFormat(v2=False), GptqFormat(v2=True))

@@ -31,9 +31,8 @@ from effqat_plugin.qweight import QuantFormatError, QuantizedWeight
 
 from . import gguf_blocks, gguf_layout
 from .checkpoint import atomic_file
-from .convert import read_module
 from .detect import plan_folder
-from .registry import words_g_idx_is_default
+from .format_base import words_g_idx_is_default
 
 log = logging.getLogger("effqat.converters.gguf")
 
@@ -172,7 +171,7 @@ class FolderModules:
                                    f"GGUF blocks follow the stored column order, so this cannot be exact")
 
     def _read(self, m: str) -> QuantizedWeight:
-        qw = read_module(self.plan, m)
+        qw = self.plan.read(m)
         self.plan.folder.drop_pages(self.plan.module_keys(m))
         return qw
 

@@ -19,7 +19,7 @@ import torch
 
 from .checkpoint import ST_NAMES, DerivedTensor, ShardWriter, safetensors_header
 from .convert import save_modules
-from .registry import ModuleSpec
+from .format_base import ModuleSpec
 
 
 class SpoolingShardWriter(ShardWriter):

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from .block_loss import BlockLoss
 from .config import EQATConfig
+from .layer_report import LayerReport
 from .layout import ModelLayout, set_submodule
 from .qweight import QuantizedWeight
 from .quantizer import FakeQuantLinear
@@ -34,25 +35,6 @@ log = logging.getLogger("effqat.block_ap")
 
 class _StopForward(Exception):
     pass
-
-
-@dataclass
-class LayerReport:
-    index: int
-    train_loss: float
-    val_loss: Optional[float]
-    best_epoch: int
-    seconds: float
-    peak_memory_mb: float
-    steps: int
-    experts: int = 0  # MoE experts with quantized linears in this layer
-    experts_without_tokens: int = 0  # of those, how many no training token was routed to (left at min/max init)
-    quant_lr: float = 0.0  # the rates this layer was trained with (0.0 in work folders of older versions)
-    weight_lr: float = 0.0
-    lr_scale: float = 0.0  # their raise over the paper's rates when the lr search chose them, else 0.0
-    # where the lr search ran on this layer: each candidate's scale, rates and held-out loss (the lowest
-    # loss won and holds for the following layers)
-    lr_search: List[dict] = field(default_factory=list)
 
 
 @dataclass

@@ -128,7 +128,7 @@ class StagedModules:
     """The quantized modules of a staged GGUF run for ``gguf_export._Rows``: rows already encoded."""
 
     def __init__(self, folder, types: Dict[str, str], shapes: Dict[str, tuple]):
-        from effqat_plugin.converters.registry import ModuleSpec
+        from effqat_plugin.converters.format_base import ModuleSpec
 
         self.folder, self.types = folder, types
         self.specs = {m: ModuleSpec(name=m, in_features=int(s[1]), out_features=int(s[0]), n_groups=1)

@@ -20,6 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .jsonio import write_json_atomic
+from .layer_report import LayerReport
 from .qweight import QuantizedWeight
 
 PROGRESS = "progress.json"
@@ -94,8 +95,6 @@ class LayerStore:
         write_json_atomic(self.progress_path, self.progress)
 
     def load(self, index: int) -> SavedLayer:
-        from .block_ap import LayerReport
-
         with safe_open(self._file(index), "pt") as f:
             meta = f.metadata()
             tensors = {k: f.get_tensor(k) for k in f.keys()}

@@ -21,10 +21,11 @@ The packed layout is documented in :mod:`effqat_plugin.kernels.packing`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import threading
-from typing import Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
@@ -126,14 +127,49 @@ def active_backend(device=None, requested: Optional[str] = None) -> str:
     return "reference"
 
 
-def _impl(name: str):
-    if name == "triton":
-        from . import triton_kernels
-        return triton_kernels
-    if name == "cuda":
+class _Ops(NamedTuple):
+    """One backend's operations as the entry point runs them."""
+
+    forward: Callable
+    grad_input: Callable
+    grad_scales_zeros: Callable
+    dequantize: Callable
+
+
+def _transient_dequant(packed, scales, zeros, bits, group_size, in_features, dtype):
+    """The dequantized weight Triton's cuBLAS paths (many rows) multiply with: the CUDA
+    extension's when it is built, else Triton's own."""
+    if packed.device.type == "cuda" and _cuda_ok():
         from . import cuda_ext
-        return cuda_ext
-    return _reference
+        return cuda_ext.dequantize(packed, scales, zeros, bits, group_size, in_features, dtype)
+    from . import triton_kernels
+    return triton_kernels.dequantize(packed, scales, zeros, bits, group_size, in_features, dtype)
+
+
+_OPS: dict = {}
+
+
+def _impl(name: str) -> _Ops:
+    """The operations of backend ``name``. Backends never call each other: where one borrows from
+    another (Triton's big GEMMs use the CUDA extension's dequant; the CUDA backend's grad_s is
+    Triton's reduction when Triton runs), the borrowing is composed here."""
+    if name not in _OPS:
+        if name == "triton":
+            from . import triton_kernels as tk
+            _OPS[name] = _Ops(functools.partial(tk.forward, dequant=_transient_dequant),
+                              functools.partial(tk.grad_input, dequant=_transient_dequant),
+                              tk.grad_scales_zeros, tk.dequantize)
+        elif name == "cuda":
+            from . import cuda_ext as ce
+            grad_sz = ce.grad_scales_zeros
+            if _triton_ok():
+                from . import triton_kernels
+                grad_sz = triton_kernels.grad_scales_zeros
+            _OPS[name] = _Ops(ce.forward, ce.grad_input, grad_sz, ce.dequantize)
+        else:
+            r = _reference
+            _OPS[name] = _Ops(r.forward, r.grad_input, r.grad_scales_zeros, r.dequantize)
+    return _OPS[name]
 
 
 def _check(packed, scales, zeros, bits, group_size, in_features):

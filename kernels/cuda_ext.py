@@ -101,14 +101,7 @@ def grad_input(grad_y2d, packed, scales, zeros, bits, group_size, in_features, x
 
 def grad_scales_zeros(x2d, grad_y2d, packed, scales, zeros, bits, group_size, in_features,
                       need_scales=True, need_zeros=False):
-    try:
-        from . import triton_kernels
-        if triton_kernels.AVAILABLE:
-            return triton_kernels.grad_scales_zeros(x2d, grad_y2d, packed, scales, zeros, bits,
-                                                    group_size, in_features, need_scales,
-                                                    need_zeros)
-    except ImportError:  # pragma: no cover
-        pass
+    """The extension has no reduction kernel: torch's (the entry point uses Triton's when it runs)."""
     return _ref.grad_scales_zeros(x2d, grad_y2d, packed, scales, zeros, bits, group_size,
                                   in_features, need_scales, need_zeros)
 

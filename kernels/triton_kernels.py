@@ -363,20 +363,10 @@ def dequantize(packed, scales, zeros, bits, group_size, in_features, dtype=torch
     return out
 
 
-def _dequant_fast(packed, scales, zeros, bits, group_size, in_features, dtype):
-    """Transient dequantized weight for the cuBLAS paths: CUDA extension if built, else Triton."""
-    if packed.device.type == "cuda":
-        try:
-            from . import cuda_ext
-            if cuda_ext.available():
-                return cuda_ext.dequantize(packed, scales, zeros, bits, group_size, in_features,
-                                           dtype)
-        except Exception:  # pragma: no cover
-            pass
-    return dequantize(packed, scales, zeros, bits, group_size, in_features, dtype)
-
-
-def forward(x2d, packed, scales, zeros, bits, group_size, in_features):
+def forward(x2d, packed, scales, zeros, bits, group_size, in_features, dequant=None):
+    """``x2d @ W^T``: a split-K GEMV for few rows, a fused dequant-GEMM for up to FUSED_MAX_M rows,
+    else cuBLAS on a transient weight made by ``dequant`` (same signature as :func:`dequantize`;
+    the entry point passes the CUDA extension's when it is built)."""
     if _use_reference(x2d):
         return _ref.forward(x2d, packed, scales, zeros, bits, group_size, in_features)
     x2d = x2d.contiguous()
@@ -410,11 +400,12 @@ def forward(x2d, packed, scales, zeros, bits, group_size, in_features):
             s.stride(0), y.stride(0), BITS=bits, VPW=vpw, BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
             GROUP_ALIGNED=(gs % BK == 0), PREC=_prec(x2d.dtype), DOT_F32=_dot_f32(x2d))
         return y
-    w = _dequant_fast(packed, scales, zeros, bits, group_size, in_features, x2d.dtype)
+    w = (dequant or dequantize)(packed, scales, zeros, bits, group_size, in_features, x2d.dtype)
     return x2d @ w.t()
 
 
-def grad_input(grad_y2d, packed, scales, zeros, bits, group_size, in_features, x_dtype):
+def grad_input(grad_y2d, packed, scales, zeros, bits, group_size, in_features, x_dtype, dequant=None):
+    """``grad_y @ W`` (``dequant`` as in :func:`forward`, for many rows)."""
     if _use_reference(grad_y2d) or x_dtype not in _TL_DTYPES:
         return _ref.grad_input(grad_y2d, packed, scales, zeros, bits, group_size, in_features,
                                x_dtype)
@@ -422,7 +413,7 @@ def grad_input(grad_y2d, packed, scales, zeros, bits, group_size, in_features, x
     M, N = gy.shape
     K = in_features
     if M > FUSED_MAX_M:
-        w = _dequant_fast(packed, scales, zeros, bits, group_size, in_features, x_dtype)
+        w = (dequant or dequantize)(packed, scales, zeros, bits, group_size, in_features, x_dtype)
         return gy @ w
     gs = _ref.effective_group(group_size, in_features)
     z, s = _zs(zeros, scales)

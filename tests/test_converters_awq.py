@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from effqat_plugin.converters import convert, get_format, load_quantized, save_quantized
-from effqat_plugin.converters.registry import WriteContext
+from effqat_plugin.converters.format_base import WriteContext
 from effqat_plugin.qweight import QuantFormatError
 
 from kernel_helpers import close

@@ -135,7 +135,7 @@ def test_eval_loader_on_truncated_fp_folder(tmp_path, stories260k_dir):
 def test_finite_check_on_bits(dtype):
     import torch
 
-    from effqat_plugin.converters.registry import check_finite_scales
+    from effqat_plugin.converters.format_base import check_finite_scales
     from effqat_plugin.qweight import QuantFormatError
 
     dt = getattr(torch, dtype)

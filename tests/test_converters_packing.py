@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from effqat_plugin.converters import get_format, packing
-from effqat_plugin.converters.registry import WriteContext
+from effqat_plugin.converters.format_base import WriteContext
 
 from test_converters_helpers import (rand_qweight, ref_bitblas_codes, ref_bytes_unpack, ref_unpack_per_word,
                                      ref_unpack_stream)

@@ -221,7 +221,7 @@ def test_untrained_run_equals_llama_quantize(tmp_path, preset, tied):
 
 def test_layer_files_keep_gguf_weights(tmp_path):
     """The Block-AP work folder (resume) stores K grids and llama.cpp rows exactly."""
-    from effqat_plugin.block_ap import LayerReport
+    from effqat_plugin.layer_report import LayerReport
     from effqat_plugin.resume import LayerStore
 
     w = torch.randn(8, 256, generator=torch.Generator().manual_seed(2))

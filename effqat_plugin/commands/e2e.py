@@ -124,7 +124,7 @@ def run(args) -> int:
     ckpt = load_checkpoint(quant_dir, frozen_dtype, args.train_zeros)
     model, fmt, src_qweights, tensors, qcfg = ckpt.model, ckpt.fmt, ckpt.qweights, ckpt.tensors, ckpt.quantize_config
     bits = int(qcfg.get("bits") or next(iter(src_qweights.values())).bits)
-    from effqat_plugin.converters.registry import declared_sym
+    from effqat_plugin.converters.format_base import declared_sym
 
     sym = declared_sym(qcfg)   # kept: E2E-QP trains step sizes only, unless --train-zeros
     if sym and args.train_zeros:

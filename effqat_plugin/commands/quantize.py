@@ -284,7 +284,8 @@ def check_writable(run, cfg) -> None:
     if not names or cfg.save_format == "gguf":   # a GGUF run's types were planned when it was set up
         return
     from effqat_plugin.converters.convert import decide
-    from effqat_plugin.converters.registry import ModuleSpec, get_format
+    from effqat_plugin.converters.format_base import ModuleSpec
+    from effqat_plugin.converters.registry import get_format
     from effqat_plugin.qweight import QuantFormatError, n_groups_for
 
     specs = []
