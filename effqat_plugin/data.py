@@ -150,6 +150,15 @@ def save_token_file(path: str, input_ids: torch.Tensor) -> None:
 
 
 @torch.no_grad()
+def _cache_keyword(model) -> str:
+    """The name a model's forward takes its KV cache under (and returns it as): ``cache`` in
+    transformers >= 5.24, where ``past_key_values`` is deprecated (removed in 5.40), else
+    ``past_key_values``."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def sample_from_model(model, n_samples: int, seq_len: int, seed: int = 0, bos_token_id: int = 1,
                       temperature: float = 1.0, batch_size: int = 64) -> torch.Tensor:
     """Sequences the model writes itself, from BOS at temperature 1: the data-free calibration default.
@@ -159,6 +168,7 @@ def sample_from_model(model, n_samples: int, seq_len: int, seed: int = 0, bos_to
     """
     gen = torch.Generator(device="cpu").manual_seed(seed)
     device = next(model.parameters()).device
+    cache_kw = _cache_keyword(model)
     out = []
     for start in range(0, n_samples, batch_size):
         b = min(batch_size, n_samples - start)
@@ -166,8 +176,8 @@ def sample_from_model(model, n_samples: int, seq_len: int, seed: int = 0, bos_to
         past = None
         step_in = ids
         for _ in range(seq_len - 1):
-            res = model(input_ids=step_in, past_key_values=past, use_cache=True)
-            past = res.past_key_values
+            res = model(input_ids=step_in, use_cache=True, **{cache_kw: past})
+            past = getattr(res, cache_kw)
             probs = torch.softmax(res.logits[:, -1, :].float() / temperature, dim=-1).cpu()
             nxt = torch.multinomial(probs, 1, generator=gen).to(device)
             ids = torch.cat([ids, nxt], dim=1)
