@@ -33,6 +33,16 @@ def clamp_ste(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
     return (x.clamp(lo, hi) - x).detach() + x
 
 
+def clamp_grid(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """clamp() onto the integer grid in the forward pass; in the backward pass gradient 1 on the
+    closed range [lo, hi] and 0 outside it. That is the subgradient straight-through QAT is written
+    against (EfficientQAT's reference, and torch's own clamp from 2018 on: pytorch#7049). torch 2.14
+    (pinned) changed clamp's gradient at a scalar bound to 0 (pytorch#191142), which would freeze
+    every weight whose code sits on the lowest or highest integer: at 2 bits, a third to a half of
+    them. The forward values are clamp()'s exactly."""
+    return torch.where((x >= lo) & (x <= hi), x, x.detach().clamp(lo, hi))
+
+
 def _group_view(w: torch.Tensor, group_size: int) -> torch.Tensor:
     """View ``w`` as ``[out, n_groups, g]``; a partial last group is padded with copies of its own
     last channel, so min/max statistics see only real values."""
@@ -81,7 +91,7 @@ def fake_quantize(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, bits: int, 
     zr = clamp_ste(round_ste(z), 0, maxq)
     s_full = expand_groups(s, inf, group_size)
     z_full = expand_groups(zr, inf, group_size)
-    q = (round_ste(w / s_full) + z_full).clamp(0, maxq)
+    q = clamp_grid(round_ste(w / s_full) + z_full, 0, maxq)
     return (q - z_full) * s_full
 
 
@@ -169,8 +179,8 @@ def rtn_quantize(w: torch.Tensor, bits: int, group_size: int, scales_dtype=torch
 # * Block-AP: :func:`kgrid_fake_quantize` / :class:`KGridFakeQuantLinear` train W, d, dmin and the
 #   continuous sc, m. q = clamp(round((W + dmin*m) / (d*sc))) is recomputed each step, as ggml's
 #   quantizers compute it (round half to even in fp32, like ggml's nearest_int); rounding of q, sc, m
-#   and the fp16 rounding of d, dmin are straight-through; q's clamp is a hard clamp (dW = 0 outside
-#   the grid, as in :func:`fake_quantize`), sc / m's clamps are straight-through (as z's above).
+#   and the fp16 rounding of d, dmin are straight-through; q's clamp is :func:`clamp_grid` (dW = 1 on the
+#   closed grid, 0 outside it, as in :func:`fake_quantize`), sc / m's clamps are straight-through (as z's above).
 # * E2E-QP: :func:`kgrid_dequantize` / :class:`KGridFrozenWeight`: q, sc, m frozen integers, only
 #   d and dmin train (EfficientQAT's "train only the step sizes", on llama.cpp's grid).
 # * Initialization: llama.cpp's own fit (``effqat_plugin.llama_cpp_quants.llama_cpp_fit``). Where
@@ -305,7 +315,7 @@ def _kgrid_q(wg: torch.Tensor, step: torch.Tensor, mn: torch.Tensor | None, g: K
     step = step[..., None]
     num = wg if mn is None else wg + mn[..., None]
     dead = step == 0
-    q = round_ste(num / torch.where(dead, torch.ones_like(step), step)).clamp(g.q_lo, g.q_hi)
+    q = clamp_grid(round_ste(num / torch.where(dead, torch.ones_like(step), step)), g.q_lo, g.q_hi)
     return torch.where(dead, torch.zeros_like(q), q)
 
 

@@ -345,6 +345,18 @@ def test_straight_through_gradients_reach_every_trainable_field(qtype):
     forward().sum().backward()
     gw = leaves["W"].grad
     assert bool(((gw == 0) | (gw == 1)).all()) and bool((gw == 0).any()) and bool((gw == 1).any())
+    # "inside" is the closed range: a weight whose code is exactly q_lo or q_hi trains too
+    with torch.no_grad():
+        sci = leaves["sc"].round().clamp(g.sc_lo, g.sc_hi)
+        step = (leaves["d"].half().float()[..., None] * sci)[..., None]
+        wg = leaves["W"].reshape(8, 2, g.n_groups, g.group)
+        if g.asymmetric:
+            wg = wg + (leaves["dmin"].half().float()[..., None] * leaves["m"].round().clamp(0, g.m_hi))[..., None]
+        r = (wg / torch.where(step == 0, torch.ones_like(step), step)).round()
+        inside = (r >= g.q_lo) & (r <= g.q_hi) & (step != 0)
+        on_bounds = ((r == g.q_lo) | (r == g.q_hi)) & (step != 0)
+    assert bool(on_bounds.any())
+    assert torch.equal(gw.reshape(inside.shape), inside.float())
 
 
 @pytest.mark.parametrize("qtype", TYPES)

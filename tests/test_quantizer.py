@@ -61,6 +61,22 @@ def test_straight_through_gradients_match_appendix_c():
     assert torch.allclose(z.grad, torch.tensor([[-2 * 0.5]]))
 
 
+def test_weights_on_the_lowest_and_highest_code_keep_their_gradient():
+    """Appendix C's dW_hat/dW = 1 holds on the closed range [0, 2^b-1]: a weight whose code is exactly 0
+    or 2^b-1 trains (torch 2.14's own clamp gives such a value gradient 0, which froze them)."""
+    bits = 2
+    s = torch.tensor([[0.5]], requires_grad=True)
+    z = torch.tensor([[1.0]], requires_grad=True)
+    # codes: round(-0.5/0.5)+1 = 0, round(-0.6/0.5)+1 = 0, round(1.0/0.5)+1 = 3, round(1.1/0.5)+1 = 3, beyond
+    w = torch.tensor([[-0.5, -0.6, 1.0, 1.1, 1.3]], requires_grad=True)
+    fake_quantize(w, s, z, bits, -1).sum().backward()
+    assert torch.equal(w.grad, torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.0]]))
+    ws = w.detach() / 0.5
+    expected_ds = (ws.round() - ws)[0, :4].sum() + (3 - 1.0)
+    assert torch.allclose(s.grad, expected_ds.reshape(1, 1), atol=1e-6)
+    assert torch.allclose(z.grad, torch.tensor([[-0.5]]))  # only the one weight beyond the grid
+
+
 def test_quantize_to_ints_clamps_out_of_range_zero_points():
     w = torch.rand(4, 32) + 1.0  # all-positive groups: z = round(-min/s) < 0 before clamping
     s, z = init_scales_zeros(w, 2, 32)
