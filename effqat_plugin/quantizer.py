@@ -38,8 +38,8 @@ def clamp_grid(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
     closed range [lo, hi] and 0 outside it. That is the subgradient straight-through QAT is written
     against (EfficientQAT's reference, and torch's own clamp from 2018 on: pytorch#7049). torch 2.14
     (pinned) changed clamp's gradient at a scalar bound to 0 (pytorch#191142), which would freeze
-    every weight whose code sits on the lowest or highest integer: at 2 bits, a third to a half of
-    them. The forward values are clamp()'s exactly."""
+    every weight whose code sits on the lowest or highest integer: on SmolLM2-135M 22% of them at
+    w2g64 (min/max init) and 32% at Q2_K (llama.cpp's fit). The forward values are clamp()'s exactly."""
     return torch.where((x >= lo) & (x <= hi), x, x.detach().clamp(lo, hi))
 
 
