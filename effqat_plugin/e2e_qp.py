@@ -69,7 +69,8 @@ class E2EReport:
     resumed_from_step: int = 0
     completed: bool = True
     eval_history: List[Dict[str, float]] = field(default_factory=list)
-    best_epoch: int = 0  # 1-based epoch whose step sizes were kept (0: the last one, not compared)
+    # 1-based epoch whose step sizes were kept; 0: none of them, Block-AP's (no epoch lowered the held-out loss)
+    best_epoch: int = 0
     # epochs actually trained: ``epochs`` is the plan (the cosine runs over it), the auto rule stops
     # earlier once held-out loss stops falling (lr_rules.e2e_continue); 0 in reports of older versions
     epochs_run: int = 0
@@ -481,6 +482,9 @@ class E2EQP:
 
         start_step, running, history, val_before, train_tokens = 0, float("nan"), [], None, 0
         info = None
+        # the step sizes the run starts from (Block-AP's; a resumed run is handed the same model before
+        # its state is loaded): E2E-QP keeps them when no epoch lowers the held-out loss
+        start_values = [p.detach().to("cpu", copy=True) for p in params] if val_ds is not None else None
         if opts.resume:
             if not opts.state_dir:
                 raise ValueError("resume needs a state folder")
@@ -512,7 +516,9 @@ class E2EQP:
         # best step sizes, and stop once held-out loss no longer falls (an explicit epoch count trains
         # exactly that). The cosine is planned over all ``epochs``: see lr_rules.e2e_continue.
         keep_best = epochs > cfg.e2e_epochs and val_ds is not None
-        best = None   # (val loss, epoch, host copies of the trainable tensors)
+        # (val loss, epoch, host copies of the trainable tensors); epoch 0 is the state Block-AP left
+        initial = None if val_before is None or start_values is None else (val_before, 0, start_values)
+        best = initial if keep_best else None
         stopped = False  # by the auto rule, after epoch ``epochs_run``
         epochs_run = start_step // steps_per_epoch
         try:
@@ -597,7 +603,11 @@ class E2EQP:
             if acc.is_main_process:
                 log.info("E2E-QP: stopped after step %d of %d; state saved to %s", step, total, opts.state_dir)
 
-        val_after, best_epoch = None, 0
+        val_after, best_epoch = None, epochs_run
+        if completed and best is None and initial is not None:   # a fixed epoch count: compare with epoch 0
+            val_after = self.evaluate(wrapped, val_ds, eval_bs)
+            history.append({"step": step, "val_loss": val_after, "val_ppl": math.exp(min(val_after, 50.0))})
+            best = (val_after, epochs_run, None) if val_after <= initial[0] else initial
         if completed and best is not None:
             val_after, best_epoch = best[0], best[1]
             if best_epoch != epochs_run:
@@ -608,7 +618,10 @@ class E2EQP:
                                   and h["val_loss"] < best[0] for h in history) and acc.is_main_process:
                 log.warning("E2E-QP: an epoch before the resume had a lower held-out loss; its step sizes were "
                             "not saved, so epoch %d's are kept", best_epoch)
-            if acc.is_main_process:
+            if acc.is_main_process and best_epoch == 0:
+                log.warning("E2E-QP: no epoch lowered the held-out loss below Block-AP's (%.4f); kept Block-AP's "
+                            "step sizes (best_epoch 0 in meta.eqat.e2e_qp)", best[0])
+            elif acc.is_main_process:
                 log.info("E2E-QP: kept epoch %d of %d trained (lowest held-out loss)", best_epoch, epochs_run)
         elif completed and val_ds is not None:
             val_after = self.evaluate(wrapped, val_ds, eval_bs)

@@ -31,7 +31,10 @@ def test_quantize_then_eval_from_the_shell(tmp_path, stories260k_dir, data_files
     assert rc == 0
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["format"] == "gptq_v2" and line["calibration"] == [24, 64]
-    assert line["val_ppl"] < line["val_ppl_before_e2e"] * 1.05
+    # E2E-QP keeps Block-AP's step sizes unless an epoch lowers the held-out loss, and says which it kept
+    assert line["val_ppl"] <= line["val_ppl_before_e2e"]
+    meta_e2e = json.loads((out / "quantize_config.json").read_text())["meta"]["eqat"]["e2e_qp"]
+    assert (meta_e2e["best_epoch"] == 0) == ("e2e_kept" in line) == (line["val_ppl"] == line["val_ppl_before_e2e"])
     assert line["e2e_epochs"] == 1   # trained (--e2e-max-auto-epochs 1), also in meta.eqat.e2e_qp.epochs_run
     qcfg = json.loads((out / "quantize_config.json").read_text())
     assert qcfg["bits"] == 4 and qcfg["group_size"] == 32

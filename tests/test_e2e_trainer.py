@@ -70,7 +70,8 @@ def reference_loop(model, ids, bs, epochs, lr, warmup_ratio, max_norm=0.3, seed=
 
 
 def test_single_process_matches_plain_torch_loop():
-    ids, val = token_data(12), token_data(4, seed=2)
+    ids = token_data(12)
+    val = ids[:4]   # held out from nothing: its loss falls, so the trained step sizes are kept (next test)
     ref = tiny_packed_llama()
     before = causal_lm_loss(ref, val, 4, RT)
     steps = reference_loop(ref, ids, bs=4, epochs=2, lr=5e-3, warmup_ratio=0.2)
@@ -78,6 +79,7 @@ def test_single_process_matches_plain_torch_loop():
     model = tiny_packed_llama()
     rep = run(model, ids, val, bs=4, epochs=2, lr=5e-3, warmup=0.2)
     assert rep.steps == rep.total_steps == steps == 6 and rep.completed
+    assert after < before and rep.best_epoch == rep.epochs_run == 2
     assert rep.world_size == 1 and rep.grad_accum_steps == 1 and rep.mixed_precision == "no"
     assert_same_scales(scales_of(model), scales_of(ref))
     assert rep.val_loss_before == pytest.approx(before, abs=1e-5)
@@ -175,8 +177,30 @@ def test_train_zeros_trains_float_zero_points():
         E2EQP(tiny_packed_llama(), st, RT, show_progress=False).run(ids)
 
 
-def test_stop_and_resume_equals_uninterrupted(tmp_path):
+def test_held_out_loss_that_rises_keeps_the_starting_step_sizes(tmp_path):
+    """No epoch lowers the held-out loss (random tokens, a rate far too high): E2E-QP hands back the
+    step sizes it was given (best_epoch 0), as an uninterrupted and a resumed run alike."""
     ids, val = token_data(12), token_data(4, seed=2)
+    start = scales_of(tiny_packed_llama())
+    model = tiny_packed_llama()
+    rep = run(model, ids, val, bs=4, epochs=2, lr=0.5)
+    assert rep.completed and rep.epochs_run == 2 and rep.best_epoch == 0
+    assert rep.val_loss_after == rep.val_loss_before
+    assert_same_scales(scales_of(model), start, rtol=0, atol=0)
+    state = str(tmp_path / "state")
+    run(tiny_packed_llama(), ids, val, bs=4, epochs=2, lr=0.5, state_dir=state, stop_after=2)
+    resumed = tiny_packed_llama()   # handed the starting model, as the pipeline does, then the state
+    rr = run(resumed, ids, val, bs=4, epochs=2, lr=0.5, state_dir=state, resume=True)
+    assert rr.completed and rr.resumed_from_step == 2 and rr.best_epoch == 0
+    assert_same_scales(scales_of(resumed), start, rtol=0, atol=0)
+    trained = tiny_packed_llama()   # the same run without a held-out set trains and keeps its last epoch
+    run(trained, ids, None, bs=4, epochs=2, lr=0.5)
+    assert any(not torch.equal(a, b) for a, b in zip(scales_of(trained).values(), start.values()))
+
+
+def test_stop_and_resume_equals_uninterrupted(tmp_path):
+    ids = token_data(12)
+    val = ids[:4]
     full = tiny_packed_llama()
     rf = run(full, ids, val, bs=4, micro_batch_size=2)
     state = str(tmp_path / "state")

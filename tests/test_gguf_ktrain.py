@@ -166,8 +166,11 @@ def test_report_lists_every_tensor_with_its_type_and_bits(trained):
 def test_llama_cpp_runs_the_trained_model(trained):
     """llama.cpp's logits against a float64 transformers model holding the run's trained weights (the
     embeddings and head as the file stores them: llama.cpp's quantization of the fp tensors).
-    Tolerance: llama.cpp quantizes activations to 8 bits per block before its K-type dot products
-    (measured here about 1% of the largest logit)."""
+    Tolerance: llama.cpp quantizes activations to 8 bits per block before its K-type dot products,
+    measured here at about 1% of the largest logit at most positions. A few positions of this tiny
+    model trained on random tokens are far more sensitive (measured: 8.5% and 12% at 2 of 48; a
+    bf16 transformers run of the same weights is 7.7% off at the first of them), so the bound is
+    per position, at 90% of them."""
     from transformers import AutoModelForCausalLM
 
     model_dir, out, run, _ = trained
@@ -184,8 +187,8 @@ def test_llama_cpp_runs_the_trained_model(trained):
     with torch.inference_mode():
         want = ref(torch.tensor([TOKENS])).logits[0].numpy()
     got = llama_cpp_logits(out)
-    err = float(np.abs(got.astype(np.float64) - want).max() / np.abs(want).max())
-    assert err < 0.05, err
+    err = np.abs(got.astype(np.float64) - want).max(-1) / np.abs(want).max()    # per position
+    assert (err < 0.03).mean() >= 0.9, np.round(err, 3).tolist()
     assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.85
 
 

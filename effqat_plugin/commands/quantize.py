@@ -269,6 +269,8 @@ def run(args) -> int:
         line["warning"] = extra.warning()
     if e2e:
         line["e2e_epochs"] = e2e.get("epochs_run")   # trained, of e2e["epochs"] planned (meta.eqat.e2e_qp)
+        if e2e.get("best_epoch") == 0 and e2e.get("completed", True) and e2e.get("val_loss_after") is not None:
+            line["e2e_kept"] = "Block-AP's step sizes: no E2E-QP epoch lowered the held-out loss"
     if report:
         line["save_report"] = report
     print(json.dumps(line, default=str))
