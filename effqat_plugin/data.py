@@ -149,7 +149,6 @@ def save_token_file(path: str, input_ids: torch.Tensor) -> None:
     save_file({"input_ids": input_ids.long().contiguous()}, path)
 
 
-@torch.no_grad()
 def _cache_keyword(model) -> str:
     """The name a model's forward takes its KV cache under (and returns it as): ``cache`` in
     transformers >= 5.24, where ``past_key_values`` is deprecated (removed in 5.40), else
@@ -159,6 +158,7 @@ def _cache_keyword(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+@torch.no_grad()   # the KV cache would otherwise hold every step's graph: GBs within seconds
 def sample_from_model(model, n_samples: int, seq_len: int, seed: int = 0, bos_token_id: int = 1,
                       temperature: float = 1.0, batch_size: int = 64) -> torch.Tensor:
     """Sequences the model writes itself, from BOS at temperature 1: the data-free calibration default.

@@ -60,6 +60,19 @@ def test_offloaded_sampler_writes_the_same_tokens_as_the_whole_model(synthetic_d
     assert bf16.dtype == torch.bfloat16 and bf16.weight_bytes * 2 == whole.weight_bytes
 
 
+def test_sampling_builds_no_autograd_graph(stories260k_dir):
+    """Called with gradients enabled (the Python API, the benchmarks), the sampler still runs every
+    forward without them: the KV cache would otherwise keep each step's graph (GBs in seconds)."""
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(str(stories260k_dir), dtype=torch.float32)
+    seen = []
+    m.register_forward_pre_hook(lambda mod, args: seen.append(torch.is_grad_enabled()))
+    assert torch.is_grad_enabled()
+    ids = sample_from_model(m, 2, 6, seed=0)
+    assert ids.shape == (2, 6) and len(seen) == 5 and not any(seen)
+
+
 def test_sample_file_format(tmp_path):
     from effqat_plugin.data import CalibrationError
     from effqat_plugin.sample_file import check_against, read_sample_file, sha256_of, write_sample_file
