@@ -604,10 +604,11 @@ class E2EQP:
                 log.info("E2E-QP: stopped after step %d of %d; state saved to %s", step, total, opts.state_dir)
 
         val_after, best_epoch = None, epochs_run
-        if completed and best is None and initial is not None:   # a fixed epoch count: compare with epoch 0
+        if completed and best is None and val_ds is not None:   # a fixed epoch count: the last epoch, or epoch 0
             val_after = self.evaluate(wrapped, val_ds, eval_bs)
             history.append({"step": step, "val_loss": val_after, "val_ppl": math.exp(min(val_after, 50.0))})
-            best = (val_after, epochs_run, None) if val_after <= initial[0] else initial
+            if initial is not None and val_after > initial[0]:
+                best = initial
         if completed and best is not None:
             val_after, best_epoch = best[0], best[1]
             if best_epoch != epochs_run:
@@ -623,9 +624,6 @@ class E2EQP:
                             "step sizes (best_epoch 0 in meta.eqat.e2e_qp)", best[0])
             elif acc.is_main_process:
                 log.info("E2E-QP: kept epoch %d of %d trained (lowest held-out loss)", best_epoch, epochs_run)
-        elif completed and val_ds is not None:
-            val_after = self.evaluate(wrapped, val_ds, eval_bs)
-            history.append({"step": step, "val_loss": val_after, "val_ppl": math.exp(min(val_after, 50.0))})
         for p in unwrapped.parameters():
             p.requires_grad_(False)
         if opts.gradient_checkpointing and not gc_was:
