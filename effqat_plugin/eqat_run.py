@@ -126,11 +126,12 @@ def sample_self_generated(model: nn.Module, n: int, seq_len: int, seed: int) -> 
     """``n`` sequences of ``seq_len`` tokens that the (full-precision) ``model`` writes itself, from BOS
     with seed + 2. Calibration text alone (tens of thousands of tokens of one corpus) fits its topics;
     the model's own text keeps both phases close to the fp model everywhere else."""
-    bos = getattr(model.config, "bos_token_id", None)
+    from .model_sampler import bos_of
+
     log.info("sampling %d x %d tokens from the full-precision model (seed %d) to train on besides the data",
              n, seq_len, self_generated_seed(seed))
     return sample_from_model(model, n, seq_len, seed=self_generated_seed(seed),
-                             bos_token_id=1 if bos is None else int(bos))
+                             bos_token_id=bos_of(model.config))
 
 
 def with_self_generated(cfg: EQATConfig, train_ids: torch.Tensor, e2e_ids: torch.Tensor,

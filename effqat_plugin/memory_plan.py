@@ -45,7 +45,14 @@ LAYER_TRAIN_BYTES = 22
 # bandwidth and bf16 throughput, PCIe for host-offloaded layers. Not measured on CUDA.
 SAMPLE_RATES = {"cpu": {"flops": 30e9, "resident_bw": 5e9, "offload_bw": 2e9},
                 "cuda": {"flops": 100e12, "resident_bw": 1.5e12, "offload_bw": 12e9}}
-SAMPLE_BATCH = 64
+SAMPLE_BATCH = 64  # data.sample_from_model's batch: the KV cache is sized for it
+
+
+def decode_cache_bytes(batch: int, seq_len: int, layers: int, kv_heads: int, head_dim: int, vocab: int,
+                       elem: int) -> int:
+    """Decoding memory besides the weights: keys and values of every layer for ``batch`` sequences of
+    ``seq_len`` tokens (``elem`` bytes each), plus the step's fp32 logits and probabilities."""
+    return batch * seq_len * layers * 2 * kv_heads * head_dim * elem + 2 * batch * vocab * 4
 
 
 # Public configs of the models the README plans for (so no download is needed to plan them).
@@ -110,8 +117,8 @@ def sample_phase(shape: Shape, n: int, seq_len: int, device: str = "cuda", cap=N
     params = shape.layers * shape.layer_params + shape.outside_params
     weights = params * elem
     batch = max(1, min(n, SAMPLE_BATCH))
-    head_dim = shape.hidden // shape.heads
-    kv = batch * seq_len * shape.layers * 2 * shape.kv_heads * head_dim * elem + 2 * batch * shape.vocab * 4
+    kv = decode_cache_bytes(batch, seq_len, shape.layers, shape.kv_heads, shape.hidden // shape.heads,
+                            shape.vocab, elem)
     resident = weights if cap is None else max(0, min(weights, int(cap) - kv))
     offloaded = weights - resident
     rate = SAMPLE_RATES["cpu" if cpu else "cuda"]

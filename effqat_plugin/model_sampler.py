@@ -27,19 +27,19 @@ import os
 import shutil
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
 
 from .data import sample_from_model
+from .memory_plan import SAMPLE_BATCH, decode_cache_bytes
 
 log = logging.getLogger("effqat")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_CHOICES = ("auto", *DTYPES)
-SAMPLE_BATCH = 64  # data.sample_from_model's batch: the KV cache is sized for it
 CUDA_FREE_SHARE = 0.9  # of the device's free memory, the rest left to the allocator and kernels
 HOST_FREE_SHARE = 0.5  # of the free host memory (the old rule's share)
 
@@ -71,17 +71,26 @@ def free_device_bytes(device: torch.device) -> int:
     return free_host_bytes()
 
 
+def text_config(config):
+    """The decoder's part of a transformers config (multimodal configs nest it)."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def vocab_size_of(model_dir: str) -> int:
+    """The vocabulary size in ``model_dir``'s config.json (no weights read)."""
+    from transformers import AutoConfig
+
+    return int(text_config(AutoConfig.from_pretrained(model_dir)).vocab_size)
+
+
 def kv_cache_bytes(config, batch: int, seq_len: int, dtype: torch.dtype) -> int:
-    """Decoding memory besides the weights: keys and values of every layer for a batch of ``seq_len``
-    tokens, plus the step's fp32 logits and probabilities."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    layers = int(getattr(text, "num_hidden_layers", 0) or 0)
+    """``memory_plan.decode_cache_bytes`` for a transformers ``config`` decoding in ``dtype``."""
+    text = text_config(config)
     heads = int(getattr(text, "num_attention_heads", 1) or 1)
-    kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
-    head_dim = int(getattr(text, "head_dim", None) or (int(getattr(text, "hidden_size", 0)) // heads))
-    vocab = int(getattr(text, "vocab_size", 0) or 0)
-    elem = torch.empty((), dtype=dtype).element_size()
-    return batch * seq_len * layers * 2 * kv_heads * head_dim * elem + 2 * batch * vocab * 4
+    return decode_cache_bytes(batch, seq_len, int(getattr(text, "num_hidden_layers", 0) or 0),
+                              int(getattr(text, "num_key_value_heads", None) or heads),
+                              int(getattr(text, "head_dim", None) or (int(getattr(text, "hidden_size", 0)) // heads)),
+                              int(getattr(text, "vocab_size", 0) or 0), torch.empty((), dtype=dtype).element_size())
 
 
 def _size(n: int) -> str:
@@ -214,11 +223,9 @@ def draw(model_dir: str, n: int, seq_len: int, seed: int, placement: Placement, 
     if loaded is not None:  # already whole in memory, whatever the budget says
         placement = replace(placement, offload=False, budget=placement.weight_bytes)
     log.info("sampling %d x %d tokens from the fp model (seed %d): %s", n, seq_len, seed, placement.describe())
-    if loaded is not None:
-        ids = sample_from_model(loaded, n, seq_len, seed=seed, bos_token_id=bos_of(loaded.config))
-    else:
-        with loaded_for_sampling(model_dir, placement, offload_root) as model:
-            ids = sample_from_model(model, n, seq_len, seed=seed, bos_token_id=bos_of(model.config))
+    held = nullcontext(loaded) if loaded is not None else loaded_for_sampling(model_dir, placement, offload_root)
+    with held as model:
+        ids = sample_from_model(model, n, seq_len, seed=seed, bos_token_id=bos_of(model.config))
     seconds = time.time() - t0
     record = {**placement.record(), "seed": seed, "seconds": round(seconds, 2),
               "seconds_per_1k_tokens": round(1000 * seconds / max(1, n * seq_len), 3)}

@@ -40,14 +40,11 @@ def checked_file(path: str, model_dir: str, seq_len: int, requested="auto"):
     """``--self-generated-from`` read and checked against the model's vocabulary, ``--seq-len`` and an
     explicit ``--self-generated`` count (``requested``; config.json only: run before any model is
     loaded, so bad input costs seconds and writes nothing)."""
-    from transformers import AutoConfig
-
+    from .model_sampler import vocab_size_of
     from .sample_file import check_against, read_sample_file
 
     sample = read_sample_file(path)
-    config = AutoConfig.from_pretrained(model_dir)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    check_against(sample, int(text.vocab_size), seq_len, n=None if requested == "auto" else int(requested))
+    check_against(sample, vocab_size_of(model_dir), seq_len, n=None if requested == "auto" else int(requested))
     return sample
 
 

@@ -223,12 +223,11 @@ def eqat_rows(model_dir, bits, group, calib, evals, out, text_calib=False, sym=F
     train_ids, val_ids = split_calibration(calib, full_cfg.block_val_samples)
     extra = None
     if text_calib and samples_from:
-        from transformers import AutoConfig
-
+        from effqat_plugin.model_sampler import vocab_size_of
         from effqat_plugin.sample_file import check_against, read_sample_file
 
-        extra = check_against(read_sample_file(samples_from), AutoConfig.from_pretrained(model_dir).vocab_size,
-                              calib.shape[1], train_ids.shape[0])
+        extra = check_against(read_sample_file(samples_from), vocab_size_of(model_dir), calib.shape[1],
+                              train_ids.shape[0])
     elif text_calib:  # as `effqat quantize --self-generated auto`: as many samples the fp model writes
         from transformers import AutoModelForCausalLM
 

@@ -57,7 +57,7 @@ def run(args) -> int:
 
     from effqat_plugin import __version__
     from effqat_plugin.eqat_run import self_generated_seed
-    from effqat_plugin.model_sampler import draw, plan_placement
+    from effqat_plugin.model_sampler import draw, plan_placement, vocab_size_of
     from effqat_plugin.runtime import resolve_runtime
     from effqat_plugin.sample_file import write_sample_file
 
@@ -74,11 +74,7 @@ def run(args) -> int:
     placement = plan_placement(model_dir, args.n, args.seq_len, device, args.dtype, args.max_memory)
     ids, record = draw(model_dir, args.n, args.seq_len, self_generated_seed(args.seed), placement,
                        offload_root=folder)
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(model_dir)
-    vocab = int((config.get_text_config() if hasattr(config, "get_text_config") else config).vocab_size)
-    metadata = {"model": args.model, "vocab_size": vocab, "seed": args.seed, "sampler_seed": record["seed"],
+    metadata = {"model": args.model, "vocab_size": vocab_size_of(model_dir), "seed": args.seed, "sampler_seed": record["seed"],
                 "dtype": record["dtype"], "placement": record["placement"], "device": record["device"],
                 "sampler": f"effqat:{__version__} data.sample_from_model, from BOS at temperature 1"}
     digest = write_sample_file(args.out, ids, metadata, overwrite=args.overwrite)
