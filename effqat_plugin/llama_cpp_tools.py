@@ -33,7 +33,8 @@ def tool_path(name: str) -> Path | None:
     return Path(found) if found else None
 
 
-def _need(name: str) -> Path:
+def require_tool(name: str) -> Path:
+    """The built tool ``name``, or FileNotFoundError saying how to build it (one message for every caller)."""
     p = tool_path(name)
     if p is None:
         raise FileNotFoundError(f"{name} is not built: run scripts/build_llama_tools.sh "
@@ -59,7 +60,7 @@ def perplexity(model, text_file, ctx: int = 512, chunks: int | None = None, thre
             raise FileNotFoundError(f"{p} does not exist")
     if ctx < 8 or (chunks is not None and chunks < 1):
         raise ValueError(f"ctx must be at least 8 and chunks at least 1, got ctx={ctx}, chunks={chunks}")
-    cmd = [str(_need("llama-perplexity")), "-m", str(model), "-f", str(text_file), "-c", str(ctx)]
+    cmd = [str(require_tool("llama-perplexity")), "-m", str(model), "-f", str(text_file), "-c", str(ctx)]
     if chunks is not None:
         cmd += ["--chunks", str(chunks)]
     if threads is not None:

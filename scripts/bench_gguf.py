@@ -157,10 +157,10 @@ def main(argv=None) -> int:
     from effqat_plugin.converters.gguf_export import fp_to_gguf
 
     def tool(name: str) -> Path:
-        p = llama_cpp_tools.tool_path(name)
-        if p is None:
-            sys.exit(f"bench_gguf: {name} is not built; run bash scripts/build_llama_tools.sh")
-        return p
+        try:
+            return llama_cpp_tools.require_tool(name)
+        except FileNotFoundError as e:
+            sys.exit(f"bench_gguf: {e}")
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
