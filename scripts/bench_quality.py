@@ -63,13 +63,14 @@ def label_of(method: str) -> str:
     return LABELS.get(base, base) + (f" [{variant}" if bracket else "")
 
 
-def variant_suffix(settings, samples_from) -> str:
-    """What ``--eqat-set`` / ``--self-generated-from`` add to an EQAT row's name (and its cached
-    result's file name), so variants share one work folder's data and its baseline rows:
-    ``eqat[block_loss=channel_rms]``."""
+def variant_suffix(settings, samples_from, e2e_variants=()) -> str:
+    """What ``--eqat-set`` / ``--self-generated-from`` / ``--e2e-variant`` add to an EQAT row's name
+    (and its cached result's file name), so variants share one work folder's data and its baseline
+    rows: ``eqat[block_loss=channel_rms]``."""
     parts = [f"{k}={v}" for k, v in sorted((settings or {}).items())]
     if samples_from:
         parts.append("samples=" + os.path.splitext(os.path.basename(samples_from))[0])
+    parts += [f"e2e:{spec}" for spec in e2e_variants or ()]
     return f"[{','.join(parts)}]" if parts else ""
 
 
@@ -87,6 +88,16 @@ def parse_settings(pairs) -> dict:
             out[key] = json.loads(value)
         except json.JSONDecodeError:
             out[key] = value
+    return out
+
+
+def parse_e2e_variant(spec: str) -> dict:
+    """``--e2e-variant KEY=VALUE[,KEY=VALUE]``: EQATConfig overrides for one extra E2E-QP run on the
+    same Block-AP result; only E2E-QP's own fields (``e2e_*``), since Block-AP is not re-run."""
+    out = parse_settings(spec.split(","))
+    bad = [k for k in out if not k.startswith("e2e_")]
+    if bad:
+        raise SystemExit(f"--e2e-variant {spec!r}: {bad} are not E2E-QP fields (e2e_*); use --eqat-set")
     return out
 
 
@@ -200,13 +211,15 @@ def autoround_rows(method, model_dir, bits, group, calib, evals, out):
 
 
 def eqat_rows(model_dir, bits, group, calib, evals, out, text_calib=False, sym=False, settings=None,
-              samples_from=None):
+              samples_from=None, e2e_variants=()):
     """Block-AP once (saved: the Block-AP-only row), then E2E-QP on the same in-memory model as
     ``eqat_run.run_eqat`` does (saved: the full row); EQATConfig defaults throughout (``settings``
     overrides some, ``--eqat-set``), and with text calibration both phases also train on as many
     self-generated samples, as ``effqat quantize`` does by default: drawn here in fp32 on the CPU, or
     read from ``samples_from`` (an ``effqat sample`` file, e.g. drawn in bf16). Sampling is not timed:
-    the CLI does it once before Block-AP."""
+    the CLI does it once before Block-AP. Each of ``e2e_variants`` (``--e2e-variant``) is one more
+    E2E-QP run from the same Block-AP state (restored in between), a row ``eqat[e2e:...]``: E2E-QP
+    rules compared without re-running Block-AP, the cost of a row."""
     from gptqmodel import GPTQModel
 
     from effqat_plugin import EQATConfig
@@ -244,38 +257,51 @@ def eqat_rows(model_dir, bits, group, calib, evals, out, text_calib=False, sym=F
     rows = [{"method": f"{name}-blockap", **t_block, "note": f"lr s/z {blk.quant_lr:.3g}, w {blk.weight_lr:.3g}",
              "layers": [[r.train_loss, r.val_loss] for r in blk.reports],
              "lr_search": blk.lr_search}]
-    clock = Clock()
-    rep = E2EQP(model.model, full_cfg, resolve_runtime(None), show_progress=False,
-                lr_fraction=blk.lr_fraction).run(e2e_ids, val_ids)
-    t_e2e = clock.lap()
-    result = model._eqat_result
-    result.e2e = rep
-    result.qweights = collect_qweights(model.model, result.qweights.keys())
-    model.quantize_config = full_cfg
-    model.save(out, fmt=fmt)
-    rows.append({"method": name, **{k: t_block[k] + t_e2e[k] for k in t_block},
-                 "note": f"E2E-QP lr {rep.lr:.3g}, {rep.epochs_run} epochs, {rep.steps} steps on {e2e_ids.shape[0]} samples "
-                         f"({e2e_ids.shape[0] - train_ids.shape[0]} self-generated)"})
-    del model
+    block_state = ({k: v.detach().clone() for k, v in model.model.state_dict().items()}
+                   if e2e_variants else None)
+    folders = {}
+    for spec in ("",) + tuple(e2e_variants):
+        if spec:
+            model.model.load_state_dict(block_state)
+        run_cfg = EQATConfig(bits=bits, group_size=group, sym=sym, **{**settings, **parse_e2e_variant(spec)}) \
+            if spec else full_cfg
+        clock = Clock()
+        rep = E2EQP(model.model, run_cfg, resolve_runtime(None), show_progress=False,
+                    lr_fraction=blk.lr_fraction).run(e2e_ids, val_ids)
+        t_e2e = clock.lap()
+        result = model._eqat_result
+        result.e2e = rep
+        result.qweights = collect_qweights(model.model, result.qweights.keys())
+        model.quantize_config = run_cfg
+        row_name, folder = (f"{name}[e2e:{spec}]", f"{out}-e2e-{spec}") if spec else (name, out)
+        model.save(folder, fmt=fmt)
+        folders[row_name] = folder
+        rows.append({"method": row_name, **{k: t_block[k] + t_e2e[k] for k in t_block},
+                     "e2e": {"epochs_run": rep.epochs_run, "best_epoch": rep.best_epoch,
+                             "val_loss_before": rep.val_loss_before, "val_loss_after": rep.val_loss_after},
+                     "note": f"E2E-QP lr {rep.lr:.3g}, {rep.epochs_run} epochs (kept {rep.best_epoch}), {rep.steps} "
+                             f"steps on {e2e_ids.shape[0]} samples ({e2e_ids.shape[0] - train_ids.shape[0]} self-generated)"})
+    del model, block_state
     rows[0]["ppl"] = reloaded_ppl(out + "-blockap", evals)
-    rows[1]["ppl"] = reloaded_ppl(out, evals)
+    for row in rows[1:]:
+        row["ppl"] = reloaded_ppl(folders[row["method"]], evals)
     return rows
 
 
-def child(method, model_dir, config, work, settings=None, samples_from=None):
+def child(method, model_dir, config, work, settings=None, samples_from=None, e2e_variants=()):
     from effqat_plugin.data import load_token_file
 
     bits, group = parse_config(config)
     calib = load_token_file(os.path.join(work, "calib.safetensors"))
     evals = load_evals(work)
-    out = os.path.join(work, config, method + variant_suffix(settings, samples_from))
+    out = os.path.join(work, config, method + variant_suffix(settings, samples_from, e2e_variants))
     os.makedirs(os.path.join(work, config), exist_ok=True)
     fn = {"fp": fp_rows, "rtn": rtn_rows, "gptq": gptq_rows, "eqat": eqat_rows}.get(method)
     if method in ("eqat", "eqat-sym"):
         with open(os.path.join(work, "data.json")) as f:
             text = not str(json.load(f)["calib"][0]).startswith("sampled")
         fn = functools.partial(eqat_rows, text_calib=text, sym=method == "eqat-sym", settings=settings,
-                               samples_from=samples_from)
+                               samples_from=samples_from, e2e_variants=e2e_variants)
     rows = (fn(model_dir, bits, group, calib, evals, out) if fn
             else autoround_rows(method, model_dir, bits, group, calib, evals, out))
     with open(out + ".json", "w") as f:
@@ -285,9 +311,10 @@ def child(method, model_dir, config, work, settings=None, samples_from=None):
 def run_child(args, method, config) -> list:
     """The rows of one method (cached in WORK/<config>/<method>.json); a failure becomes a note row.
     With ``--cached-only`` a row not measured yet is left out instead of run."""
-    variant = ""
+    variant = rows_suffix = ""
     if method.startswith("eqat"):
-        variant = variant_suffix(parse_settings(args.eqat_set), args.self_generated_from)
+        variant = variant_suffix(parse_settings(args.eqat_set), args.self_generated_from, args.e2e_variant)
+        rows_suffix = variant_suffix(parse_settings(args.eqat_set), args.self_generated_from)
     result = os.path.join(args.work, config, method + variant + ".json")
     if not os.path.exists(result) and args.cached_only:
         print(f"  {config} {method}: not measured in {args.work} (left out)", flush=True)
@@ -300,6 +327,7 @@ def run_child(args, method, config) -> list:
         if variant:
             cmd += [f"--eqat-set={pair}" for pair in args.eqat_set]
             cmd += [f"--self-generated-from={args.self_generated_from}"] if args.self_generated_from else []
+            cmd += [f"--e2e-variant={spec}" for spec in args.e2e_variant]
         t0 = time.time()
         with open(log, "w") as f:
             rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
@@ -312,8 +340,9 @@ def run_child(args, method, config) -> list:
     with open(result) as f:
         rows = json.load(f)
     for r in rows:  # a variant's rows are named after it (LABELS then shows the plain method's label + it)
-        if variant and not r["method"].endswith(variant):
-            r["method"] += variant
+        if rows_suffix:  # eqat -> eqat[k=v], eqat[e2e:x] -> eqat[k=v,e2e:x]
+            base, bracket, rest = r["method"].partition("[")
+            r["method"] = base + rows_suffix[:-1] + ("," + rest if bracket else "]")
     return rows
 
 
@@ -454,11 +483,16 @@ def main(argv=None):
     ap.add_argument("--self-generated-from", metavar="FILE",
                     help="the EQAT rows' self-generated samples from this `effqat sample` file (e.g. drawn with "
                          "--dtype bfloat16) instead of drawn here in fp32")
+    ap.add_argument("--e2e-variant", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
+                    help="one more E2E-QP run on the same Block-AP result with these e2e_* overrides "
+                         "(repeatable), e.g. e2e_max_auto_epochs=2; rows eqat[e2e:...]")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
+        for spec in args.e2e_variant:
+            parse_e2e_variant(spec)
         child(args.child, args.model, args.configs, args.work, parse_settings(args.eqat_set),
-              args.self_generated_from)
+              args.self_generated_from, args.e2e_variant)
         return 0
     if args.n_selfgen is None:
         args.n_selfgen = 8 if args.text_eval else 32
