@@ -14,6 +14,8 @@ Quantized rows are evaluated on the weights GPTQModel unpacks (fp16), in fp32 (s
   then E2E-QP continues on the same in-memory model exactly as ``run_eqat`` does (the full row).
 * EQAT symmetric (method ``eqat-sym``, or ``--sym`` to add it): the same with ``sym=True`` (every zero
   point fixed at 2^(b-1), ``effqat quantize --sym``), i.e. what symmetric-only kernels can serve.
+* Variants: ``--eqat-set KEY=VALUE`` changes the whole EQAT recipe (rows ``eqat[KEY=VALUE]``);
+  ``--e2e-variant KEY=VALUE`` adds E2E-QP runs on the one Block-AP result (rows ``eqat[e2e:...]``).
 
 Each quantizing method runs in a child process (a crash becomes a table note; memory is returned) and
 leaves ``WORK/<config>/<method>.json``; a re-run with the same ``--work`` skips finished rows, so a long
