@@ -35,6 +35,7 @@ threads than free cores, torch's OpenMP barriers spin and a Block-AP layer took 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import math
@@ -76,7 +77,7 @@ def variant_suffix(settings, samples_from, e2e_variants=()) -> str:
     return f"[{','.join(parts)}]" if parts else ""
 
 
-def parse_settings(pairs) -> dict:
+def parse_settings(pairs, option: str = "--eqat-set") -> dict:
     """``--eqat-set KEY=VALUE`` pairs as EQATConfig overrides (VALUE read as JSON when it parses:
     numbers, true/false; else kept as a string)."""
     from effqat_plugin import EQATConfig
@@ -85,7 +86,7 @@ def parse_settings(pairs) -> dict:
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep or key not in EQATConfig.__dataclass_fields__:
-            raise SystemExit(f"--eqat-set {pair!r}: expected KEY=VALUE with KEY an EQATConfig field")
+            raise SystemExit(f"{option} {pair!r}: expected KEY=VALUE with KEY an EQATConfig field")
         try:
             out[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -96,7 +97,7 @@ def parse_settings(pairs) -> dict:
 def parse_e2e_variant(spec: str) -> dict:
     """``--e2e-variant KEY=VALUE[,KEY=VALUE]``: EQATConfig overrides for one extra E2E-QP run on the
     same Block-AP result; only E2E-QP's own fields (``e2e_*``), since Block-AP is not re-run."""
-    out = parse_settings(spec.split(","))
+    out = parse_settings(spec.split(","), "--e2e-variant")
     bad = [k for k in out if not k.startswith("e2e_")]
     if bad:
         raise SystemExit(f"--e2e-variant {spec!r}: {bad} are not E2E-QP fields (e2e_*); use --eqat-set")
@@ -265,8 +266,7 @@ def eqat_rows(model_dir, bits, group, calib, evals, out, text_calib=False, sym=F
     for spec in ("",) + tuple(e2e_variants):
         if spec:
             model.model.load_state_dict(block_state)
-        run_cfg = EQATConfig(bits=bits, group_size=group, sym=sym, **{**settings, **parse_e2e_variant(spec)}) \
-            if spec else full_cfg
+        run_cfg = dataclasses.replace(full_cfg, **parse_e2e_variant(spec)) if spec else full_cfg
         clock = Clock()
         rep = E2EQP(model.model, run_cfg, resolve_runtime(None), show_progress=False,
                     lr_fraction=blk.lr_fraction).run(e2e_ids, val_ids)
@@ -315,8 +315,9 @@ def run_child(args, method, config) -> list:
     With ``--cached-only`` a row not measured yet is left out instead of run."""
     variant = rows_suffix = ""
     if method.startswith("eqat"):
-        variant = variant_suffix(parse_settings(args.eqat_set), args.self_generated_from, args.e2e_variant)
-        rows_suffix = variant_suffix(parse_settings(args.eqat_set), args.self_generated_from)
+        settings = parse_settings(args.eqat_set)
+        variant = variant_suffix(settings, args.self_generated_from, args.e2e_variant)
+        rows_suffix = variant_suffix(settings, args.self_generated_from)
     result = os.path.join(args.work, config, method + variant + ".json")
     if not os.path.exists(result) and args.cached_only:
         print(f"  {config} {method}: not measured in {args.work} (left out)", flush=True)
@@ -490,9 +491,9 @@ def main(argv=None):
                          "(repeatable), e.g. e2e_max_auto_epochs=2; rows eqat[e2e:...]")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    for spec in args.e2e_variant:  # a bad one stops here with one line, not as a failed row after Block-AP
+        parse_e2e_variant(spec)
     if args.child:
-        for spec in args.e2e_variant:
-            parse_e2e_variant(spec)
         child(args.child, args.model, args.configs, args.work, parse_settings(args.eqat_set),
               args.self_generated_from, args.e2e_variant)
         return 0
