@@ -7,7 +7,8 @@ Rows, per preset (default Q2_K, Q3_K_M, Q4_K_M):
 * ``llama-quantize``: that file quantized by llama.cpp's own tool.
 * ``llama-quantize+imatrix``: the same with ``llama-imatrix`` run on the calibration.
 * ``effqat``: ``effqat quantize MODEL OUT.gguf --format gguf --gguf-type PRESET`` on the calibration
-  (extra training arguments with ``--effqat-args``).
+  (extra training arguments with ``--effqat-args``; ``--effqat-label L`` names the row ``effqat[L]``, so
+  the default recipe and a reduced one can sit in one work folder and one table).
 
 Every row uses the same calibration: the first ``--n-calib`` x ``--calib-len`` tokens of
 ``--calib`` (wikitext-2 valid by default): effqat takes the file with ``--n-samples / --seq-len``,
@@ -31,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import shlex
 import subprocess
 import sys
@@ -150,6 +152,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--pad-to-256", action="store_true")
     ap.add_argument("--effqat-args", default="", help="extra arguments of effqat quantize")
+    ap.add_argument("--effqat-label", default="",
+                    help="names the effqat row effqat[LABEL] (and its file), so runs with other --effqat-args "
+                         "share one work folder and table")
     ap.add_argument("--json", default=None, help="write the results here (default WORK/results.json)")
     args = ap.parse_args(argv)
 
@@ -202,11 +207,12 @@ def main(argv=None) -> int:
         results_path.write_text(json.dumps(results, indent=1))
     for preset in args.presets.split(","):
         for row in rows_wanted:
-            name = f"{preset} {row}"
+            label = f"{row}[{args.effqat_label}]" if row == "effqat" and args.effqat_label else row
+            name = f"{preset} {label}"
             if row == "fp16" or name in results:
                 continue
-            out = work / f"{preset}-{row.replace('+', '-')}.gguf"
-            logf = work / f"{preset}-{row.replace('+', '-')}.log"
+            stem = re.sub(r"[^A-Za-z0-9_.=-]+", "-", f"{preset}-{label}").strip("-")
+            out, logf = work / f"{stem}.gguf", work / f"{stem}.log"
             if row == "llama-quantize":
                 s = run([tool("llama-quantize"), f16, out, preset, args.threads], log=logf)
                 record(name, out, s)
