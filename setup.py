@@ -1,8 +1,10 @@
 """effqat: EfficientQAT as a GPTQModel quantizer plugin, with converters and dequant kernels.
 
-The repository keeps the user's requested top-level folders (converters/, kernels/), but they are
-installed under ``effqat_plugin.`` so that no generic import name (``kernels`` is a Hugging Face
-library that transformers imports) is shadowed.
+The repository keeps the top-level folders converters/ and effqat_kernels/, installed as
+``effqat_plugin.converters`` and ``effqat_plugin.kernels``. The kernels' folder is not called
+``kernels``: that is a Hugging Face library transformers >= 5.25 requires and imports, and a
+``kernels/`` folder in the repository root shadowed it whenever Python put the root on ``sys.path``
+(``python -m pytest``, ``python -m effqat_plugin.cli`` run from the root).
 """
 from setuptools import setup
 
@@ -24,7 +26,7 @@ setup(
         "effqat_plugin": "effqat_plugin",
         "effqat_plugin.commands": "effqat_plugin/commands",
         "effqat_plugin.converters": "converters",
-        "effqat_plugin.kernels": "kernels",
+        "effqat_plugin.kernels": "effqat_kernels",
     },
     package_data={
         "effqat_plugin": ["assets/stories260k/*", "assets/*.json"],
