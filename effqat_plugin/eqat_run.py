@@ -92,10 +92,12 @@ def prepare_calibration(hf_model: nn.Module, layout: ModelLayout, cfg: EQATConfi
                         tokenizer=None, seq_len: Optional[int] = None):
     """Check group size, full coverage and calibration against the model (before hours of Block-AP);
     (ids, train_ids, val_ids). Layers may still be on the meta device: only shapes are read."""
+    # a GGUF run's groups are its block types' own (16/32/256 wide, with llama.cpp's width fallbacks)
+    uniform_groups = cfg.group_size != -1 and not cfg.gguf_type
     for index, layer in enumerate(layout.layers):
         for name in layout.names_in(index):
             lin = layer.get_submodule(name)
-            if cfg.group_size != -1 and cfg.group_size > lin.in_features:
+            if uniform_groups and cfg.group_size > lin.in_features:
                 raise ValueError(f"group_size={cfg.group_size} is larger than in_features={lin.in_features} "
                                  f"of {layout.layer_name(index)}.{name}; use a smaller group or -1")
     check_fully_quantized(layout, layout.quantized_names(), getattr(hf_model.config, "model_type", ""))
