@@ -11,6 +11,9 @@ step ``d`` per block (layouts as in ``gguf.quants``, whose dequantizers are the 
 With ``d = s`` (the checkpoint's fp16 scale of the block's group) all three are lossless; a block
 must not straddle two groups, so the group size must be a multiple of 32 (or one group per row).
 Q4_1 / Q5_1 (``x = d * c + m``) would round ``m = -s * z`` to fp16 and are never used here.
+
+:func:`pack` / :func:`unpack` are the byte layouts alone (steps and stored codes), shared with a GGUF
+run's trained 32-wide grids (``gguf_kblocks``).
 """
 from __future__ import annotations
 
@@ -79,7 +82,7 @@ def encode(qw: QuantizedWeight, qtype: str) -> np.ndarray:
     Q4_0 / Q5_0 codes are computed in uint8 as ``q + (offset - z)`` modulo 256: a true value inside
     the type's range comes out exactly, one outside it wraps to a large value, which the range check
     catches (so one pass, no int16 copy of the weight)."""
-    offset, nbytes = LOSSLESS_TYPES[qtype]
+    offset, _ = LOSSLESS_TYPES[qtype]
     out, nb = qw.out_features, qw.in_features // BLOCK
     z, d = _block_params(qw)
     if qtype == "Q8_0":   # the int8 codes are q - z themselves
@@ -92,8 +95,17 @@ def encode(qw: QuantizedWeight, qtype: str) -> np.ndarray:
         c = qw.int_weight.to(torch.uint8).reshape(out, nb, BLOCK) + shift[..., None]
         if int(c.max()) > 2 * offset - 1:
             raise QuantFormatError(f"codes minus zero points leave {qtype}'s range")
+    return pack(qtype, d, c)
+
+
+def pack(qtype: str, d: torch.Tensor, c: torch.Tensor) -> np.ndarray:
+    """The bytes of ``qtype`` blocks from their fp16 steps ``d`` ``[out, nb]`` and stored codes ``c``
+    (uint8 ``[out, nb, 32]``, in range; Q8_0's are its int8 codes viewed as uint8): uint8
+    ``[out, nb * bytes_per_block]``."""
+    _, nbytes = LOSSLESS_TYPES[qtype]
+    out, nb = d.shape
     blocks = torch.empty((out, nb, nbytes), dtype=torch.uint8)
-    blocks[..., :2] = d.contiguous().view(torch.uint8).reshape(out, nb, 2)
+    blocks[..., :2] = d.to(torch.float16).contiguous().view(torch.uint8).reshape(out, nb, 2)
     if qtype == "Q8_0":
         blocks[..., 2:] = c
     else:
@@ -105,6 +117,26 @@ def encode(qw: QuantizedWeight, qtype: str) -> np.ndarray:
             blocks[..., 2:6] = torch.from_numpy(np.packbits(fifth, axis=-1, bitorder="little"))
             blocks[..., 6:] = (c[..., :16] & 0x0F) | (hi << 4)
     return blocks.reshape(out, nb * nbytes).numpy()
+
+
+def unpack(raw: np.ndarray, qtype: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`pack` undone: the fp16 steps ``[out, nb]`` and stored codes (uint8 ``[out, nb, 32]``)
+    of uint8 rows ``[out, nb * bytes_per_block]``."""
+    _, nbytes = LOSSLESS_TYPES[qtype]
+    raw = np.ascontiguousarray(raw, dtype=np.uint8)
+    if raw.ndim != 2 or raw.shape[1] % nbytes:
+        raise ValueError(f"{qtype}: expected uint8 [rows, n * {nbytes}] bytes, got {list(raw.shape)}")
+    out, nb = raw.shape[0], raw.shape[1] // nbytes
+    b = torch.from_numpy(raw.reshape(out, nb, nbytes).copy())
+    d = b[..., :2].contiguous().view(torch.float16).reshape(out, nb)
+    if qtype == "Q8_0":
+        return d, b[..., 2:].contiguous()
+    qs = b[..., 2:] if qtype == "Q4_0" else b[..., 6:]
+    c = torch.cat([qs & 0x0F, qs >> 4], dim=-1)
+    if qtype == "Q5_0":
+        fifth = np.unpackbits(b[..., 2:6].numpy(), axis=-1, bitorder="little")
+        c = c | (torch.from_numpy(fifth) << 4)
+    return d, c
 
 
 def dequantized_f32(qw: QuantizedWeight) -> np.ndarray:

@@ -19,16 +19,21 @@ layouts as in ggml-quants.c / ``gguf.quants`` (whose ``dequantize`` is the tests
   ``h`` (128 weights, rows ``s`` of 32): ``ql[64h + l] = L[s0] | L[s2] << 4``, ``ql[64h + 32 + l] =
   L[s1] | L[s3] << 4`` (low nibbles), ``qh[32h + l] = sum_s (L[s] >> 4) << 2s``.
 
+The uniform 32-wide types (Q4_0, Q5_0, Q8_0: ``quantizer.UNIFORM32_GRIDS``, sc fixed at 1) take the
+same fields and go through ``gguf_blocks``' layouts (stored code = q + 8, q + 16, q as int8).
+
 Fields outside their type's range are refused (:class:`QuantFormatError`), never wrapped; rows that
-are not a multiple of 256 long are refused with a ValueError (they take a fallback type).
+are not a multiple of the type's block (256 for the K types) are refused with a ValueError (they take
+a fallback type).
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
+from effqat_plugin.converters import gguf_blocks
 from effqat_plugin.qweight import QuantFormatError
-from effqat_plugin.quantizer import QK_K, KGridParams, check_kgrid_width, kgrid
+from effqat_plugin.quantizer import QK_K, UNIFORM32_GRIDS, KGridParams, check_kgrid_width, kgrid
 
 # name -> bytes per super-block of 256 weights
 K_TYPE_SIZE = {"Q2_K": 84, "Q3_K": 110, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210}
@@ -147,7 +152,7 @@ def _unpack_q6(ql: np.ndarray, qh: np.ndarray) -> np.ndarray:
 # ---- encode / decode ----------------------------------------------------------------------------
 
 def encode(p: KGridParams) -> np.ndarray:
-    """The GGUF bytes of ``p``: uint8 ``[out, in / 256 * type_size]``."""
+    """The GGUF bytes of ``p``: uint8 ``[out, in / block * type_size]``."""
     qtype = p.qtype
     g = kgrid(qtype)
     out, inf = p.shape
@@ -159,9 +164,13 @@ def encode(p: KGridParams) -> np.ndarray:
         raise QuantFormatError(f"{qtype}: d must be float16 (it is stored as fp16), got {p.d.dtype}")
     d = _np(p.d, np.float16).reshape(n)
     sc = _np(p.sc, np.int16).reshape(n, g.n_groups)
-    q = _np(p.q, np.int16).reshape(n, QK_K)
+    q = _np(p.q, np.int16).reshape(n, g.block)
     _check_range("q", q, g.q_lo, g.q_hi, qtype)
     _check_range("sc", sc, g.sc_lo, g.sc_hi, qtype)
+    if qtype in UNIFORM32_GRIDS:
+        offset, _ = gguf_blocks.LOSSLESS_TYPES[qtype]
+        c = torch.from_numpy((q + offset).astype(np.int8 if qtype == "Q8_0" else np.uint8)).view(torch.uint8)
+        return gguf_blocks.pack(qtype, p.d.reshape(out, nsb), c.reshape(out, nsb, g.block))
     if g.asymmetric:
         if p.dmin is None or p.m is None or tuple(p.dmin.shape) != (out, nsb) or tuple(p.m.shape) != tuple(p.sc.shape):
             raise QuantFormatError(f"{qtype}: dmin must be shaped like d and m like sc")
@@ -191,6 +200,12 @@ def encode(p: KGridParams) -> np.ndarray:
 def decode(raw: np.ndarray, qtype: str) -> KGridParams:
     """The fields of GGUF bytes ``raw`` (uint8 ``[out, in / 256 * type_size]``)."""
     g = kgrid(qtype)
+    if qtype in UNIFORM32_GRIDS:
+        d, c = gguf_blocks.unpack(raw, qtype)
+        offset, _ = gguf_blocks.LOSSLESS_TYPES[qtype]
+        q = c.view(torch.int8) if qtype == "Q8_0" else (c.to(torch.int16) - offset).to(torch.int8)
+        out, nb = d.shape
+        return KGridParams(qtype, d, torch.ones((out, nb, 1), dtype=torch.int8), q.reshape(out, nb * g.block))
     size = K_TYPE_SIZE[qtype]
     raw = np.ascontiguousarray(raw, dtype=np.uint8)
     if raw.ndim != 2 or raw.shape[1] % size:

@@ -213,11 +213,18 @@ def _report(dst: Path, plan: TypePlan, module_tensors, written: dict) -> dict:
     """Every GGUF tensor's stored type and bits per weight, the preset's choice and any fallback."""
     from .converters.gguf_export import bits_per_weight
     from .llama_cpp_quants import K_TYPES
+    from .quantizer import UNIFORM32_GRIDS
+
+    def how(qtype: str) -> str:
+        if qtype in K_TYPES:
+            return "K grid"
+        rounding = "weights, through llama.cpp's rounding"
+        return rounding + "; steps d in E2E-QP" if qtype in UNIFORM32_GRIDS else rounding
 
     tensors = []
     for t in module_tensors:
         c = plan.tensors.get(t["name"], {})
-        tensors.append({**t, "trained": "K grid" if t["type"] in K_TYPES else "weights, through llama.cpp's rounding",
+        tensors.append({**t, "trained": how(t["type"]),
                         "preset_type": c.get("preset_type", t["type"]), "fallback": bool(c.get("fallback"))})
     for name, qtype in plan.floats.items():
         got = written.get(name)

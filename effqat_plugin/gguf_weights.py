@@ -10,8 +10,10 @@
   sees exactly the stored grid, the grid's scales are llama.cpp's fit of the current weights.
 * **E2E-QP** (:func:`e2e_module`): a K-type weight keeps q, sc and m frozen and trains only the fp16
   super-block scales d (and dmin) (:class:`KGridLinear`), EfficientQAT's "train only the step sizes"
-  on llama.cpp's grid. A 32-wide-type weight is frozen (:class:`BlockRowsLinear`): its scales are
-  llama.cpp's fit, not a trained parameter.
+  on llama.cpp's grid. So does a weight on a uniform 32-wide type (Q4_0, Q5_0, Q8_0: its Block-AP
+  rows decoded into the same fields, ``quantizer.UNIFORM32_GRIDS``), with its one fp16 d per block of
+  32 trainable. Only the other 32-wide types (IQ4_NL's non-uniform grid, Q4_1 / Q5_1) stay frozen
+  (:class:`BlockRowsLinear`).
 * **Stored** (:func:`encoded_rows`): the uint8 rows GGUF holds, ``[out, in / block * block bytes]``.
 
 Learning rates of the K fields: the run's step-size rate ``quant_lr`` is an absolute rate for a
@@ -29,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .quantizer import KGRIDS, KGridFakeQuantLinear, KGridFrozenWeight, KGridParams, roundtrip_ste
+from .quantizer import KGRIDS, UNIFORM32_GRIDS, KGridFakeQuantLinear, KGridFrozenWeight, KGridParams, roundtrip_ste
 
 
 def is_k_type(qtype: str) -> bool:
@@ -185,7 +187,13 @@ class BlockRowsLinear(nn.Module):
 
 
 def e2e_module(frozen) -> nn.Module:
-    """The E2E-QP module of a frozen GGUF weight."""
+    """The E2E-QP module of a frozen GGUF weight: trainable steps on every uniform grid."""
+    if isinstance(frozen, BlockRows) and frozen.qtype in UNIFORM32_GRIDS:
+        from .converters import gguf_kblocks
+
+        rows = frozen
+        frozen = gguf_kblocks.decode(rows.data.numpy(), rows.qtype)
+        frozen.bias = rows.bias
     return KGridLinear(frozen) if isinstance(frozen, KGridParams) else BlockRowsLinear(frozen)
 
 

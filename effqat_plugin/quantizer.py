@@ -186,6 +186,14 @@ def rtn_quantize(w: torch.Tensor, bits: int, group_size: int, scales_dtype=torch
 # * Initialization: llama.cpp's own fit (``effqat_plugin.llama_cpp_quants.llama_cpp_fit``). Where
 #   d * sc == 0 every q gives the same weight; q is then taken as 0 here (ggml keeps its search's q,
 #   so bytes may differ there, never values).
+#
+# The uniform 32-wide legacy types llama.cpp's presets fall back to for rows that are not a multiple
+# of 256 (or choose outright, e.g. Q8_0) are the same grid with one block of 32 and no sub-block
+# scale (sc fixed at 1): Q4_0 ``x = d * q``, q in [-8, 7] (stored + 8); Q5_0 q in [-16, 15] (stored
+# + 16); Q8_0 q an int8 (``UNIFORM32_GRIDS``). E2E-QP trains their fp16 d the same way. Block-AP
+# trains their weights through llama.cpp's own quantizer instead (``gguf_weights.RoundTripLinear``):
+# ggml's legacy quantizers round against the unrounded d, not its fp16 value as the K quantizers do,
+# so recomputing q here would not reproduce llama-quantize's bytes for an untrained run.
 
 from dataclasses import dataclass as _dataclass
 
@@ -195,7 +203,8 @@ FP16_MAX = 65504.0
 
 @_dataclass(frozen=True)
 class KGrid:
-    """One K type's grid: sub-block width and the ranges of the effective q, sc and m."""
+    """One block type's grid: sub-block width, the ranges of the effective q, sc and m, and the
+    (super-)block width that one d (and dmin) covers."""
     name: str
     group: int
     q_lo: int
@@ -203,10 +212,11 @@ class KGrid:
     sc_lo: int
     sc_hi: int
     m_hi: int | None = None      # None: symmetric (no dmin, no m)
+    block: int = QK_K
 
     @property
     def n_groups(self) -> int:
-        return QK_K // self.group
+        return self.block // self.group
 
     @property
     def asymmetric(self) -> bool:
@@ -220,22 +230,29 @@ KGRIDS = {
     "Q5_K": KGrid("Q5_K", 32, 0, 31, 0, 63, 63),
     "Q6_K": KGrid("Q6_K", 16, -32, 31, -128, 127),
 }
+# llama.cpp's uniform 32-wide types (comment above): one fp16 d per block of 32, sc fixed at 1
+UNIFORM32_GRIDS = {
+    "Q4_0": KGrid("Q4_0", 32, -8, 7, 1, 1, block=32),
+    "Q5_0": KGrid("Q5_0", 32, -16, 15, 1, 1, block=32),
+    "Q8_0": KGrid("Q8_0", 32, -128, 127, 1, 1, block=32),
+}
+_GRIDS = {**KGRIDS, **UNIFORM32_GRIDS}
 
 
 def kgrid(qtype: str) -> KGrid:
     try:
-        return KGRIDS[qtype]
+        return _GRIDS[qtype]
     except KeyError:
-        raise ValueError(f"unknown K type {qtype!r}; one of {', '.join(KGRIDS)}") from None
+        raise ValueError(f"unknown block grid {qtype!r}; one of {', '.join(_GRIDS)}") from None
 
 
 def check_kgrid_width(in_features: int, qtype: str) -> int:
-    """The number of super-blocks per row; a ValueError for rows a K type cannot hold."""
-    kgrid(qtype)
-    if in_features <= 0 or in_features % QK_K:
-        raise ValueError(f"{qtype} needs rows that are a multiple of {QK_K} long (in_features), got "
+    """The number of (super-)blocks per row; a ValueError for rows the type cannot hold."""
+    g = kgrid(qtype)
+    if in_features <= 0 or in_features % g.block:
+        raise ValueError(f"{qtype} needs rows that are a multiple of {g.block} long (in_features), got "
                          f"{in_features}; such tensors take llama.cpp's fallback type instead")
-    return in_features // QK_K
+    return in_features // g.block
 
 
 @_dataclass
@@ -289,7 +306,7 @@ def fp16_ste(x: torch.Tensor) -> torch.Tensor:
 
 
 def _kgrid_views(g: KGrid, out: int, in_features: int):
-    return out, in_features // QK_K, g.n_groups, g.group
+    return out, in_features // g.block, g.n_groups, g.group
 
 
 def _kgrid_steps(d, sc, dmin, m, g: KGrid, ste: bool):
@@ -348,7 +365,7 @@ def kgrid_fake_quantize(w: torch.Tensor, d: torch.Tensor, sc: torch.Tensor, qtyp
     out, nsb, ng, gs = _kgrid_views(g, *w.shape)
     step, mn = _kgrid_steps(d, sc, dmin, m, g, ste=True)
     q = _kgrid_q(w.float().reshape(out, nsb, ng, gs), step, mn, g)
-    return _kgrid_combine(step, mn, q).reshape(out, nsb * QK_K)
+    return _kgrid_combine(step, mn, q).reshape(out, nsb * g.block)
 
 
 @torch.no_grad()
@@ -365,7 +382,7 @@ def kgrid_freeze(w: torch.Tensor, d: torch.Tensor, sc: torch.Tensor, qtype: str,
     kw = {}
     if g.asymmetric:
         kw = dict(dmin=fp16_ste(dmin).half(), m=m.float().round().clamp(0, g.m_hi).to(torch.int8))
-    return KGridParams(qtype, d16, sci, q.reshape(out, nsb * QK_K).to(torch.int8), **kw)
+    return KGridParams(qtype, d16, sci, q.reshape(out, nsb * g.block).to(torch.int8), **kw)
 
 
 def kgrid_dequantize(q: torch.Tensor, sc: torch.Tensor, d: torch.Tensor, qtype: str,
@@ -377,7 +394,7 @@ def kgrid_dequantize(q: torch.Tensor, sc: torch.Tensor, d: torch.Tensor, qtype: 
     d32 = fp16_ste(d)
     step = d32[..., None] * sc.float()
     mn = None if not g.asymmetric else fp16_ste(dmin)[..., None] * m.float()
-    return _kgrid_combine(step, mn, q.float().reshape(out, nsb, ng, gs)).reshape(out, nsb * QK_K)
+    return _kgrid_combine(step, mn, q.float().reshape(out, nsb, ng, gs)).reshape(out, nsb * g.block)
 
 
 class KGridFakeQuantLinear(nn.Module):

@@ -1,4 +1,5 @@
-"""llama.cpp's K grids (Q2_K .. Q6_K) bit for bit against independent references.
+"""llama.cpp's K grids (Q2_K .. Q6_K), and the uniform 32-wide grids (Q4_0, Q5_0, Q8_0) whose steps a
+GGUF run's E2E-QP trains, bit for bit against independent references.
 
 * ``gguf.quants.dequantize`` (llama.cpp's Python reference decoder) and ggml's C
   ``dequantize_row_q*_K`` on our encoded bytes equal our frozen form and our fake-quant forward,
@@ -20,12 +21,14 @@ import torch.nn as nn
 from effqat_plugin import llama_cpp_quants
 from effqat_plugin.converters import gguf_kblocks
 from effqat_plugin.qweight import QuantFormatError
-from effqat_plugin.quantizer import (KGRIDS, QK_K, KGridFakeQuantLinear, KGridFrozenWeight, KGridParams,
-                                     check_kgrid_width, kgrid_dequantize, kgrid_fake_quantize, kgrid_freeze)
+from effqat_plugin.quantizer import (KGRIDS, QK_K, UNIFORM32_GRIDS, KGridFakeQuantLinear, KGridFrozenWeight,
+                                     KGridParams, check_kgrid_width, kgrid, kgrid_dequantize, kgrid_fake_quantize,
+                                     kgrid_freeze)
 
 gguf = pytest.importorskip("gguf")
 
 TYPES = list(KGRIDS)
+UNIFORM32 = list(UNIFORM32_GRIDS)
 STORIES260K = pathlib.Path(__file__).resolve().parents[1] / "effqat_plugin" / "assets" / "stories260k"
 needs_llama_cpp = pytest.mark.skipif(not llama_cpp_quants.available(),
                                      reason="llama-cpp-python (its bundled libggml-base) is not installed")
@@ -72,9 +75,9 @@ def rand_fp16(gen: torch.Generator, shape) -> torch.Tensor:
 
 def rand_params(qtype: str, out: int, in_features: int, seed: int) -> KGridParams:
     """Random fields over their full ranges, with every extreme present."""
-    g = KGRIDS[qtype]
+    g = kgrid(qtype)
     gen = torch.Generator().manual_seed(seed)
-    nsb = in_features // QK_K
+    nsb = in_features // g.block
 
     def ints(lo, hi, shape):
         t = torch.randint(lo, hi + 1, shape, generator=gen)
@@ -146,13 +149,13 @@ def importance(n: int, seed: int) -> torch.Tensor:
 
 # --- encoders against gguf's decoder -------------------------------------------------------------
 
-@pytest.mark.parametrize("qtype", TYPES)
+@pytest.mark.parametrize("qtype", TYPES + UNIFORM32)
 def test_encoded_fields_decode_in_gguf_to_the_frozen_form(qtype):
-    p = rand_params(qtype, 24, 768, seed=TYPES.index(qtype))
+    p = rand_params(qtype, 24, 768, seed=(TYPES + UNIFORM32).index(qtype))
     raw = gguf_kblocks.encode(p)
     block, size = gguf.GGML_QUANT_SIZES[getattr(gguf.GGMLQuantizationType, qtype)]
     assert raw.dtype == np.uint8 and raw.shape == (24, 768 // block * size)
-    assert gguf_kblocks.K_TYPE_SIZE[qtype] == size
+    assert block == kgrid(qtype).block and gguf_kblocks.K_TYPE_SIZE.get(qtype, size) == size
     ref = gguf_decode(raw, qtype)
     assert_bits_equal(p.dequantize(), ref)
     assert_bits_equal(KGridFrozenWeight(p)(), ref)
@@ -186,7 +189,7 @@ def test_a_trained_state_freezes_to_bytes_that_decode_to_its_forward(qtype):
     assert int(frozen.q.min()) == g.q_lo and int(frozen.q.max()) == g.q_hi     # the clamps were hit
 
 
-@pytest.mark.parametrize("qtype", TYPES)
+@pytest.mark.parametrize("qtype", TYPES + UNIFORM32)
 def test_e2e_trained_scales_stay_exact(qtype):
     """After an optimizer step on d / dmin (fp32 masters), the stored fp16 scales decode to the forward."""
     p = rand_params(qtype, 8, 256, seed=7)
@@ -238,8 +241,10 @@ def test_ggml_c_dequantizer_agrees_bit_for_bit(qtype):
 
 @needs_llama_cpp
 @pytest.mark.parametrize("with_imatrix", [False, True], ids=["plain", "imatrix"])
-@pytest.mark.parametrize("qtype", TYPES)
+@pytest.mark.parametrize("qtype", TYPES + UNIFORM32)
 def test_llama_cpp_bytes_decode_and_reencode_to_the_same_bytes(qtype, with_imatrix):
+    """For the uniform 32-wide types this is what E2E-QP starts from: Block-AP's rows (llama.cpp's
+    quantization of the trained weights) decoded into q and d; untouched, they write the same bytes."""
     for w in (torch.randn(6, 768, generator=torch.Generator().manual_seed(4)) * 0.02, realish_weights(3),
               real_model_weights()):
         imp = importance(w.shape[1], 5) if with_imatrix else None
@@ -359,9 +364,10 @@ def test_straight_through_gradients_reach_every_trainable_field(qtype):
     assert torch.equal(gw.reshape(inside.shape), inside.float())
 
 
-@pytest.mark.parametrize("qtype", TYPES)
+@pytest.mark.parametrize("qtype", TYPES + UNIFORM32)
 def test_frozen_form_trains_only_d_and_dmin(qtype):
-    g = KGRIDS[qtype]
+    g = kgrid(qtype)
+    nsb = 512 // g.block
     p = rand_params(qtype, 4, 512, seed=9)
     gen = torch.Generator().manual_seed(10)
     p.d = (torch.rand(p.d.shape, generator=gen) * 0.01).half()
@@ -372,8 +378,8 @@ def test_frozen_form_trains_only_d_and_dmin(qtype):
     up = torch.randn(4, 512, generator=gen)
     (fw() * up).sum().backward()
     # analytic (float64): dx/dd = sc * q, dx/ddmin = -m (per weight), summed over each super-block
-    upg = up.double().reshape(4, 2, g.n_groups, g.group)
-    terms = p.sc.double()[..., None] * p.q.double().reshape(4, 2, g.n_groups, g.group) * upg
+    upg = up.double().reshape(4, nsb, g.n_groups, g.group)
+    terms = p.sc.double()[..., None] * p.q.double().reshape(4, nsb, g.n_groups, g.group) * upg
     tol = 1e-5 * terms.abs().sum((-1, -2))           # fp32 summation error, not cancellation
     assert bool(((fw.d.grad.double() - terms.sum((-1, -2))).abs() <= tol).all())
     if g.asymmetric:

@@ -136,11 +136,42 @@ def test_file_decodes_to_the_trained_weights_bit_for_bit(trained):
         theirs = decoded(t)
         assert theirs.shape == ours.shape, name
         assert np.array_equal(theirs.view(np.uint32), ours.view(np.uint32)), name   # bit for bit
-        k_types += isinstance(w, KGridParams)
-        assert isinstance(w, KGridParams) == (w.in_features % 256 == 0), name
+        k_types += w.qtype in llama_cpp_quants.K_TYPES
+        assert (w.qtype in llama_cpp_quants.K_TYPES) == (w.in_features % 256 == 0), name
     assert k_types == 12 and len(frozen) == 14      # 6 K-grid linears per layer, down_proj on the fallback
-    # E2E-QP trained the K grids' fp16 super-block scales (its only parameters)
-    assert run.result.e2e is not None and run.result.e2e.trainable_values > 0
+    # E2E-QP trained every fp16 (super-)block scale, the fallback's uniform 32-wide grid included (its
+    # only parameters; whether it kept them is the held-out loss's call, see test_e2e_module_...)
+    assert all(isinstance(w, KGridParams) for w in frozen.values())
+    steps = sum(w.d.numel() + (0 if w.dmin is None else w.dmin.numel()) for w in frozen.values())
+    assert run.result.e2e is not None and run.result.e2e.trainable_values == steps
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q5_0", "Q8_0"])
+def test_e2e_module_trains_the_steps_of_llama_cpp_fallback_rows(qtype):
+    """A fallback tensor leaves Block-AP as llama.cpp's rows of its trained weights; E2E-QP decodes them
+    into frozen codes and trainable fp16 steps, and what it writes back decodes (gguf) to its forward."""
+    from effqat_plugin.converters import gguf_kblocks
+    from effqat_plugin.gguf_weights import KGridLinear, e2e_module, encoded_rows
+
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(6, 96, generator=gen) * 0.05
+    rows = BlockRows(qtype, torch.from_numpy(llama_cpp_quants.quantize_chunk(w, qtype)), 96, bias=torch.randn(6))
+    mod = e2e_module(rows)
+    assert isinstance(mod, KGridLinear) and [n for n, _ in mod.named_parameters()] == ["grid.d"]
+    x = torch.randn(4, 96, generator=gen)
+    assert torch.equal(mod(x), torch.nn.functional.linear(x, rows.dequantize(), rows.bias))
+    assert np.array_equal(encoded_rows(mod.to_frozen()), rows.data.numpy())      # untouched: the same bytes
+    opt = torch.optim.Adam(mod.parameters(), lr=1e-3)
+    (mod(x) - x[:, :6]).pow(2).mean().backward()
+    opt.step()
+    frozen = mod.to_frozen()
+    start = gguf_kblocks.decode(rows.data.numpy(), qtype)
+    assert torch.equal(frozen.q, start.q) and not torch.equal(frozen.d, start.d)
+    assert torch.equal(frozen.bias, rows.bias)
+    raw = encoded_rows(frozen)
+    theirs = gguf.quants.dequantize(raw, getattr(gguf.GGMLQuantizationType, qtype))
+    ours = mod.grid().detach().numpy()
+    assert np.array_equal(theirs.view(np.uint32), ours.view(np.uint32))
 
 
 def test_report_lists_every_tensor_with_its_type_and_bits(trained):
