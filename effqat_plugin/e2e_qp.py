@@ -128,10 +128,10 @@ def kgrid_modules(model: nn.Module):
     return [m for m in model.modules() if isinstance(m, KGridLinear)]
 
 
-def optimizer_groups(model: nn.Module, params: List[nn.Parameter]) -> List[dict]:
-    """AdamW groups of ``params``, each with its ``lr_mult`` of the run's rate: 1 for uniform step
-    sizes, the relative rates of ``gguf_weights`` for K-grid scales."""
-    mult = {k: v for m in kgrid_modules(model) for k, v in m.lr_multipliers().items()}
+def optimizer_groups(model: nn.Module, params: List[nn.Parameter], bits: int) -> List[dict]:
+    """AdamW groups of ``params``, each with its ``lr_mult`` of the run's rate (set for ``bits``): 1
+    for uniform step sizes, the relative rates of ``gguf_weights`` for llama.cpp grids' scales."""
+    mult = {k: v for m in kgrid_modules(model) for k, v in m.lr_multipliers(bits).items()}
     plain = [p for p in params if id(p) not in mult]
     groups = [{"params": plain, "lr_mult": 1.0}] if plain else []
     return groups + [{"params": [p], "lr_mult": mult[id(p)]} for p in params if id(p) in mult]
@@ -464,7 +464,7 @@ class E2EQP:
                 optimizer = torch.optim.AdamW(params, lr=1.0, weight_decay=0.0)
                 optimizer, loader = acc.prepare(optimizer, loader)
             else:
-                optimizer = torch.optim.AdamW(optimizer_groups(model, params), lr=1.0, weight_decay=0.0)
+                optimizer = torch.optim.AdamW(optimizer_groups(model, params, cfg.bits), lr=1.0, weight_decay=0.0)
                 wrapped, optimizer, loader = acc.prepare(model, optimizer, loader)
         unwrapped = acc.unwrap_model(wrapped)
 

@@ -157,9 +157,15 @@ class KGridLinear(nn.Module):
     def step_parameters(self) -> List[nn.Parameter]:
         return self.grid.step_parameters()
 
-    def lr_multipliers(self) -> Dict[int, float]:
-        g = self.grid
-        return {k: v for k, v in relative_lr_multipliers(g.d, g.sc, g.dmin, g.m).items()
+    def lr_multipliers(self, run_bits: int) -> Dict[int, float]:
+        """d / dmin relative to the step d * sc (as in Block-AP), times the grid's resolution
+        against the run's bit width (``lr_rules.grid_rate_factor``)."""
+        from .lr_rules import grid_rate_factor
+        from .quantizer import kgrid
+
+        g, grid = self.grid, kgrid(self.qtype)
+        factor = grid_rate_factor(run_bits, grid.q_hi - grid.q_lo)
+        return {k: v * factor for k, v in relative_lr_multipliers(g.d, g.sc, g.dmin, g.m).items()
                 if k in (id(g.d), id(g.dmin))}
 
     @torch.no_grad()

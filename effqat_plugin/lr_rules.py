@@ -39,6 +39,15 @@ def step_size_factor(bits: int) -> float:
     return 3.0 / ((1 << bits) - 1)
 
 
+def grid_rate_factor(run_bits: int, grid_intervals: int) -> float:
+    """E2E-QP's step-size rate for a llama.cpp grid with ``grid_intervals`` = q_hi - q_lo steps across
+    its range, relative to the run's rate (set for a uniform grid of ``run_bits``, 2^b - 1 steps): its
+    steps are that much smaller (the same reasoning as :func:`step_size_factor`). 1 on the preset's
+    own type (Q2_K's 3 in a Q2_K run); 3/15 on a Q4_0 fallback of a Q2_K run, whose fp16 steps the run's
+    2-bit rate rewrote within a few steps (SmolLM2 Q3_K_M: KJV perplexity 8.8 -> 19.1 in 14 steps)."""
+    return ((1 << run_bits) - 1) / grid_intervals
+
+
 def step_size_scale(k: float, bits: int) -> float:
     """The raise ``k`` applied to a step-size rate: ``1 + (k - 1) * 3 / (2^b - 1)``; exactly 1 when
     ``k`` is 1 (paper budget), ``k`` at 2 bits."""

@@ -299,3 +299,26 @@ def test_bad_gguf_requests_are_one_line_and_write_nothing(tmp_path):
     assert res.returncode == 2 and "exists" in res.stderr
     assert (tmp_path / "exists.gguf").read_bytes() == b"x"
     assert {p.name: p.stat().st_mtime_ns for p in model_dir.iterdir()} == before
+
+
+def test_e2e_step_rates_follow_each_grids_resolution():
+    """E2E-QP's rate is set for a uniform grid of the run's bit width; a grid with more steps across
+    its range (a Q4_0 fallback in a Q2_K run, 15 against 3) has that many times smaller steps and
+    gets that much smaller a rate (``lr_rules.grid_rate_factor``), on top of the K fields' relative
+    rates; the run's own type keeps them as they were."""
+    from effqat_plugin.e2e_qp import optimizer_groups, trainable_step_sizes
+    from effqat_plugin.gguf_weights import KGridLinear, e2e_module, relative_lr_multipliers
+
+    gen = torch.Generator().manual_seed(9)
+    w = torch.randn(4, 256, generator=gen) * 0.05
+    k = llama_cpp_quants.llama_cpp_fit(w, "Q2_K")
+    model = torch.nn.Sequential(KGridLinear(k), e2e_module(BlockRows(
+        "Q4_0", torch.from_numpy(llama_cpp_quants.quantize_chunk(w, "Q4_0")), 256)))
+    params = trainable_step_sizes(model, train_zeros=False)
+    groups = {id(g["params"][0]): g["lr_mult"] for g in optimizer_groups(model, params, bits=2)}
+    g0 = model[0].grid
+    rel = relative_lr_multipliers(g0.d, g0.sc, g0.dmin, g0.m)
+    assert groups[id(g0.d)] == pytest.approx(rel[id(g0.d)]) and groups[id(g0.dmin)] == pytest.approx(rel[id(g0.dmin)])
+    assert groups[id(model[1].grid.d)] == pytest.approx(3 / 15)
+    groups4 = {id(g["params"][0]): g["lr_mult"] for g in optimizer_groups(model, params, bits=4)}
+    assert groups4[id(model[1].grid.d)] == pytest.approx(1.0) and groups4[id(g0.d)] == pytest.approx(5 * rel[id(g0.d)])
