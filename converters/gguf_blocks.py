@@ -103,9 +103,11 @@ def pack(qtype: str, d: torch.Tensor, c: torch.Tensor) -> np.ndarray:
     (uint8 ``[out, nb, 32]``, in range; Q8_0's are its int8 codes viewed as uint8): uint8
     ``[out, nb * bytes_per_block]``."""
     _, nbytes = LOSSLESS_TYPES[qtype]
+    if d.dtype != torch.float16:   # converting here would round a step silently
+        raise QuantFormatError(f"{qtype}: block steps must be float16, got {d.dtype}")
     out, nb = d.shape
     blocks = torch.empty((out, nb, nbytes), dtype=torch.uint8)
-    blocks[..., :2] = d.to(torch.float16).contiguous().view(torch.uint8).reshape(out, nb, 2)
+    blocks[..., :2] = d.contiguous().view(torch.uint8).reshape(out, nb, 2)
     if qtype == "Q8_0":
         blocks[..., 2:] = c
     else:

@@ -198,7 +198,7 @@ def encode(p: KGridParams) -> np.ndarray:
 
 
 def decode(raw: np.ndarray, qtype: str) -> KGridParams:
-    """The fields of GGUF bytes ``raw`` (uint8 ``[out, in / 256 * type_size]``)."""
+    """The fields of GGUF bytes ``raw`` (uint8 ``[out, in / block * type_size]``)."""
     g = kgrid(qtype)
     if qtype in UNIFORM32_GRIDS:
         d, c = gguf_blocks.unpack(raw, qtype)

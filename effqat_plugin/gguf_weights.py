@@ -197,9 +197,9 @@ def e2e_module(frozen) -> nn.Module:
     if isinstance(frozen, BlockRows) and frozen.qtype in UNIFORM32_GRIDS:
         from .converters import gguf_kblocks
 
-        rows = frozen
-        frozen = gguf_kblocks.decode(rows.data.numpy(), rows.qtype)
-        frozen.bias = rows.bias
+        params = gguf_kblocks.decode(frozen.data.numpy(), frozen.qtype)
+        params.bias = frozen.bias
+        return KGridLinear(params)
     return KGridLinear(frozen) if isinstance(frozen, KGridParams) else BlockRowsLinear(frozen)
 
 
