@@ -10,10 +10,12 @@ step ``d`` per block (layouts as in ``gguf.quants``, whose dequantizers are the 
 
 With ``d = s`` (the checkpoint's fp16 scale of the block's group) all three are lossless; a block
 must not straddle two groups, so the group size must be a multiple of 32 (or one group per row).
-Q4_1 / Q5_1 (``x = d * c + m``) would round ``m = -s * z`` to fp16 and are never used here.
+Q4_1 / Q5_1 (``x = d * c + m``, ``c`` in [0, 15] / [0, 31], an fp16 ``m`` after ``d``) would round
+``m = -s * z`` to fp16, so this exporter never chooses them.
 
-:func:`pack` / :func:`unpack` are the byte layouts alone (steps and stored codes), shared with a GGUF
-run's trained 32-wide grids (``gguf_kblocks``).
+:func:`pack` / :func:`unpack` are the byte layouts alone (steps, mins and stored codes) of all five
+types, shared with a GGUF run's trained 32-wide grids (``gguf_kblocks``), where llama.cpp's presets
+do use Q5_1 (Q5_K's width fallback).
 """
 from __future__ import annotations
 
@@ -23,9 +25,15 @@ import torch
 from effqat_plugin.qweight import QuantFormatError, QuantizedWeight
 
 BLOCK = 32
-# name -> (code offset, bytes per block)
+# name -> (code offset, bytes per block): the types that hold x = s * (q - z) exactly, smallest first
 LOSSLESS_TYPES = {"Q4_0": (8, 18), "Q5_0": (16, 22), "Q8_0": (0, 34)}
 _ORDER = ("Q4_0", "Q5_0", "Q8_0")
+# the asymmetric ones (x = d * c + m): bytes per block
+WITH_MIN_TYPES = {"Q4_1": 20, "Q5_1": 24}
+
+
+def block_bytes(qtype: str) -> int:
+    return WITH_MIN_TYPES[qtype] if qtype in WITH_MIN_TYPES else LOSSLESS_TYPES[qtype][1]
 
 
 def group_fits_blocks(group_size: int, in_features: int) -> bool:
@@ -98,47 +106,59 @@ def encode(qw: QuantizedWeight, qtype: str) -> np.ndarray:
     return pack(qtype, d, c)
 
 
-def pack(qtype: str, d: torch.Tensor, c: torch.Tensor) -> np.ndarray:
-    """The bytes of ``qtype`` blocks from their fp16 steps ``d`` ``[out, nb]`` and stored codes ``c``
-    (uint8 ``[out, nb, 32]``, in range; Q8_0's are its int8 codes viewed as uint8): uint8
-    ``[out, nb * bytes_per_block]``."""
-    _, nbytes = LOSSLESS_TYPES[qtype]
-    if d.dtype != torch.float16:   # converting here would round a step silently
-        raise QuantFormatError(f"{qtype}: block steps must be float16, got {d.dtype}")
+def pack(qtype: str, d: torch.Tensor, c: torch.Tensor, m: torch.Tensor | None = None) -> np.ndarray:
+    """The bytes of ``qtype`` blocks from their fp16 steps ``d`` ``[out, nb]``, fp16 mins ``m`` (Q4_1 /
+    Q5_1 only, shaped like ``d``) and stored codes ``c`` (uint8 ``[out, nb, 32]``, in range; Q8_0's are
+    its int8 codes viewed as uint8): uint8 ``[out, nb * bytes_per_block]``."""
+    nbytes = block_bytes(qtype)
+    has_min = qtype in WITH_MIN_TYPES
+    for name, t in (("steps", d), ("mins", m)):   # converting here would round a field silently
+        if t is not None and t.dtype != torch.float16:
+            raise QuantFormatError(f"{qtype}: block {name} must be float16, got {t.dtype}")
+    if has_min != (m is not None) or (m is not None and m.shape != d.shape):
+        raise QuantFormatError(f"{qtype}: " + ("one fp16 min per block, shaped like the steps" if has_min
+                                               else "has no block mins"))
     out, nb = d.shape
     blocks = torch.empty((out, nb, nbytes), dtype=torch.uint8)
     blocks[..., :2] = d.contiguous().view(torch.uint8).reshape(out, nb, 2)
+    at = 2
+    if has_min:
+        blocks[..., 2:4] = m.contiguous().view(torch.uint8).reshape(out, nb, 2)
+        at = 4
     if qtype == "Q8_0":
-        blocks[..., 2:] = c
+        blocks[..., at:] = c
     else:
         hi = c[..., 16:]
-        if qtype == "Q4_0":
-            blocks[..., 2:] = c[..., :16] | (hi << 4)
-        else:  # Q5_0: a little-endian uint32 of the 32 fifth bits, then the nibbles
+        if qtype in ("Q5_0", "Q5_1"):   # a little-endian uint32 of the 32 fifth bits, then the nibbles
             fifth = (c >> 4).numpy()
-            blocks[..., 2:6] = torch.from_numpy(np.packbits(fifth, axis=-1, bitorder="little"))
-            blocks[..., 6:] = (c[..., :16] & 0x0F) | (hi << 4)
+            blocks[..., at:at + 4] = torch.from_numpy(np.packbits(fifth, axis=-1, bitorder="little"))
+            at += 4
+        blocks[..., at:] = (c[..., :16] & 0x0F) | (hi << 4)
     return blocks.reshape(out, nb * nbytes).numpy()
 
 
-def unpack(raw: np.ndarray, qtype: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`pack` undone: the fp16 steps ``[out, nb]`` and stored codes (uint8 ``[out, nb, 32]``)
-    of uint8 rows ``[out, nb * bytes_per_block]``."""
-    _, nbytes = LOSSLESS_TYPES[qtype]
+def unpack(raw: np.ndarray, qtype: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """:func:`pack` undone: the fp16 steps ``[out, nb]``, stored codes (uint8 ``[out, nb, 32]``) and
+    fp16 mins (Q4_1 / Q5_1; else None) of uint8 rows ``[out, nb * bytes_per_block]``."""
+    nbytes = block_bytes(qtype)
     raw = np.ascontiguousarray(raw, dtype=np.uint8)
     if raw.ndim != 2 or raw.shape[1] % nbytes:
         raise ValueError(f"{qtype}: expected uint8 [rows, n * {nbytes}] bytes, got {list(raw.shape)}")
     out, nb = raw.shape[0], raw.shape[1] // nbytes
     b = torch.from_numpy(raw.reshape(out, nb, nbytes).copy())
     d = b[..., :2].contiguous().view(torch.float16).reshape(out, nb)
+    m, at = None, 2
+    if qtype in WITH_MIN_TYPES:
+        m, at = b[..., 2:4].contiguous().view(torch.float16).reshape(out, nb), 4
     if qtype == "Q8_0":
-        return d, b[..., 2:].contiguous()
-    qs = b[..., 2:] if qtype == "Q4_0" else b[..., 6:]
+        return d, b[..., at:].contiguous(), m
+    five = qtype in ("Q5_0", "Q5_1")
+    qs = b[..., at + 4:] if five else b[..., at:]
     c = torch.cat([qs & 0x0F, qs >> 4], dim=-1)
-    if qtype == "Q5_0":
-        fifth = np.unpackbits(b[..., 2:6].numpy(), axis=-1, bitorder="little")
+    if five:
+        fifth = np.unpackbits(b[..., at:at + 4].numpy(), axis=-1, bitorder="little")
         c = c | (torch.from_numpy(fifth) << 4)
-    return d, c
+    return d, c, m
 
 
 def dequantized_f32(qw: QuantizedWeight) -> np.ndarray:

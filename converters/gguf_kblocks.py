@@ -19,8 +19,9 @@ layouts as in ggml-quants.c / ``gguf.quants`` (whose ``dequantize`` is the tests
   ``h`` (128 weights, rows ``s`` of 32): ``ql[64h + l] = L[s0] | L[s2] << 4``, ``ql[64h + 32 + l] =
   L[s1] | L[s3] << 4`` (low nibbles), ``qh[32h + l] = sum_s (L[s] >> 4) << 2s``.
 
-The uniform 32-wide types (Q4_0, Q5_0, Q8_0: ``quantizer.UNIFORM32_GRIDS``, sc fixed at 1) take the
-same fields and go through ``gguf_blocks``' layouts (stored code = q + 8, q + 16, q as int8).
+The uniform 32-wide types (Q4_0, Q5_0, Q8_0, Q4_1, Q5_1: ``quantizer.UNIFORM32_GRIDS``, sc fixed at 1,
+m at 1) take the same fields and go through ``gguf_blocks``' layouts (stored code = q + 8, q + 16, q as
+int8, q; the block min of Q4_1 / Q5_1 is ``-dmin``).
 
 Fields outside their type's range are refused (:class:`QuantFormatError`), never wrapped; rows that
 are not a multiple of the type's block (256 for the K types) are refused with a ValueError (they take
@@ -167,10 +168,6 @@ def encode(p: KGridParams) -> np.ndarray:
     q = _np(p.q, np.int16).reshape(n, g.block)
     _check_range("q", q, g.q_lo, g.q_hi, qtype)
     _check_range("sc", sc, g.sc_lo, g.sc_hi, qtype)
-    if qtype in UNIFORM32_GRIDS:
-        offset, _ = gguf_blocks.LOSSLESS_TYPES[qtype]
-        c = torch.from_numpy((q + offset).astype(np.int8 if qtype == "Q8_0" else np.uint8)).view(torch.uint8)
-        return gguf_blocks.pack(qtype, p.d.reshape(out, nsb), c.reshape(out, nsb, g.block))
     if g.asymmetric:
         if p.dmin is None or p.m is None or tuple(p.dmin.shape) != (out, nsb) or tuple(p.m.shape) != tuple(p.sc.shape):
             raise QuantFormatError(f"{qtype}: dmin must be shaped like d and m like sc")
@@ -178,7 +175,11 @@ def encode(p: KGridParams) -> np.ndarray:
             raise QuantFormatError(f"{qtype}: dmin must be float16, got {p.dmin.dtype}")
         dmin = _np(p.dmin, np.float16).reshape(n)
         m = _np(p.m, np.int16).reshape(n, g.n_groups)
-        _check_range("m", m, 0, g.m_hi, qtype)
+        _check_range("m", m, g.m_lo, g.m_hi, qtype)
+    if qtype in UNIFORM32_GRIDS:   # stored code q - q_lo (Q8_0: q itself, as int8); Q4_1 / Q5_1's m = -dmin
+        c = torch.from_numpy(q.astype(np.int8) if qtype == "Q8_0" else (q - g.q_lo).astype(np.uint8)).view(torch.uint8)
+        mins = None if not g.asymmetric else -p.dmin.reshape(out, nsb)
+        return gguf_blocks.pack(qtype, p.d.reshape(out, nsb), c.reshape(out, nsb, g.block), mins)
 
     if qtype == "Q2_K":
         parts = [(sc | (m << 4)).astype(np.uint8), _pack_2bit(q), _f16_bytes(d), _f16_bytes(dmin)]
@@ -201,11 +202,12 @@ def decode(raw: np.ndarray, qtype: str) -> KGridParams:
     """The fields of GGUF bytes ``raw`` (uint8 ``[out, in / block * type_size]``)."""
     g = kgrid(qtype)
     if qtype in UNIFORM32_GRIDS:
-        d, c = gguf_blocks.unpack(raw, qtype)
-        offset, _ = gguf_blocks.LOSSLESS_TYPES[qtype]
-        q = c.view(torch.int8) if qtype == "Q8_0" else (c.to(torch.int16) - offset).to(torch.int8)
+        d, c, mins = gguf_blocks.unpack(raw, qtype)
+        q = c.view(torch.int8) if qtype == "Q8_0" else (c.to(torch.int16) + g.q_lo).to(torch.int8)
         out, nb = d.shape
-        return KGridParams(qtype, d, torch.ones((out, nb, 1), dtype=torch.int8), q.reshape(out, nb * g.block))
+        ones = torch.ones((out, nb, 1), dtype=torch.int8)
+        kw = {} if mins is None else dict(dmin=-mins, m=ones.clone())
+        return KGridParams(qtype, d, ones, q.reshape(out, nb * g.block), **kw)
     size = K_TYPE_SIZE[qtype]
     raw = np.ascontiguousarray(raw, dtype=np.uint8)
     if raw.ndim != 2 or raw.shape[1] % size:

@@ -219,7 +219,9 @@ def _report(dst: Path, plan: TypePlan, module_tensors, written: dict) -> dict:
         if qtype in K_TYPES:
             return "K grid"
         rounding = "weights, through llama.cpp's rounding"
-        return rounding + "; steps d in E2E-QP" if qtype in UNIFORM32_GRIDS else rounding
+        if qtype not in UNIFORM32_GRIDS:
+            return rounding
+        return rounding + ("; steps d, mins in E2E-QP" if UNIFORM32_GRIDS[qtype].asymmetric else "; steps d in E2E-QP")
 
     tensors = []
     for t in module_tensors:

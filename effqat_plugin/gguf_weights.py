@@ -10,10 +10,10 @@
   sees exactly the stored grid, the grid's scales are llama.cpp's fit of the current weights.
 * **E2E-QP** (:func:`e2e_module`): a K-type weight keeps q, sc and m frozen and trains only the fp16
   super-block scales d (and dmin) (:class:`KGridLinear`), EfficientQAT's "train only the step sizes"
-  on llama.cpp's grid. So does a weight on a uniform 32-wide type (Q4_0, Q5_0, Q8_0: its Block-AP
-  rows decoded into the same fields, ``quantizer.UNIFORM32_GRIDS``), with its one fp16 d per block of
-  32 trainable. Only the other 32-wide types (IQ4_NL's non-uniform grid, Q4_1 / Q5_1) stay frozen
-  (:class:`BlockRowsLinear`).
+  on llama.cpp's grid. So does a weight on a uniform 32-wide type (Q4_0, Q5_0, Q8_0, and Q4_1 / Q5_1
+  with their fp16 block min: its Block-AP rows decoded into the same fields,
+  ``quantizer.UNIFORM32_GRIDS``), with its one fp16 d (and min) per block of 32 trainable. Only
+  IQ4_NL (a non-uniform grid) stays frozen (:class:`BlockRowsLinear`).
 * **Stored** (:func:`encoded_rows`): the uint8 rows GGUF holds, ``[out, in / block * block bytes]``.
 
 Learning rates of the K fields: the run's step-size rate ``quant_lr`` is an absolute rate for a

@@ -190,7 +190,9 @@ def rtn_quantize(w: torch.Tensor, bits: int, group_size: int, scales_dtype=torch
 # The uniform 32-wide legacy types llama.cpp's presets fall back to for rows that are not a multiple
 # of 256 (or choose outright, e.g. Q8_0) are the same grid with one block of 32 and no sub-block
 # scale (sc fixed at 1): Q4_0 ``x = d * q``, q in [-8, 7] (stored + 8); Q5_0 q in [-16, 15] (stored
-# + 16); Q8_0 q an int8 (``UNIFORM32_GRIDS``). E2E-QP trains their fp16 d the same way. Block-AP
+# + 16); Q8_0 q an int8; and the asymmetric Q4_1 / Q5_1 ``x = d * q + m`` (q in [0, 15] / [0, 31],
+# fp16 m per block), which is this grid's ``d * q - dmin * m`` with m fixed at 1 and dmin = -m
+# (``UNIFORM32_GRIDS``). E2E-QP trains their fp16 d (and dmin) the same way. Block-AP
 # trains their weights through llama.cpp's own quantizer instead (``gguf_weights.RoundTripLinear``):
 # ggml's legacy quantizers round against the unrounded d, not its fp16 value as the K quantizers do,
 # so recomputing q here would not reproduce llama-quantize's bytes for an untrained run.
@@ -213,6 +215,7 @@ class KGrid:
     sc_hi: int
     m_hi: int | None = None      # None: symmetric (no dmin, no m)
     block: int = QK_K
+    m_lo: int = 0                # 1 (with m_hi 1): m fixed, one dmin per block (Q4_1, Q5_1)
 
     @property
     def n_groups(self) -> int:
@@ -235,6 +238,8 @@ UNIFORM32_GRIDS = {
     "Q4_0": KGrid("Q4_0", 32, -8, 7, 1, 1, block=32),
     "Q5_0": KGrid("Q5_0", 32, -16, 15, 1, 1, block=32),
     "Q8_0": KGrid("Q8_0", 32, -128, 127, 1, 1, block=32),
+    "Q4_1": KGrid("Q4_1", 32, 0, 15, 1, 1, m_hi=1, block=32, m_lo=1),
+    "Q5_1": KGrid("Q5_1", 32, 0, 31, 1, 1, m_hi=1, block=32, m_lo=1),
 }
 _GRIDS = {**KGRIDS, **UNIFORM32_GRIDS}
 
@@ -320,7 +325,7 @@ def _kgrid_steps(d, sc, dmin, m, g: KGrid, ste: bool):
     if not g.asymmetric:
         return step, None
     if ste:
-        mi = clamp_ste(round_ste(m.float()), 0, g.m_hi)
+        mi = clamp_ste(round_ste(m.float()), g.m_lo, g.m_hi)
         dmin32 = fp16_ste(dmin)
     else:
         mi, dmin32 = m.float(), dmin.float()
@@ -381,7 +386,7 @@ def kgrid_freeze(w: torch.Tensor, d: torch.Tensor, sc: torch.Tensor, qtype: str,
     sci = sc.float().round().clamp(g.sc_lo, g.sc_hi).to(torch.int8)
     kw = {}
     if g.asymmetric:
-        kw = dict(dmin=fp16_ste(dmin).half(), m=m.float().round().clamp(0, g.m_hi).to(torch.int8))
+        kw = dict(dmin=fp16_ste(dmin).half(), m=m.float().round().clamp(g.m_lo, g.m_hi).to(torch.int8))
     return KGridParams(qtype, d16, sci, q.reshape(out, nsb * g.block).to(torch.int8), **kw)
 
 

@@ -1,5 +1,6 @@
-"""llama.cpp's K grids (Q2_K .. Q6_K), and the uniform 32-wide grids (Q4_0, Q5_0, Q8_0) whose steps a
-GGUF run's E2E-QP trains, bit for bit against independent references.
+"""llama.cpp's K grids (Q2_K .. Q6_K), and the uniform 32-wide grids (Q4_0, Q5_0, Q8_0, Q4_1, Q5_1)
+whose steps (and Q4_1 / Q5_1's block mins) a GGUF run's E2E-QP trains, bit for bit against independent
+references.
 
 * ``gguf.quants.dequantize`` (llama.cpp's Python reference decoder) and ggml's C
   ``dequantize_row_q*_K`` on our encoded bytes equal our frozen form and our fake-quant forward,
@@ -87,7 +88,7 @@ def rand_params(qtype: str, out: int, in_features: int, seed: int) -> KGridParam
 
     kw = {}
     if g.asymmetric:
-        kw = dict(dmin=rand_fp16(gen, (out, nsb)), m=ints(0, g.m_hi, (out, nsb, g.n_groups)))
+        kw = dict(dmin=rand_fp16(gen, (out, nsb)), m=ints(g.m_lo, g.m_hi, (out, nsb, g.n_groups)))
     return KGridParams(qtype, rand_fp16(gen, (out, nsb)), ints(g.sc_lo, g.sc_hi, (out, nsb, g.n_groups)),
                        ints(g.q_lo, g.q_hi, (out, in_features)), **kw)
 

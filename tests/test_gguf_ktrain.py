@@ -146,10 +146,11 @@ def test_file_decodes_to_the_trained_weights_bit_for_bit(trained):
     assert run.result.e2e is not None and run.result.e2e.trainable_values == steps
 
 
-@pytest.mark.parametrize("qtype", ["Q4_0", "Q5_0", "Q8_0"])
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q5_0", "Q8_0", "Q4_1", "Q5_1"])
 def test_e2e_module_trains_the_steps_of_llama_cpp_fallback_rows(qtype):
     """A fallback tensor leaves Block-AP as llama.cpp's rows of its trained weights; E2E-QP decodes them
-    into frozen codes and trainable fp16 steps, and what it writes back decodes (gguf) to its forward."""
+    into frozen codes and trainable fp16 steps (and Q4_1 / Q5_1's fp16 block mins), and what it writes
+    back decodes (gguf) to its forward."""
     from effqat_plugin.converters import gguf_kblocks
     from effqat_plugin.gguf_weights import KGridLinear, e2e_module, encoded_rows
 
@@ -157,7 +158,8 @@ def test_e2e_module_trains_the_steps_of_llama_cpp_fallback_rows(qtype):
     w = torch.randn(6, 96, generator=gen) * 0.05
     rows = BlockRows(qtype, torch.from_numpy(llama_cpp_quants.quantize_chunk(w, qtype)), 96, bias=torch.randn(6))
     mod = e2e_module(rows)
-    assert isinstance(mod, KGridLinear) and [n for n, _ in mod.named_parameters()] == ["grid.d"]
+    trained = ["grid.d", "grid.dmin"] if qtype.endswith("_1") else ["grid.d"]
+    assert isinstance(mod, KGridLinear) and [n for n, _ in mod.named_parameters()] == trained
     x = torch.randn(4, 96, generator=gen)
     assert torch.equal(mod(x), torch.nn.functional.linear(x, rows.dequantize(), rows.bias))
     assert np.array_equal(encoded_rows(mod.to_frozen()), rows.data.numpy())      # untouched: the same bytes
@@ -167,6 +169,8 @@ def test_e2e_module_trains_the_steps_of_llama_cpp_fallback_rows(qtype):
     frozen = mod.to_frozen()
     start = gguf_kblocks.decode(rows.data.numpy(), qtype)
     assert torch.equal(frozen.q, start.q) and not torch.equal(frozen.d, start.d)
+    if frozen.dmin is not None:
+        assert not torch.equal(frozen.dmin, start.dmin) and bool((frozen.m == 1).all())
     assert torch.equal(frozen.bias, rows.bias)
     raw = encoded_rows(frozen)
     theirs = gguf.quants.dequantize(raw, getattr(gguf.GGMLQuantizationType, qtype))
