@@ -9,6 +9,10 @@ Rows, per preset (default Q2_K, Q3_K_M, Q4_K_M):
 * ``effqat``: ``effqat quantize MODEL OUT.gguf --format gguf --gguf-type PRESET`` on the calibration
   (extra training arguments with ``--effqat-args``; ``--effqat-label L`` names the row ``effqat[L]``, so
   the default recipe and a reduced one can sit in one work folder and one table).
+* ``autoround`` (its default 200 iterations), ``autoround-rtn`` (``iters=0``, which AutoRound
+  recommends for GGUF except at 3 bits) and ``autoround-ext`` (its enhanced GGUF algorithm): AutoRound
+  0.16.1's own GGUF export at the preset (``scripts/bench_gguf_autoround.py``; Q2_K is its Q2_K_S), in
+  a child process with ``--autoround-site`` on its path (AutoRound is not in the test environment).
 
 Every row uses the same calibration: the first ``--n-calib`` x ``--calib-len`` tokens of
 ``--calib`` (wikitext-2 valid by default): effqat takes the file with ``--n-samples / --seq-len``,
@@ -32,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 import shlex
 import subprocess
@@ -40,6 +45,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+AUTOROUND_ROWS = {"autoround": ["--iters", "200"], "autoround-rtn": ["--iters", "0"],
+                  "autoround-ext": ["--iters", "200", "--alg-ext"]}
 SHARED = REPO.parent / "shared" / "data" / "wikitext-2"
 
 
@@ -155,6 +162,9 @@ def main(argv=None) -> int:
     ap.add_argument("--effqat-label", default="",
                     help="names the effqat row effqat[LABEL] (and its file), so runs with other --effqat-args "
                          "share one work folder and table")
+    ap.add_argument("--autoround-site", default=str(REPO / ".cache" / "ar-site"),
+                    help="a folder holding auto-round 0.16.1 (pip install --target DIR --no-deps auto-round==0.16.1 "
+                         "py-cpuinfo), put on the AutoRound rows' PYTHONPATH")
     ap.add_argument("--json", default=None, help="write the results here (default WORK/results.json)")
     args = ap.parse_args(argv)
 
@@ -174,6 +184,9 @@ def main(argv=None) -> int:
         model = pad_to_256(model, work / (model.name + "-pad256"))
     evals = args.eval or [str(SHARED / "test.txt")]
     rows_wanted = args.rows.split(",")
+    unknown = set(rows_wanted) - {"fp16", "llama-quantize", "llama-quantize+imatrix", "effqat", *AUTOROUND_ROWS}
+    if unknown:
+        sys.exit(f"bench_gguf: unknown rows {sorted(unknown)}")
     results_path = Path(args.json or work / "results.json")
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
 
@@ -226,6 +239,15 @@ def main(argv=None) -> int:
                        args.calib_len, "--overwrite", "--quiet", *shlex.split(args.effqat_args)]
                 s = run(cmd, log=logf)
                 record(name, out, s, effqat_args=args.effqat_args)
+            elif row in AUTOROUND_ROWS:
+                extra = AUTOROUND_ROWS[row]
+                cmd = [sys.executable, REPO / "scripts" / "bench_gguf_autoround.py", "--model", model, "--out", out,
+                       "--preset", preset, "--calib", calib, "--n-samples", args.n_calib, "--seq-len",
+                       args.calib_len, *extra]
+                env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+                    p for p in (args.autoround_site, str(REPO), os.environ.get("PYTHONPATH", "")) if p))
+                s = run(cmd, log=logf, env=env)
+                record(name, out, s, autoround_args=" ".join(extra))
     print(format_table(results))
     return 0
 
