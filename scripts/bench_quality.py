@@ -37,9 +37,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import glob
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -290,6 +292,17 @@ def eqat_rows(model_dir, bits, group, calib, evals, out, text_calib=False, sym=F
     return rows
 
 
+def clear_leftovers(out: str) -> None:
+    """Remove the folders an interrupted run of this row left (``out``, ``out-blockap``, ``out-e2e-*``,
+    ``out.auto_gptq``): the row has no result file, so none of them is a result, and the savers refuse
+    to overwrite a folder, which would fail the row only after its whole Block-AP."""
+    stem = glob.escape(out)
+    for path in [out, out + "-blockap", out + ".auto_gptq", *glob.glob(stem + "-e2e-*")]:
+        if os.path.isdir(path):
+            print(f"removing the leftover {path} of an interrupted run", flush=True)
+            shutil.rmtree(path)
+
+
 def child(method, model_dir, config, work, settings=None, samples_from=None, e2e_variants=()):
     from effqat_plugin.data import load_token_file
 
@@ -298,6 +311,7 @@ def child(method, model_dir, config, work, settings=None, samples_from=None, e2e
     evals = load_evals(work)
     out = os.path.join(work, config, method + variant_suffix(settings, samples_from, e2e_variants))
     os.makedirs(os.path.join(work, config), exist_ok=True)
+    clear_leftovers(out)
     fn = {"fp": fp_rows, "rtn": rtn_rows, "gptq": gptq_rows, "eqat": eqat_rows}.get(method)
     if method in ("eqat", "eqat-sym"):
         with open(os.path.join(work, "data.json")) as f:
