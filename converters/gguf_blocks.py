@@ -116,8 +116,8 @@ def pack(qtype: str, d: torch.Tensor, c: torch.Tensor, m: torch.Tensor | None = 
         if t is not None and t.dtype != torch.float16:
             raise QuantFormatError(f"{qtype}: block {name} must be float16, got {t.dtype}")
     if has_min != (m is not None) or (m is not None and m.shape != d.shape):
-        raise QuantFormatError(f"{qtype}: " + ("one fp16 min per block, shaped like the steps" if has_min
-                                               else "has no block mins"))
+        raise QuantFormatError(f"{qtype} " + ("needs one fp16 min per block, shaped like the steps" if has_min
+                                              else "has no block mins"))
     out, nb = d.shape
     blocks = torch.empty((out, nb, nbytes), dtype=torch.uint8)
     blocks[..., :2] = d.contiguous().view(torch.uint8).reshape(out, nb, 2)

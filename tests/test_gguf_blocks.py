@@ -73,3 +73,19 @@ def test_scales_must_already_be_fp16():
     qw32 = QuantizedWeight(qw.int_weight, qw.zeros, qw.scales.float() * (1 + 2 ** -20), 4, 32)
     with pytest.raises(QuantFormatError, match="fp16"):
         gguf_blocks.encode(qw32, "Q5_0")
+
+
+def test_block_mins_only_where_the_type_has_them():
+    """Q4_1 / Q5_1 carry an fp16 min per block after d; the symmetric types have none. pack refuses a
+    missing, extra, misshaped or non-fp16 min instead of writing blocks that decode to other values."""
+    import torch
+
+    d = torch.full((2, 3), 0.5, dtype=torch.float16)
+    c = torch.zeros((2, 3, 32), dtype=torch.uint8)
+    m = torch.full((2, 3), -1.0, dtype=torch.float16)
+    for args, msg in [(("Q4_1", d, c), "needs one fp16 min"), (("Q4_0", d, c, m), "has no block mins"),
+                      (("Q5_1", d, c, m[:, :2]), "shaped like the steps"), (("Q5_1", d, c, m.float()), "float16")]:
+        with pytest.raises(QuantFormatError, match=msg):
+            gguf_blocks.pack(*args)
+    raw = gguf_blocks.pack("Q5_1", d, c + 31, m)
+    assert raw.shape == (2, 3 * gguf_blocks.block_bytes("Q5_1")) and np.all(decode(raw, "Q5_1") == 0.5 * 31 - 1)
