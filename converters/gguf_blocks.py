@@ -30,6 +30,7 @@ LOSSLESS_TYPES = {"Q4_0": (8, 18), "Q5_0": (16, 22), "Q8_0": (0, 34)}
 _ORDER = ("Q4_0", "Q5_0", "Q8_0")
 # the asymmetric ones (x = d * c + m): bytes per block
 WITH_MIN_TYPES = {"Q4_1": 20, "Q5_1": 24}
+_FIFTH_BIT_TYPES = ("Q5_0", "Q5_1")   # a uint32 of the codes' fifth bits before the nibbles
 
 
 def block_bytes(qtype: str) -> int:
@@ -129,7 +130,7 @@ def pack(qtype: str, d: torch.Tensor, c: torch.Tensor, m: torch.Tensor | None = 
         blocks[..., at:] = c
     else:
         hi = c[..., 16:]
-        if qtype in ("Q5_0", "Q5_1"):   # a little-endian uint32 of the 32 fifth bits, then the nibbles
+        if qtype in _FIFTH_BIT_TYPES:   # a little-endian uint32 of the 32 fifth bits, then the nibbles
             fifth = (c >> 4).numpy()
             blocks[..., at:at + 4] = torch.from_numpy(np.packbits(fifth, axis=-1, bitorder="little"))
             at += 4
@@ -152,7 +153,7 @@ def unpack(raw: np.ndarray, qtype: str) -> tuple[torch.Tensor, torch.Tensor, tor
         m, at = b[..., 2:4].contiguous().view(torch.float16).reshape(out, nb), 4
     if qtype == "Q8_0":
         return d, b[..., at:].contiguous(), m
-    five = qtype in ("Q5_0", "Q5_1")
+    five = qtype in _FIFTH_BIT_TYPES
     qs = b[..., at + 4:] if five else b[..., at:]
     c = torch.cat([qs & 0x0F, qs >> 4], dim=-1)
     if five:

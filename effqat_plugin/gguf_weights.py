@@ -31,7 +31,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .quantizer import KGRIDS, UNIFORM32_GRIDS, KGridFakeQuantLinear, KGridFrozenWeight, KGridParams, roundtrip_ste
+from .lr_rules import grid_rate_factor
+from .quantizer import (KGRIDS, UNIFORM32_GRIDS, KGridFakeQuantLinear, KGridFrozenWeight, KGridParams, kgrid,
+                        roundtrip_ste)
 
 
 def is_k_type(qtype: str) -> bool:
@@ -160,9 +162,6 @@ class KGridLinear(nn.Module):
     def lr_multipliers(self, run_bits: int) -> Dict[int, float]:
         """d / dmin relative to the step d * sc (as in Block-AP), times the grid's resolution
         against the run's bit width (``lr_rules.grid_rate_factor``)."""
-        from .lr_rules import grid_rate_factor
-        from .quantizer import kgrid
-
         g, grid = self.grid, kgrid(self.qtype)
         factor = grid_rate_factor(run_bits, grid.q_hi - grid.q_lo)
         return {k: v * factor for k, v in relative_lr_multipliers(g.d, g.sc, g.dmin, g.m).items()
