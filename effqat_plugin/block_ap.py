@@ -28,6 +28,7 @@ from .qweight import QuantizedWeight
 from .quantizer import FakeQuantLinear
 from .resume import LayerStore, run_fingerprint
 from .runtime import Runtime
+from .teacher import capture_teacher
 from .transfer import batches_to_device
 
 log = logging.getLogger("effqat.block_ap")
@@ -265,11 +266,15 @@ class BlockAP:
         """``layer_source``: optional object with ``materialize(i)`` / ``release(i)``, called around
         each layer's turn, for models whose decoder layers are not resident (see ``streaming.py``).
         ``keep_qweights=False``: finished layers' integers are not accumulated in the result (they
-        are in the work folder), so host memory does not grow with depth."""
+        are in the work folder), so host memory does not grow with depth.
+
+        With E2E-QP distilling (``cfg.e2e_distill``), :attr:`teacher` holds the fp model's top-k
+        next-token log-probabilities on every calibration row after :meth:`run` (``teacher.py``)."""
         self.model, self.layout, self.cfg, self.rt = hf_model, layout, cfg, runtime
         self.show_progress = show_progress
         self.layer_source = layer_source
         self.keep_qweights = keep_qweights
+        self.teacher = None
         self._block_loss = BlockLoss(getattr(cfg, "block_loss", "mse"))  # refitted per layer (quantize_layer)
 
     def steps_per_layer(self, n_train: int) -> int:
@@ -360,6 +365,13 @@ class BlockAP:
                      report.peak_memory_mb, moe, " (restored)" if index < done else "")
         if result.lr_scale and self.lr_candidates:
             result.lr_fraction = result.lr_scale / max(c["scale"] for c in self.lr_candidates)
+        if getattr(cfg, "e2e_distill", 0.0) > 0 and cfg.e2e_epochs > 0:
+            # fp_stream now holds the fp model's hidden states leaving its last layer
+            outside = modules_outside_layers(self.model, self.layout)
+            self.teacher = capture_teacher(self.model, self.layout.layers, outside, all_ids, fp_stream,
+                                           cfg.e2e_distill_topk, cfg.block_batch_size, rt.device)
+            log.info("Block-AP: kept the fp model's top-%d next-token log-probabilities on %d x %d tokens for "
+                     "E2E-QP's distillation", self.teacher.token_ids.shape[-1], all_ids.shape[0], all_ids.shape[1])
         return result
 
     def _lr_trials(self, index: int, scale: float) -> List[dict]:

@@ -83,6 +83,12 @@ class EQATConfig(BaseQuantizeConfig):
     e2e_train_zeros: bool = False
     e2e_warmup_ratio: float = 0.03
     e2e_max_grad_norm: float = 0.3
+    # share of E2E-QP's loss that is distillation from the fp model (its top-k next-token
+    # distribution on the same rows, kept from Block-AP's fp stream: teacher.py) instead of the
+    # corpus' next tokens: 0 = the paper's causal-LM loss only, 1 = distillation only; the held-out
+    # loss that picks the epoch is the same mix
+    e2e_distill: float = 0.0
+    e2e_distill_topk: int = 64
 
     # Both phases
     # E2E-QP (and Block-AP, below) also train on this many sequences the fp model writes itself
@@ -145,6 +151,8 @@ class EQATConfig(BaseQuantizeConfig):
             raise ValueError("EQATConfig: e2e_max_auto_epochs must be >= 1")
         if self.self_generated < 0:
             raise ValueError("EQATConfig: self_generated must be >= 0")
+        if not 0.0 <= self.e2e_distill <= 1.0 or self.e2e_distill_topk < 1:
+            raise ValueError("EQATConfig: e2e_distill must lie in [0, 1] and e2e_distill_topk be >= 1")
         if self.block_lr_recheck < 0:
             raise ValueError("EQATConfig: block_lr_recheck must be >= 0")
         if self.block_epochs < 1 or self.block_batch_size < 1 or self.e2e_epochs < 0 or self.e2e_batch_size < 1:

@@ -83,12 +83,18 @@ class TokenDataset(Dataset):
 
 def collate(items: List[Dict[str, torch.Tensor]], pad_token_id: int = 0) -> Dict[str, torch.Tensor]:
     """Right-pad a list of examples: padding gets ``pad_token_id``, label -100 and attention 0.
-    Equal-length rows (packed pretraining data) get no attention mask at all."""
+    Equal-length rows (packed pretraining data) get no attention mask at all; any other per-row
+    tensors (the teacher's logits, ``e2e_qp.TeacherRows``) are stacked, for equal-length rows only."""
     lens = [int(x["input_ids"].numel()) for x in items]
     t = max(lens)
+    extra = [k for k in items[0] if k not in ("input_ids", "labels")]   # per-row tensors (teacher logits)
     if all(n == t for n in lens):
-        return {"input_ids": torch.stack([x["input_ids"].reshape(-1) for x in items]).long(),
-                "labels": torch.stack([x["labels"].reshape(-1) for x in items]).long()}
+        batch = {"input_ids": torch.stack([x["input_ids"].reshape(-1) for x in items]).long(),
+                 "labels": torch.stack([x["labels"].reshape(-1) for x in items]).long()}
+        batch.update({k: torch.stack([x[k] for x in items]) for k in extra})
+        return batch
+    if extra:
+        raise ValueError(f"rows of different lengths cannot carry {', '.join(extra)}")
     ids = torch.full((len(items), t), int(pad_token_id), dtype=torch.long)
     labels = torch.full((len(items), t), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(items), t), dtype=torch.long)

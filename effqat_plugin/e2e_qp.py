@@ -11,7 +11,9 @@ frozen. One trainer serves every entry point (the plugin's in-process run throug
   cosine to 0, max grad norm 0.3, step sizes clamped to [1e-4, 1e4] after every step;
 * loss = the HF causal-LM loss, token-weighted over the *global* batch (``num_items_in_batch``), so
   micro-batch x accumulation x processes gives the same update as one big batch, also for
-  instruction data whose micro-batches hold different numbers of target tokens;
+  instruction data whose micro-batches hold different numbers of target tokens; with
+  ``cfg.e2e_distill`` > 0, mixed with distillation from the fp model's top-k next-token
+  distribution (``teacher.py``), token-weighted the same way;
 * held-out loss before / during / after training; resumable state (trainable tensors + AdamW moments
   + step) written atomically every ``save_every`` steps.
 
@@ -74,6 +76,8 @@ class E2EReport:
     # epochs actually trained: ``epochs`` is the plan (the cosine runs over it), the auto rule stops
     # earlier once held-out loss stops falling (lr_rules.e2e_continue); 0 in reports of older versions
     epochs_run: int = 0
+    # share of the loss (and of the held-out loss) that is distillation from the fp model (cfg.e2e_distill)
+    distill: float = 0.0
 
 
 @dataclass
@@ -89,6 +93,7 @@ class E2ESettings:
     e2e_train_zeros: bool = False
     e2e_warmup_ratio: float = 0.03
     e2e_max_grad_norm: float = 0.3
+    e2e_distill: float = 0.0  # share of the loss that is distillation (needs a teacher: EQATConfig)
     lr_preset: str = "auto"
     max_lr_scale: float = 128.0
     seed: int = 0
@@ -274,6 +279,46 @@ def _as_dataset(data):
     raise TypeError(f"E2E-QP data must be an [N, T] LongTensor or an e2e_data.TokenDataset, got {type(data).__name__}")
 
 
+class TeacherRows(torch.utils.data.Dataset):
+    """A ``TokenDataset`` whose items also carry the fp model's top-k next-token log-probabilities
+    (``teacher.TeacherLogits``) for E2E-QP's distillation loss."""
+
+    def __init__(self, base, teacher, what: str):
+        if not isinstance(base.input_ids, torch.Tensor):
+            raise ValueError(f"E2E-QP distillation needs equal-length {what} rows (calibration-style data)")
+        self.base = base
+        self.token_ids, self.logprobs = teacher.for_rows(base.input_ids, what)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> Dict[str, torch.Tensor]:
+        return {**self.base[i], "teacher_ids": self.token_ids[i], "teacher_logp": self.logprobs[i]}
+
+    def num_tokens(self) -> int:
+        return self.base.num_tokens()
+
+
+def mixed_loss_sum(logits: torch.Tensor, batch: Dict[str, torch.Tensor], distill: float,
+                   nll_sum: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(1 - distill) x the causal-LM loss + distill x the distillation loss, both summed over the
+    batch's target tokens; ``nll_sum``: the causal-LM sum when the model already computed it."""
+    from .teacher import distill_nll_sum
+
+    total = torch.zeros((), device=logits.device, dtype=torch.float32)
+    if distill < 1.0:
+        if nll_sum is None:
+            labels = batch["labels"][:, 1:]
+            nll_sum = torch.nn.functional.cross_entropy(
+                logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                ignore_index=-100, reduction="sum")
+        total = total + (1.0 - distill) * nll_sum.float()
+    if distill > 0.0:
+        total = total + distill * distill_nll_sum(logits, batch["teacher_ids"], batch["teacher_logp"],
+                                                  batch["labels"])
+    return total
+
+
 def _atomic_state_write(state_dir: str, tensors: Dict[str, torch.Tensor], info: dict) -> None:
     from safetensors.torch import save_file
 
@@ -324,11 +369,13 @@ class E2EQP:
         self.lr_fraction = lr_fraction
         self.opts = options or E2EOptions()
         self.accelerator = None
+        self.distill = float(getattr(cfg, "e2e_distill", 0.0))
 
     # -- evaluation ----------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, model: nn.Module, data, batch_size: int) -> float:
-        """Mean next-token NLL over the labelled tokens of ``data``, split across processes."""
+        """Mean next-token NLL over the labelled tokens of ``data``, split across processes; with
+        distillation (``cfg.e2e_distill``), the training loss' mix of it and the distillation loss."""
         from .e2e_data import collate
 
         acc = self.accelerator
@@ -350,9 +397,8 @@ class E2EQP:
             logits = model(input_ids=ids, attention_mask=None if mask is None else mask.to(acc.device),
                            use_cache=False).logits
             shift = labels[:, 1:]
-            nll = torch.nn.functional.cross_entropy(
-                logits[:, :-1].float().reshape(-1, logits.shape[-1]), shift.reshape(-1),
-                ignore_index=-100, reduction="sum")
+            on_device = {k: v.to(acc.device) for k, v in batch.items()}
+            nll = mixed_loss_sum(logits, on_device, self.distill)
             total += weight * nll.double()
             count += weight * (shift != -100).sum().double()
         model.train(was_training)
@@ -407,7 +453,10 @@ class E2EQP:
         return info
 
     # -- training ------------------------------------------------------------------------------
-    def run(self, train: Union[torch.Tensor, Any], val: Optional[Union[torch.Tensor, Any]] = None) -> E2EReport:
+    def run(self, train: Union[torch.Tensor, Any], val: Optional[Union[torch.Tensor, Any]] = None,
+            teacher=None) -> E2EReport:
+        """``teacher``: the fp model's logits on these rows (``teacher.TeacherLogits``, from Block-AP),
+        needed when ``cfg.e2e_distill`` > 0."""
         from torch.utils.data import DataLoader
 
         from .e2e_data import collate
@@ -420,6 +469,12 @@ class E2EQP:
             raise ValueError("E2E-QP needs at least one training sample")
         if val_ds is not None and len(val_ds) == 0:
             val_ds = None
+        if self.distill > 0:
+            if teacher is None:
+                raise ValueError("E2E-QP distillation (e2e_distill > 0) needs the fp model's logits, which "
+                                 "Block-AP keeps; it is not available when E2E-QP runs on its own")
+            train_ds = TeacherRows(train_ds, teacher, "training")
+            val_ds = None if val_ds is None else TeacherRows(val_ds, teacher, "held-out")
         mp = _mixed_precision_for(rt, opts.mixed_precision)
         cpu = rt.device.type == "cpu"
 
@@ -478,7 +533,8 @@ class E2EQP:
         eval_bs = opts.eval_batch_size or mb
         fingerprint = self._fingerprint(n_train=len(train_ds), global_batch=global_bs, micro_batch=mb,
                                         world=world, epochs=epochs, lr=lr, warmup=warmup,
-                                        train_zeros=bool(cfg.e2e_train_zeros), n_trainable=n_trainable)
+                                        train_zeros=bool(cfg.e2e_train_zeros), n_trainable=n_trainable,
+                                        **({"distill": self.distill} if self.distill else {}))
 
         start_step, running, history, val_before, train_tokens = 0, float("nan"), [], None, 0
         info = None
@@ -542,12 +598,18 @@ class E2EQP:
                         sync = j == len(micro) - 1
                         ctx = contextlib.nullcontext() if sync else acc.no_sync(wrapped)
                         with ctx:
-                            out = wrapped(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                                          labels=batch["labels"], num_items_in_batch=n_items, use_cache=False)
-                            # out.loss = this micro-batch's token-NLL sum / global token count; backward
+                            if self.distill > 0:
+                                out = wrapped(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                                              use_cache=False)
+                                loss = mixed_loss_sum(out.logits, batch, self.distill) / n_items
+                            else:
+                                out = wrapped(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                                              labels=batch["labels"], num_items_in_batch=n_items, use_cache=False)
+                                loss = out.loss
+                            # loss = this micro-batch's token-loss sum / global token count; backward
                             # divides by `accum` and DDP averages over processes: undo both
-                            acc.backward(out.loss * (accum * world))
-                        step_loss += out.loss.detach().float()
+                            acc.backward(loss * (accum * world))
+                        step_loss += loss.detach().float()
                     step_loss = float(acc.reduce(step_loss, "sum"))
                     if not math.isfinite(step_loss):
                         raise FloatingPointError(f"E2E-QP: loss became {step_loss} at step {step}; lower the lr")
@@ -643,7 +705,7 @@ class E2EQP:
                            micro_batch_size=mb, grad_accum_steps=accum, world_size=world, mixed_precision=mp,
                            trainable_values=n_trainable, train_tokens=train_tokens, resumed_from_step=start_step,
                            completed=completed, eval_history=history, best_epoch=best_epoch,
-                           epochs_run=epochs_run)
+                           epochs_run=epochs_run, distill=self.distill)
         if val_before is not None and val_after is not None and acc.is_main_process:
             log.info("E2E-QP: val loss %.4f -> %.4f (ppl %.2f -> %.2f), %.1fs", val_before, val_after,
                      math.exp(val_before), math.exp(val_after), report.seconds)

@@ -199,8 +199,8 @@ def run_eqat(hf_model: nn.Module, cfg: EQATConfig, calibration, tokenizer=None, 
         hf_model.float()  # CPU runs compute in fp32; the checkpoint is written back in 16-bit
     was_training = hf_model.training
     hf_model.eval()
-    block = BlockAP(hf_model, layout, cfg, rt, show_progress).run(block_train, val_ids, work_dir=work_dir,
-                                                                offload_dir=offload_dir)
+    block_ap = BlockAP(hf_model, layout, cfg, rt, show_progress)
+    block = block_ap.run(block_train, val_ids, work_dir=work_dir, offload_dir=offload_dir)
     check_fully_quantized(layout, block.qweights.keys(), model_type)  # what Block-AP really quantized
     e2e = None
     install_packed_linears(hf_model, block.qweights, cfg.e2e_train_zeros,
@@ -212,7 +212,8 @@ def run_eqat(hf_model: nn.Module, cfg: EQATConfig, calibration, tokenizer=None, 
         from .kernels import use_backend
 
         with use_backend(cfg.kernel_backend):
-            e2e = E2EQP(hf_model, cfg, rt, show_progress, lr_fraction=block.lr_fraction).run(e2e_ids, val_ids)
+            e2e = E2EQP(hf_model, cfg, rt, show_progress, lr_fraction=block.lr_fraction).run(
+                e2e_ids, val_ids, teacher=block_ap.teacher)
         if on_device:
             hf_model.to("cpu")
     hf_model.train(was_training)

@@ -57,6 +57,7 @@ class StreamedQuantization:
         self.layout = resolve_layout(self.model, definition_for(self.model.config.model_type), cfg)
         self.result: Optional[EQATResult] = None
         self.gguf_plan = None
+        self._teacher = None   # the fp model's logits for E2E-QP's distillation (BlockAP.teacher)
         if cfg.save_format == "gguf":   # every linear's llama.cpp block type, before anything trains
             from .gguf_run import describe, plan_types
 
@@ -84,9 +85,10 @@ class StreamedQuantization:
         handle = self.sm.upcast_embedding_output(compute) if compute != self.sm.dtype else None
         seed_everything(self.cfg.seed)
         try:
-            block = BlockAP(self.model, self.layout, self.cfg, self.rt, self.show_progress,
-                            layer_source=self.sm, keep_qweights=False).run(
-                block_train, val_ids, work_dir=self.work_dir, offload_dir=offload_dir)
+            block_ap = BlockAP(self.model, self.layout, self.cfg, self.rt, self.show_progress,
+                               layer_source=self.sm, keep_qweights=False)
+            block = block_ap.run(block_train, val_ids, work_dir=self.work_dir, offload_dir=offload_dir)
+            self._teacher = block_ap.teacher
         finally:
             if handle is not None:
                 handle.remove()
@@ -237,7 +239,8 @@ class StreamedQuantization:
             model.to(self.rt.device)
         with use_backend(self.cfg.kernel_backend):
             self.result.e2e = E2EQP(model, self.cfg, self.rt, self.show_progress,
-                                   lr_fraction=self.result.block_ap.lr_fraction).run(train_ids, val_ids)
+                                   lr_fraction=self.result.block_ap.lr_fraction).run(train_ids, val_ids,
+                                                                                     teacher=self._teacher)
         self.result.extra["e2e_samples"] = int(train_ids.shape[0])
         if on_device:
             model.to("cpu")

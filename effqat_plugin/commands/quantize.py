@@ -85,6 +85,11 @@ def add_training_arguments(p) -> None:
                         "on SmolLM2 w2g64 it costs 49.1 instead of 42.6 wikitext-2 ppl)")
     add_self_generated_source_arguments(p)
     p.add_argument("--e2e-lr", type=float, default=None)
+    p.add_argument("--e2e-distill", type=unit_interval, default=0.0, metavar="W",
+                   help="share of E2E-QP's loss that is distillation from the fp model's next-token "
+                        "distribution (its top 64, kept from Block-AP) instead of the data's next tokens: "
+                        "0 = the paper's loss, 1 = distillation only; needs E2E-QP to train on Block-AP's "
+                        "samples (no --e2e-data, no --no-block-self-generated)")
     p.add_argument("--e2e-batch-size", type=int, default=4)
     p.add_argument("--train-zeros", action="store_true", help="E2E-QP also trains zero points")
     p.add_argument("--lr-preset", choices=["auto", "paper"], default="auto",
@@ -131,6 +136,17 @@ def positive_int(text: str) -> int:
     if n is None:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
     return n
+
+
+def unit_interval(text: str) -> float:
+    """argparse type: a number in [0, 1]."""
+    try:
+        x = float(text)
+    except ValueError:
+        x = float("nan")
+    if not 0.0 <= x <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
+    return x
 
 
 def self_generated_arg(text: str):
@@ -184,6 +200,7 @@ def config_from_args(args, save_format: str, e2e_epochs: int | None = None, kern
         block_loss=getattr(args, "block_loss", "mse"),
         e2e_epochs=args.e2e_epochs if e2e_epochs is None else e2e_epochs,
         e2e_max_auto_epochs=args.e2e_max_auto_epochs, e2e_lr=args.e2e_lr, block_self_generated=args.block_self_generated,
+        e2e_distill=getattr(args, "e2e_distill", 0.0),
         e2e_batch_size=args.e2e_batch_size, e2e_train_zeros=args.train_zeros, lr_preset=args.lr_preset,
         seed=args.seed, compute_device=args.device, kernel_backend=kernel_backend)
 
@@ -223,6 +240,9 @@ def run(args) -> int:
     if args.e2e_data and not os.path.isfile(args.e2e_data):
         raise FileNotFoundError(f"E2E-QP data file not found: {args.e2e_data}")
     cfg = config_from_args(args, args.save_format, kernel_backend=args.kernel)  # before the model is loaded
+    if cfg.e2e_distill > 0 and cfg.e2e_epochs > 0 and (args.e2e_data or not args.block_self_generated):
+        raise ValueError("--e2e-distill takes the fp model's logits from Block-AP's samples, so E2E-QP must train "
+                         "on those: drop --e2e-data / --no-block-self-generated")
     if cfg.save_format == "gguf":
         from pathlib import Path
 
