@@ -707,10 +707,21 @@ class E2EQP:
                            completed=completed, eval_history=history, best_epoch=best_epoch,
                            epochs_run=epochs_run, distill=self.distill)
         if val_before is not None and val_after is not None and acc.is_main_process:
-            log.info("E2E-QP: val loss %.4f -> %.4f (ppl %.2f -> %.2f), %.1fs", val_before, val_after,
-                     math.exp(val_before), math.exp(val_after), report.seconds)
+            log.info("E2E-QP: val loss %.4f -> %.4f%s, %.1fs", val_before, val_after,
+                     f" (distillation mix {self.distill:g})" if self.distill else
+                     f" (ppl {math.exp(val_before):.2f} -> {math.exp(val_after):.2f})", report.seconds)
         return report
 
 
 def report_dict(report: E2EReport) -> dict:
     return asdict(report)
+
+
+def held_out_summary(report: Optional[E2EReport]) -> str:
+    """', val ppl X' for the log line that ends a run ('' without a held-out loss); a distilling run's
+    held-out loss is not a perplexity."""
+    if report is None or report.val_loss_after is None:
+        return ""
+    if report.distill:
+        return f", held-out loss {report.val_loss_after:.4f} (distillation mix {report.distill:g})"
+    return f", val ppl {math.exp(report.val_loss_after):.2f}"

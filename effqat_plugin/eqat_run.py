@@ -7,7 +7,6 @@ decoder layers streamed from the checkpoint (`streamed_run`), sharing the calibr
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Dict, Optional
@@ -18,7 +17,7 @@ import torch.nn as nn
 from .block_ap import BlockAP, BlockAPResult
 from .config import EQATConfig
 from .data import CalibrationError, normalize_calibration, sample_from_model
-from .e2e_qp import E2EQP, E2EReport
+from .e2e_qp import E2EQP, E2EReport, held_out_summary
 from .layout import ModelLayout, check_fully_quantized, resolve_layout
 from .loading import install_packed_linears
 from .qweight import QuantizedWeight
@@ -227,6 +226,5 @@ def run_eqat(hf_model: nn.Module, cfg: EQATConfig, calibration, tokenizer=None, 
                                "e2e_seq_len": int(e2e_ids.shape[1]), "self_generated": n_self,
                                "block_ap_samples": int(block_train.shape[0])})
     log.info("EQAT done in %.1fs: %d quantized linears at w%dg%d%s", result.seconds, len(qweights), cfg.bits,
-             cfg.group_size, "" if e2e is None or e2e.val_loss_after is None
-             else f", val ppl {math.exp(e2e.val_loss_after):.2f}")
+             cfg.group_size, held_out_summary(e2e))
     return result

@@ -14,7 +14,6 @@ With E2E-QP, the model is rebuilt from what Block-AP wrote, packed (2-4 bits per
 from __future__ import annotations
 
 import logging
-import math
 import shutil
 import time
 from typing import Optional
@@ -229,7 +228,7 @@ class StreamedQuantization:
 
     def e2e_and_save(self, out_dir: str, fmt: Optional[str] = None, overwrite: bool = False,
                      max_shard_size: str = "4GB") -> dict:
-        from .e2e_qp import E2EQP
+        from .e2e_qp import E2EQP, held_out_summary
         from .kernels import use_backend
 
         model = self.packed_model()
@@ -246,8 +245,7 @@ class StreamedQuantization:
             model.to("cpu")
         self.result.seconds = time.time() - self._t0
         e2e = self.result.e2e
-        log.info("EQAT done in %.1fs%s", self.result.seconds, "" if e2e is None or e2e.val_loss_after is None
-                 else f", val ppl {math.exp(e2e.val_loss_after):.2f}")
+        log.info("EQAT done in %.1fs%s", self.result.seconds, held_out_summary(e2e))
         if self.gguf_plan is not None:
             return self._write_gguf(out_dir, overwrite, self._packed_items(model))
         return self._write(out_dir, fmt, overwrite, max_shard_size, self._packed_specs(model),

@@ -55,19 +55,19 @@ def _cast(modules, device, dtype):
     """Put ``modules``' own tensors on ``device``, the floating ones in ``dtype``; returns what to restore."""
     saved = []
     for module in modules:
-        for name, p in list(module.named_parameters(recurse=False)):
+        for p in list(module.parameters(recurse=False)):
             saved.append((p, p.data))
-            p.data = p.data.to(device, dtype if p.is_floating_point() else None)
+            p.data = p.data.to(device=device, dtype=dtype if p.is_floating_point() else p.dtype)
         for name, b in list(module.named_buffers(recurse=False)):
             if b is None:
                 continue
             saved.append((module, name, b))
-            module._buffers[name] = b.to(device, dtype if b.is_floating_point() else None)
+            module._buffers[name] = b.to(device=device, dtype=dtype if b.is_floating_point() else b.dtype)
     return saved
 
 
 def _restore(saved) -> None:
-    for item in saved:
+    for item in reversed(saved):   # a tied tensor was saved twice: its first saving holds the original
         if len(item) == 2:
             item[0].data = item[1]
         else:

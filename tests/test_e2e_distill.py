@@ -80,6 +80,38 @@ def _with(cfg, **changes):
     return dataclasses.replace(cfg, **changes)
 
 
+def test_teacher_of_a_16_bit_tied_model_is_computed_in_the_streams_dtype_and_leaves_the_model_as_it_was():
+    """As in a streamed run: the modules outside the layers are in the checkpoint's bf16 and the head
+    is tied to the embedding; the teacher comes from fp32 hidden states in fp32, and afterwards the
+    model is bf16 again with its head still tied."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from effqat_plugin.block_ap import modules_outside_layers
+    from effqat_plugin.teacher import capture_teacher
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    fp32 = LlamaForCausalLM(cfg).eval().to(torch.bfloat16).float()   # the bf16 checkpoint's values in fp32
+    ids = torch.randint(0, 96, (3, 10))
+    seen = {}
+    hook = fp32.model.layers[-1].register_forward_hook(lambda m, a, out: seen.setdefault("h", out))
+    with torch.no_grad():
+        want = F.log_softmax(fp32(input_ids=ids, use_cache=False).logits, -1).topk(8, -1)
+    hook.remove()
+    model = LlamaForCausalLM(cfg).eval()
+    model.load_state_dict(fp32.state_dict())
+    model.to(torch.bfloat16)
+    layout = resolve_layout(model, None, EQATConfig(bits=2, group_size=16))
+    teacher = capture_teacher(model, layout.layers, modules_outside_layers(model, layout), ids, seen["h"], 8,
+                              2, torch.device("cpu"))
+    assert torch.equal(teacher.token_ids.long(), want.indices)
+    assert torch.allclose(teacher.logprobs.float(), want.values, atol=2e-3)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert "forward" not in model.model.layers[0].__dict__
+
+
 def test_distillation_loss_is_the_cross_entropy_against_the_teachers_top_k():
     torch.manual_seed(0)
     logits = torch.randn(2, 5, 11)
@@ -104,7 +136,7 @@ def test_distillation_loss_is_the_cross_entropy_against_the_teachers_top_k():
     assert float(got) == pytest.approx(float(want), rel=1e-5)
 
 
-def test_distillation_without_a_teacher_or_on_unequal_rows_is_refused(fp_model):
+def test_distillation_without_a_teacher_or_on_unequal_rows_is_refused():
     from e2e_helpers import tiny_packed_llama
 
     rt = resolve_runtime("cpu")

@@ -282,7 +282,12 @@ def run(args) -> int:
     if cfg.e2e_epochs > 0 and (e2e_ids is not None or cal["self_generated"]):
         line["e2e_data"] = [cal["e2e_samples"], cal["e2e_seq_len"]]
         line["self_generated"] = cal["self_generated"]
-    if e2e and e2e.get("val_loss_after") is not None:
+    if e2e and e2e.get("val_loss_after") is not None and e2e.get("distill"):
+        # the held-out loss is the distillation mix, not a perplexity
+        line["e2e_distill"] = e2e["distill"]
+        line["val_loss_before_e2e"] = round(e2e["val_loss_before"], 4)
+        line["val_loss"] = round(e2e["val_loss_after"], 4)
+    elif e2e and e2e.get("val_loss_after") is not None:
         line["val_ppl_before_e2e"] = round(math.exp(e2e["val_loss_before"]), 3)
         line["val_ppl"] = round(math.exp(e2e["val_loss_after"]), 3)
     if extra.skipped:
