@@ -299,20 +299,17 @@ class TeacherRows(torch.utils.data.Dataset):
         return self.base.num_tokens()
 
 
-def mixed_loss_sum(logits: torch.Tensor, batch: Dict[str, torch.Tensor], distill: float,
-                   nll_sum: Optional[torch.Tensor] = None) -> torch.Tensor:
+def mixed_loss_sum(logits: torch.Tensor, batch: Dict[str, torch.Tensor], distill: float) -> torch.Tensor:
     """(1 - distill) x the causal-LM loss + distill x the distillation loss, both summed over the
-    batch's target tokens; ``nll_sum``: the causal-LM sum when the model already computed it."""
+    batch's target tokens."""
     from .teacher import distill_nll_sum
 
     total = torch.zeros((), device=logits.device, dtype=torch.float32)
     if distill < 1.0:
-        if nll_sum is None:
-            labels = batch["labels"][:, 1:]
-            nll_sum = torch.nn.functional.cross_entropy(
-                logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                ignore_index=-100, reduction="sum")
-        total = total + (1.0 - distill) * nll_sum.float()
+        labels = batch["labels"][:, 1:]
+        total = total + (1.0 - distill) * torch.nn.functional.cross_entropy(
+            logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+            ignore_index=-100, reduction="sum")
     if distill > 0.0:
         total = total + distill * distill_nll_sum(logits, batch["teacher_ids"], batch["teacher_logp"],
                                                   batch["labels"])
