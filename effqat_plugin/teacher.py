@@ -2,8 +2,10 @@
 
 E2E-QP's causal-LM loss fits the calibration corpus: on SmolLM2-135M at Q3_K_M / Q4_K_M its
 wikitext-2 perplexity falls below the fp model's while the KJV's (another domain) rises 16-33% above
-llama-quantize's. Matching the fp model's distributions instead of the corpus' next tokens keeps
-the quantized model close to the fp one everywhere. ``cfg.e2e_distill`` mixes the two losses.
+llama-quantize's. Matching the fp model's distributions instead of the corpus' next tokens is meant
+to keep the quantized model close to the fp one everywhere; ``cfg.e2e_distill`` mixes the two losses.
+Measured there (README, *llama.cpp's K types, trained*) it trades in-domain perplexity for the other
+domain's along one curve without beating llama-quantize + imatrix on the KJV, so it is off by default.
 
 The streamed run never holds the fp model whole, but Block-AP's fp activation stream reaches the top
 of the last decoder layer for every calibration row: :func:`capture_teacher` runs the model's own
