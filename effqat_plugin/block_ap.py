@@ -29,7 +29,7 @@ from .quantizer import FakeQuantLinear
 from .resume import LayerStore, run_fingerprint
 from .runtime import Runtime
 from .teacher import capture_teacher
-from .transfer import batches_to_device
+from .transfer import batches_to_device, modules_on
 
 log = logging.getLogger("effqat.block_ap")
 
@@ -157,9 +157,9 @@ def capture_layer_inputs(hf_model: nn.Module, layout: ModelLayout, ids: torch.Te
         raise _StopForward
 
     device = runtime.device
-    moved = _move_non_layer_modules(hf_model, layout, device)
-    handle = None
-    try:
+    # embeddings / rotary / norms on the compute device for the pass; layers stay put (the hook stops
+    # the forward before layer 0 runs, and Block-AP moves one layer at a time)
+    with modules_on(modules_outside_layers(hf_model, layout), device):
         calls = capture_layer_calls(hf_model, layout, ids, device)
         handle = layer0.register_forward_pre_hook(hook, with_kwargs=True)
 
@@ -170,15 +170,13 @@ def capture_layer_inputs(hf_model: nn.Module, layout: ModelLayout, ids: torch.Te
                 pass
             return captured["hidden"]
 
-        hidden = allocate_stream((ids.shape[0], ids.shape[1], hf_model.config.hidden_size), runtime.stream_dtype,
-                                 offload_dir, "fp")
-        for i in range(0, ids.shape[0], batch_size):
-            hidden[i:i + batch_size] = run(ids[i:i + batch_size]).to("cpu", runtime.stream_dtype)
-    finally:
-        if handle is not None:
+        try:
+            hidden = allocate_stream((ids.shape[0], ids.shape[1], hf_model.config.hidden_size),
+                                     runtime.stream_dtype, offload_dir, "fp")
+            for i in range(0, ids.shape[0], batch_size):
+                hidden[i:i + batch_size] = run(ids[i:i + batch_size]).to("cpu", runtime.stream_dtype)
+        finally:
             handle.remove()
-        for module, dev in moved:
-            module.to(dev)
     return hidden, calls
 
 
@@ -186,21 +184,6 @@ def modules_outside_layers(hf_model, layout: ModelLayout) -> List[nn.Module]:
     """Embeddings, rotary embedding, final norm, head: everything not in a decoder layer."""
     inside_layers = {id(m) for m in layout.layers.modules()}  # the layers and everything in them
     return [m for m in hf_model.modules() if id(m) not in inside_layers]
-
-
-def _move_non_layer_modules(hf_model, layout: ModelLayout, device) -> List[Tuple[nn.Module, torch.device]]:
-    """Put embeddings / rotary / norms on the compute device for the capture pass; layers stay put
-    (the hook stops the forward before layer 0 runs, and Block-AP moves one layer at a time)."""
-    moved = []
-    for module in modules_outside_layers(hf_model, layout):
-        direct = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
-        if direct and direct[0].device != device:
-            moved.append((module, direct[0].device))
-            for p in module.parameters(recurse=False):
-                p.data = p.data.to(device)
-            for name, b in module.named_buffers(recurse=False):
-                module._buffers[name] = b.to(device)
-    return moved
 
 
 MIN_LR_SCALE = 1.0  # the lr search never goes below the paper's rates (BlockAP._extend_search)

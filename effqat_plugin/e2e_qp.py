@@ -387,17 +387,12 @@ class E2EQP:
         for b in range(n_batches):
             idx = mine[b * batch_size:(b + 1) * batch_size]
             weight = 1.0 if idx else 0.0
-            batch = collate([data[i] for i in (idx or [0])], self.opts.pad_token_id)
-            ids = batch["input_ids"].to(acc.device)
-            labels = batch["labels"].to(acc.device)
-            mask = batch.get("attention_mask")
-            logits = model(input_ids=ids, attention_mask=None if mask is None else mask.to(acc.device),
+            batch = {k: v.to(acc.device) for k, v in collate([data[i] for i in (idx or [0])],
+                                                             self.opts.pad_token_id).items()}
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
                            use_cache=False).logits
-            shift = labels[:, 1:]
-            on_device = {k: v.to(acc.device) for k, v in batch.items()}
-            nll = mixed_loss_sum(logits, on_device, self.distill)
-            total += weight * nll.double()
-            count += weight * (shift != -100).sum().double()
+            total += weight * mixed_loss_sum(logits, batch, self.distill).double()
+            count += weight * (batch["labels"][:, 1:] != -100).sum().double()
         model.train(was_training)
         total, count = acc.reduce(total, "sum"), acc.reduce(count, "sum")
         return float(total / count.clamp(min=1))
@@ -595,14 +590,11 @@ class E2EQP:
                         sync = j == len(micro) - 1
                         ctx = contextlib.nullcontext() if sync else acc.no_sync(wrapped)
                         with ctx:
-                            if self.distill > 0:
-                                out = wrapped(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                                              use_cache=False)
-                                loss = mixed_loss_sum(out.logits, batch, self.distill) / n_items
-                            else:
-                                out = wrapped(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                                              labels=batch["labels"], num_items_in_batch=n_items, use_cache=False)
-                                loss = out.loss
+                            hf_loss = {} if self.distill else {"labels": batch["labels"], "num_items_in_batch": n_items}
+                            out = wrapped(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                                          use_cache=False, **hf_loss)
+                            loss = (mixed_loss_sum(out.logits, batch, self.distill) / n_items if self.distill
+                                    else out.loss)
                             # loss = this micro-batch's token-loss sum / global token count; backward
                             # divides by `accum` and DDP averages over processes: undo both
                             acc.backward(loss * (accum * world))

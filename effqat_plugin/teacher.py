@@ -24,6 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .transfer import modules_on
+
 
 @dataclass
 class TeacherLogits:
@@ -53,29 +55,6 @@ class TeacherLogits:
         return self.token_ids[index], self.logprobs[index]
 
 
-def _cast(modules, device, dtype):
-    """Put ``modules``' own tensors on ``device``, the floating ones in ``dtype``; returns what to restore."""
-    saved = []
-    for module in modules:
-        for p in list(module.parameters(recurse=False)):
-            saved.append((p, p.data))
-            p.data = p.data.to(device=device, dtype=dtype if p.is_floating_point() else p.dtype)
-        for name, b in list(module.named_buffers(recurse=False)):
-            if b is None:
-                continue
-            saved.append((module, name, b))
-            module._buffers[name] = b.to(device=device, dtype=dtype if b.is_floating_point() else b.dtype)
-    return saved
-
-
-def _restore(saved) -> None:
-    for item in reversed(saved):   # a tied tensor was saved twice: its first saving holds the original
-        if len(item) == 2:
-            item[0].data = item[1]
-        else:
-            item[0]._buffers[item[1]] = item[2]
-
-
 @torch.no_grad()
 def capture_teacher(hf_model: nn.Module, layers, outside, ids: torch.Tensor, final_hidden: torch.Tensor,
                     k: int, batch_size: int, device) -> TeacherLogits:
@@ -92,26 +71,22 @@ def capture_teacher(hf_model: nn.Module, layers, outside, ids: torch.Tensor, fin
             return current["h"].to(hidden.device) if index == last else hidden
         return forward
 
-    vocab = None
     out_ids = out_lp = None
     saved_forward = [layer.__dict__.get("forward") for layer in layers]
-    restore = _cast(outside, device, final_hidden.dtype)
     try:
         for i, layer in enumerate(layers):
             layer.forward = bypass(i)
-        for i in range(0, ids.shape[0], batch_size):
-            j = min(i + batch_size, ids.shape[0])
-            current["h"] = final_hidden[i:j].to(device)
-            logits = hf_model(input_ids=ids[i:j].to(device), use_cache=False).logits
-            logp = F.log_softmax(logits.float(), dim=-1)
-            if vocab is None:
-                vocab = logp.shape[-1]
-                kk = min(int(k), vocab)
-                out_ids = torch.empty(ids.shape[0], ids.shape[1], kk, dtype=torch.int32)
-                out_lp = torch.empty(ids.shape[0], ids.shape[1], kk, dtype=torch.float16)
-            top = logp.topk(out_ids.shape[-1], dim=-1)
-            out_ids[i:j] = top.indices.to("cpu", torch.int32)
-            out_lp[i:j] = top.values.to("cpu", torch.float16)
+        with modules_on(outside, device, final_hidden.dtype):
+            for i in range(0, ids.shape[0], batch_size):
+                j = min(i + batch_size, ids.shape[0])
+                current["h"] = final_hidden[i:j].to(device)
+                logits = hf_model(input_ids=ids[i:j].to(device), use_cache=False).logits
+                top = F.log_softmax(logits.float(), dim=-1).topk(min(int(k), logits.shape[-1]), dim=-1)
+                if out_ids is None:
+                    out_ids = torch.empty(*ids.shape, top.indices.shape[-1], dtype=torch.int32)
+                    out_lp = torch.empty(*ids.shape, top.indices.shape[-1], dtype=torch.float16)
+                out_ids[i:j] = top.indices.to("cpu", torch.int32)
+                out_lp[i:j] = top.values.to("cpu", torch.float16)
     finally:
         current.clear()
         for layer, old in zip(layers, saved_forward):
@@ -119,7 +94,6 @@ def capture_teacher(hf_model: nn.Module, layers, outside, ids: torch.Tensor, fin
                 del layer.forward
             else:
                 layer.forward = old
-        _restore(restore)
     rows = {TeacherLogits.digest(row): n for n, row in enumerate(ids)}
     return TeacherLogits(out_ids, out_lp, rows)
 

@@ -8,9 +8,35 @@ twin every test runs) the same batches come from plain slicing; the values are i
 """
 from __future__ import annotations
 
-from typing import Iterator, Optional, Tuple
+import contextlib
+from typing import Iterable, Iterator, Optional, Tuple
 
 import torch
+import torch.nn as nn
+
+
+@contextlib.contextmanager
+def modules_on(modules: Iterable[nn.Module], device, dtype: Optional[torch.dtype] = None):
+    """For the ``with`` block, each of ``modules``' own parameters and buffers (not their children's)
+    on ``device``, the floating ones in ``dtype`` when given; afterwards the very tensors they held
+    before. Block-AP's capture passes run the modules outside the decoder layers this way."""
+    saved = []
+    for module in modules:
+        for p in module.parameters(recurse=False):
+            saved.append((p, None, p.data))
+            p.data = p.data.to(device=device, dtype=dtype if dtype is not None and p.is_floating_point() else None)
+        for name, b in list(module.named_buffers(recurse=False)):
+            saved.append((module, name, b))
+            module._buffers[name] = b.to(device=device,
+                                         dtype=dtype if dtype is not None and b.is_floating_point() else None)
+    try:
+        yield
+    finally:
+        for owner, name, old in reversed(saved):   # a tied tensor is saved twice: the first holds the original
+            if name is None:
+                owner.data = old
+            else:
+                owner._buffers[name] = old
 
 
 def batches_to_device(stream: torch.Tensor, batch_size: int, device: torch.device,
