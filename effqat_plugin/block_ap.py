@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from .block_loss import BlockLoss
 from .config import EQATConfig
 from .layer_report import LayerReport
+from .layer_forward import replaced_forwards
 from .layout import ModelLayout, set_submodule
 from .qweight import QuantizedWeight
 from .quantizer import FakeQuantLinear
@@ -120,19 +121,11 @@ def capture_layer_calls(hf_model: nn.Module, layout: ModelLayout, ids: torch.Ten
             return hidden
         return forward
 
-    saved = [layer.__dict__.get("forward") for layer in layers]  # e.g. accelerate's instance hooks
-    for i, layer in enumerate(layers):
-        layer.forward = recorder(i)
     try:
-        hf_model(input_ids=ids[:1].to(device), use_cache=False)
+        with replaced_forwards(layers, recorder):
+            hf_model(input_ids=ids[:1].to(device), use_cache=False)
     except _StopForward:
         pass
-    finally:
-        for layer, old in zip(layers, saved):
-            if old is None:
-                del layer.forward
-            else:
-                layer.forward = old
     missing = [i for i, c in enumerate(calls) if c is None]
     if missing:
         raise RuntimeError(f"decoder layers {missing} were not called by {type(hf_model).__name__}.forward; "

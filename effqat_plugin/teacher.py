@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .layer_forward import replaced_forwards
 from .transfer import modules_on
 
 
@@ -72,11 +73,8 @@ def capture_teacher(hf_model: nn.Module, layers, outside, ids: torch.Tensor, fin
         return forward
 
     out_ids = out_lp = None
-    saved_forward = [layer.__dict__.get("forward") for layer in layers]
     try:
-        for i, layer in enumerate(layers):
-            layer.forward = bypass(i)
-        with modules_on(outside, device, final_hidden.dtype):
+        with replaced_forwards(layers, bypass), modules_on(outside, device, final_hidden.dtype):
             for i in range(0, ids.shape[0], batch_size):
                 j = min(i + batch_size, ids.shape[0])
                 current["h"] = final_hidden[i:j].to(device)
@@ -89,11 +87,6 @@ def capture_teacher(hf_model: nn.Module, layers, outside, ids: torch.Tensor, fin
                 out_lp[i:j] = top.values.to("cpu", torch.float16)
     finally:
         current.clear()
-        for layer, old in zip(layers, saved_forward):
-            if old is None:
-                del layer.forward
-            else:
-                layer.forward = old
     rows = {TeacherLogits.digest(row): n for n, row in enumerate(ids)}
     return TeacherLogits(out_ids, out_lp, rows)
 
