@@ -14,6 +14,9 @@ The terms follow what the code keeps resident (see ``streaming.py``, ``block_ap.
 * E2E-QP: the packed model (``bits`` per weight plus a 16-bit scale and a ``bits`` zero per group),
   the 16-bit non-layer modules, fp32 master step sizes with gradients and AdamW moments, and
   checkpointed activations (one hidden state per layer boundary plus one layer's activations).
+* E2E-QP distillation (``--e2e-distill``): the fp model's top-k next-token log-probabilities of every
+  Block-AP calibration token (``teacher.TeacherLogits``: int32 ids and fp16 log-probs), made when the
+  fp stream leaves the last layer and kept in host memory until E2E-QP ends.
 * Saving: host holds one layer's packed tensors; disk gets the packed checkpoint.
 * Sampling the self-generated samples (``model_sampler``): the whole model in the sampling dtype
   (fp32 on CPU, the checkpoint's 16-bit dtype on CUDA) plus the KV cache of a batch of 64, on the
@@ -46,6 +49,11 @@ LAYER_TRAIN_BYTES = 22
 SAMPLE_RATES = {"cpu": {"flops": 30e9, "resident_bw": 5e9, "offload_bw": 2e9},
                 "cuda": {"flops": 100e12, "resident_bw": 1.5e12, "offload_bw": 12e9}}
 SAMPLE_BATCH = 64  # data.sample_from_model's batch: the KV cache is sized for it
+
+
+def teacher_bytes(tokens: int, topk: int) -> int:
+    """Host bytes of the distillation teacher: ``topk`` (int32 id, fp16 log-prob) pairs per token."""
+    return tokens * topk * (4 + 2)
 
 
 def decode_cache_bytes(batch: int, seq_len: int, layers: int, kv_heads: int, head_dim: int, vocab: int,
@@ -132,9 +140,10 @@ def sample_phase(shape: Shape, n: int, seq_len: int, device: str = "cuda", cap=N
 
 def plan(shape: Shape, bits: int, group_size: int, n_samples: int, seq_len: int, block_batch: int = 2,
          e2e_samples: int = 4096, e2e_seq_len: int = 4096, e2e_batch: int = 1, device: str = "cuda",
-         offload_streams: bool = False, self_generated: int = 0, sample_cap=None) -> dict:
+         offload_streams: bool = False, self_generated: int = 0, sample_cap=None, distill_topk: int = 0) -> dict:
     """Bytes per phase: {phase: {"host": b, "device": b, "disk": b}} plus totals for reference; with
-    ``self_generated`` samples also the sampling phase ("sample", with its estimated seconds)."""
+    ``self_generated`` samples also the sampling phase ("sample", with its estimated seconds); with
+    ``distill_topk`` > 0 (E2E-QP distillation) the teacher's host bytes in Block-AP's and E2E-QP's."""
     cpu = device == "cpu"
     src = shape.src_bytes
     group = group_size if group_size > 0 else shape.hidden
@@ -145,7 +154,8 @@ def plan(shape: Shape, bits: int, group_size: int, n_samples: int, seq_len: int,
     layer_train = LAYER_TRAIN_BYTES * shape.layer_params + shape.activations(block_batch, seq_len, 4 if cpu else 2,
                                                                         scores=cpu)
     # the resident layer plus its transient host copy (deepcopy before the move to the device)
-    block_host = PROCESS_BASE + outside + 2 * shape.layer_params * src + (0 if offload_streams else streams)
+    teacher = teacher_bytes(n_samples * seq_len, distill_topk)  # made at Block-AP's end, beside the streams
+    block_host = PROCESS_BASE + outside + 2 * shape.layer_params * src + (0 if offload_streams else streams) + teacher
     block_dev = 0
     if cpu:
         block_host += layer_train
@@ -159,16 +169,17 @@ def plan(shape: Shape, bits: int, group_size: int, n_samples: int, seq_len: int,
     e2e_train = scales * 16 + shape.layers * e2e_batch * e2e_seq_len * shape.hidden * 2 \
         + shape.activations(e2e_batch, e2e_seq_len, 4 if cpu else 2, scores=cpu)
     if cpu:
-        e2e = {"host": PROCESS_BASE + e2e_model + e2e_train, "device": 0, "disk": 0}
+        e2e = {"host": PROCESS_BASE + e2e_model + e2e_train + teacher, "device": 0, "disk": 0}
     else:
-        e2e = {"host": PROCESS_BASE + e2e_model, "device": e2e_model + e2e_train, "disk": 0}
+        e2e = {"host": PROCESS_BASE + e2e_model + teacher, "device": e2e_model + e2e_train, "disk": 0}
     extra = {"sample": sample_phase(shape, self_generated, seq_len, device, sample_cap)} if self_generated else {}
     return {
         **extra,
         "params": shape.layers * shape.layer_params + shape.outside_params,
         "checkpoint_16bit": (shape.layers * shape.layer_params + shape.outside_params) * 2,
         "block_ap": {"host": block_host, "device": block_dev,
-                     "disk": work + (streams if offload_streams else 0), "streams": streams},
+                     "disk": work + (streams if offload_streams else 0), "streams": streams,
+                     "teacher": teacher},
         "e2e_qp": e2e,
         # one layer read back from the work folder (1-byte codes) and its packing temporaries (int64)
         "save": {"host": PROCESS_BASE + outside + 9 * lp // 1, "device": 0,

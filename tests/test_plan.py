@@ -1,6 +1,8 @@
 """`effqat plan`: memory per phase from config.json alone."""
 import json
 
+import torch
+
 from effqat_plugin.cli import main
 from effqat_plugin.memory_plan import PRESETS, Shape, plan
 
@@ -42,3 +44,25 @@ def test_plan_reads_a_folder_and_rejects_bad_input(tmp_path, stories260k_dir, ca
     (tmp_path / "config.json").write_text("{not json")
     assert main(["plan", str(tmp_path)]) == 2
     assert "not valid JSON" in capsys.readouterr().err
+
+
+def test_distillation_teacher_is_counted_in_block_ap_and_e2e_qp_host_memory(capsys):
+    from effqat_plugin.commands.plan import DISTILL_TOPK
+    from effqat_plugin.config import EQATConfig
+    from effqat_plugin.teacher import TeacherLogits
+
+    assert DISTILL_TOPK == EQATConfig().e2e_distill_topk
+    plain = _plan(capsys, "llama-3-8b", "--n-samples", "4096", "--seq-len", "2048")
+    kept = _plan(capsys, "llama-3-8b", "--n-samples", "4096", "--seq-len", "2048", "--e2e-distill")
+    small = _plan(capsys, "llama-3-8b", "--n-samples", "4096", "--seq-len", "2048", "--e2e-distill", "8")
+    # the bytes of the tensors the teacher really holds, per token and top-k entry
+    one = TeacherLogits(torch.zeros(1, 1, 1, dtype=torch.int32), torch.zeros(1, 1, 1, dtype=torch.float16), {})
+    per_entry = one.token_ids.nbytes + one.logprobs.nbytes
+    for got, k in ((kept, DISTILL_TOPK), (small, 8)):
+        want = 4096 * 2048 * k * per_entry
+        assert got["block_ap"]["teacher"] == want
+        for phase in ("block_ap", "e2e_qp"):
+            assert got[phase]["host"] - plain[phase]["host"] == want
+            assert got[phase]["device"] == plain[phase]["device"]
+    assert main(["plan", "llama-3-8b", "--e2e-distill"]) == 0
+    assert "distillation teacher: 3.0 GiB" in capsys.readouterr().out

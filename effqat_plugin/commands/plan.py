@@ -6,6 +6,7 @@ import json
 import os
 
 USES_GPTQMODEL = False  # the CLI then skips importing GPTQModel at start-up (see env.quiet_third_party_logs)
+DISTILL_TOPK = 64  # EQATConfig.e2e_distill_topk's default (config imports GPTQModel, which plan avoids)
 
 
 def add_parser(sub) -> None:
@@ -31,6 +32,10 @@ def add_parser(sub) -> None:
     p.add_argument("--sample-memory", type=float, default=None, metavar="GIB",
                    help="memory the sampling model may use on the device (default: it fits whole); the rest "
                         "is offloaded by accelerate")
+    p.add_argument("--e2e-distill", nargs="?", type=int, const=DISTILL_TOPK, default=0, metavar="TOPK",
+                   help="plan for quantize --e2e-distill: the fp model's top-TOPK log-probabilities of every "
+                        f"calibration token stay in host memory through E2E-QP (TOPK: {DISTILL_TOPK}, as "
+                        "EQATConfig.e2e_distill_topk)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=run)
 
@@ -78,7 +83,8 @@ def run(args) -> int:
     cap = None if args.sample_memory is None else int(args.sample_memory * GiB)
     p = plan(shape, args.bits, args.group_size, args.n_samples, args.seq_len, args.block_batch_size,
              args.e2e_samples, args.e2e_seq_len, args.e2e_batch_size, args.device, args.offload_streams,
-             self_generated=max(0, n_self), sample_cap=cap)
+             self_generated=max(0, n_self), sample_cap=cap,
+             distill_topk=args.e2e_distill)
     if args.json:
         print(json.dumps(p))
         return 0
@@ -95,6 +101,9 @@ def run(args) -> int:
         where = "offloaded by accelerate" if sp["placement"] == "offload" else "whole on the device"
         print(f"sampling {n_self} x {args.seq_len} self-generated tokens ({where}): "
               f"~{_duration(sp['seconds'])} (estimate from bandwidth and FLOP rates, memory_plan.SAMPLE_RATES)")
+    if args.e2e_distill:
+        print(f"E2E-QP distillation teacher: {p['block_ap']['teacher'] / GiB:.1f} GiB of host memory from Block-AP's "
+              f"end through E2E-QP (top {args.e2e_distill} per token)")
     if not args.offload_streams:
         print(f"Block-AP activation streams: {p['block_ap']['streams'] / GiB:.1f} GiB of host memory "
               "(--offload-streams DIR moves them to disk)")
