@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from . import qlinear
+from .dispatch import dequantize, qlinear
 from .packing import pack_int_weight, packed_rows, unpack_int_weight
 from .reference import n_groups as _n_groups
 
@@ -94,7 +94,6 @@ class PackedQuantLinear(nn.Module):
             )
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        from . import dequantize
         return dequantize(self.qweight, self.scales, self.zeros, self.bits, self.group_size,
                           self.in_features, dtype, backend=self.backend)
 
