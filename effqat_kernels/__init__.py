@@ -20,11 +20,14 @@ The packed layout is documented in :mod:`effqat_plugin.kernels.packing`.
 """
 from __future__ import annotations
 
-from .dispatch import (BACKENDS, ENV_VAR, _cuda_ok, _triton_ok, active_backend, dequantize, qlinear,
-                       triton_interpreting, use_backend)
+from .dispatch import (BACKENDS, ENV_VAR, active_backend, dequantize, qlinear, triton_interpreting,
+                       use_backend)
+from .dispatch import _triton_ok  # noqa: F401 - the tests ask which backend auto picks
 from .module import PackedQuantLinear
 from .packing import SUPPORTED_BITS, pack_int_weight, packed_rows, unpack_int_weight, values_per_word
 
-__all__ = ["BACKENDS", "ENV_VAR", "SUPPORTED_BITS", "PackedQuantLinear", "active_backend", "dequantize",
-           "pack_int_weight", "packed_rows", "qlinear", "triton_interpreting", "unpack_int_weight", "use_backend",
-           "values_per_word", "_cuda_ok", "_triton_ok"]
+__all__ = [
+    "qlinear", "dequantize", "pack_int_weight", "unpack_int_weight", "active_backend",
+    "use_backend", "PackedQuantLinear", "values_per_word", "packed_rows", "BACKENDS", "ENV_VAR",
+    "SUPPORTED_BITS", "triton_interpreting",
+]
