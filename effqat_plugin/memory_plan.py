@@ -18,6 +18,11 @@ The terms follow what the code keeps resident (see ``streaming.py``, ``block_ap.
   Block-AP calibration token (``teacher.TeacherLogits``: int32 ids and fp16 log-probs), made when the
   fp stream leaves the last layer and kept in host memory until E2E-QP ends.
 * Saving: host holds one layer's packed tensors; disk gets the packed checkpoint.
+* GGUF runs (``--gguf-type``, :func:`gguf_sizes`): every tensor's type by llama.cpp's preset rules
+  (``gguf_presets.tensor_types`` on the converter's names for a dense decoder), the file's tensor bytes
+  from gguf's block sizes, and E2E-QP's form of the grids (``quantizer.KGridFrozenWeight``: int8 q per
+  weight, int8 sc / m per sub-block, fp32 d / dmin per block with gradient and two AdamW moments) in
+  place of the packed uniform model.
 * Sampling the self-generated samples (``model_sampler``): the whole model in the sampling dtype
   (fp32 on CPU, the checkpoint's 16-bit dtype on CUDA) plus the KV cache of a batch of 64, on the
   compute device; with a cap (``--sample-memory``) what does not fit is offloaded by accelerate (to
@@ -84,6 +89,11 @@ class Shape:
     vocab: int
     tied: bool
     src_bytes: int
+    head_dim: int = 0           # 0: hidden / heads
+    arch: str = "llama"         # config.json's model_type (llama.cpp's preset rules read a few archs)
+
+    def __post_init__(self):
+        self.head_dim = self.head_dim or self.hidden // self.heads
 
     @classmethod
     def from_config(cls, cfg) -> "Shape":
@@ -94,12 +104,19 @@ class Shape:
                    layers=int(get("num_hidden_layers")), heads=heads,
                    kv_heads=int(get("num_key_value_heads") or heads), vocab=int(get("vocab_size")),
                    tied=bool(get("tie_word_embeddings", False)),
-                   src_bytes=4 if "32" in dtype else 2)
+                   src_bytes=4 if "32" in dtype else 2, head_dim=int(get("head_dim") or 0),
+                   arch=str(get("model_type") or "llama"))
+
+    @property
+    def linear_shapes(self) -> dict:
+        """{GGUF tensor name suffix: (out, in)} of one decoder layer's linears."""
+        h, q, kv = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim
+        return {"attn_q": (q, h), "attn_k": (kv, h), "attn_v": (kv, h), "attn_output": (h, q),
+                "ffn_gate": (self.inter, h), "ffn_up": (self.inter, h), "ffn_down": (h, self.inter)}
 
     @property
     def linear_params_per_layer(self) -> int:
-        h, kv = self.hidden, self.hidden // self.heads * self.kv_heads
-        return 2 * h * h + 2 * h * kv + 3 * h * self.inter
+        return sum(o * i for o, i in self.linear_shapes.values())
 
     @property
     def layer_params(self) -> int:
@@ -115,6 +132,68 @@ class Shape:
         h = self.hidden
         per_token = 34 + (5 * self.heads * seq / h if scores else 0)
         return int(batch * seq * h * per_token * elem_bytes / 2)
+
+
+def gguf_tensors(shape: Shape) -> dict:
+    """{GGUF tensor name: torch-order shape} of the F16 file llama.cpp's converter writes for a dense
+    decoder of ``shape`` (norms included: they take part in the preset's counters only by name)."""
+    h = shape.hidden
+    t = {"token_embd.weight": (shape.vocab, h), "output_norm.weight": (h,)}
+    if not shape.tied:
+        t["output.weight"] = (shape.vocab, h)
+    for i in range(shape.layers):
+        t[f"blk.{i}.attn_norm.weight"] = (h,)
+        t[f"blk.{i}.ffn_norm.weight"] = (h,)
+        for name, dims in shape.linear_shapes.items():
+            t[f"blk.{i}.{name}.weight"] = dims
+    return t
+
+
+def gguf_sizes(shape: Shape, preset: str) -> dict:
+    """A GGUF run at ``preset`` ("Q2_K" ... "Q6_K"): each tensor's type, the file's tensor bytes (the
+    header and tokenizer come on top), bits per weight over the layers' linears, and the bytes of
+    their frozen form (``frozen_bytes``: what Block-AP leaves in its work folder and E2E-QP holds, see
+    the module docstring; the embeddings stay in the source dtype there, as in every run)."""
+    import numpy as np
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    from .gguf_presets import hparams_from_hf_config, tensor_types
+    from .quantizer import kgrid
+
+    tensors = gguf_tensors(shape)
+    hp = hparams_from_hf_config({"num_hidden_layers": shape.layers, "num_attention_heads": shape.heads,
+                                 "num_key_value_heads": shape.kv_heads})
+    choices = tensor_types(preset, shape.arch, tensors, hp)
+
+    def nbytes(dims, qtype: str) -> int:
+        block, size = GGML_QUANT_SIZES[GGMLQuantizationType[qtype]]
+        return int(np.prod(dims)) // block * size
+
+    file_bytes = linear_bytes = linear_params = frozen = e2e_steps = 0
+    counts: dict = {}
+    for name, dims in tensors.items():
+        qtype = choices[name].type if name in choices else "F32"   # 1-D norms stay F32
+        b = nbytes(dims, qtype)
+        file_bytes += b
+        if name.startswith("blk.") and name in choices:
+            n = int(np.prod(dims))
+            linear_bytes, linear_params = linear_bytes + b, linear_params + n
+            counts[qtype] = counts.get(qtype, 0) + 1
+            if qtype == "F16":   # width not a multiple of 32: kept as it is
+                frozen += b
+                continue
+            try:
+                g = kgrid(qtype)
+            except ValueError:   # a non-uniform type (IQ4_NL): frozen, decoded to fp32 beside its blocks
+                frozen += b + 4 * n
+                continue
+            frozen += n + n // g.group * (2 if g.asymmetric else 1)   # int8 q, sc (and m)
+            e2e_steps += n // g.block * (2 if g.asymmetric else 1)       # d (and dmin)
+    return {"preset": preset, "file_bytes": file_bytes, "linear_bytes": linear_bytes,
+            "bpw": 8 * linear_bytes / linear_params, "types": counts,
+            "fallbacks": sum(c.fallback for n, c in choices.items() if n.startswith("blk.")),
+            "frozen_bytes": frozen, "e2e_steps": e2e_steps,
+            "tensors": {n: c.type for n, c in choices.items()}}
 
 
 def sample_phase(shape: Shape, n: int, seq_len: int, device: str = "cuda", cap=None) -> dict:
@@ -140,10 +219,13 @@ def sample_phase(shape: Shape, n: int, seq_len: int, device: str = "cuda", cap=N
 
 def plan(shape: Shape, bits: int, group_size: int, n_samples: int, seq_len: int, block_batch: int = 2,
          e2e_samples: int = 4096, e2e_seq_len: int = 4096, e2e_batch: int = 1, device: str = "cuda",
-         offload_streams: bool = False, self_generated: int = 0, sample_cap=None, distill_topk: int = 0) -> dict:
+         offload_streams: bool = False, self_generated: int = 0, sample_cap=None, distill_topk: int = 0,
+         gguf_type: str | None = None) -> dict:
     """Bytes per phase: {phase: {"host": b, "device": b, "disk": b}} plus totals for reference; with
     ``self_generated`` samples also the sampling phase ("sample", with its estimated seconds); with
-    ``distill_topk`` > 0 (E2E-QP distillation) the teacher's host bytes in Block-AP's and E2E-QP's."""
+    ``distill_topk`` > 0 (E2E-QP distillation) the teacher's host bytes in Block-AP's and E2E-QP's;
+    with ``gguf_type`` (a llama.cpp preset; ``bits`` and ``group_size`` are then unused) the GGUF
+    file ("gguf": :func:`gguf_sizes`) in place of the packed checkpoint."""
     cpu = device == "cpu"
     src = shape.src_bytes
     group = group_size if group_size > 0 else shape.hidden
@@ -166,6 +248,10 @@ def plan(shape: Shape, bits: int, group_size: int, n_samples: int, seq_len: int,
     packed = int(shape.layers * packed_per_layer)
     scales = shape.layers * lp // group
     e2e_model = packed + outside + shape.layers * 2 * shape.hidden * src
+    gguf = gguf_sizes(shape, gguf_type) if gguf_type else None
+    if gguf:
+        packed, scales, work = gguf["file_bytes"], gguf["e2e_steps"], gguf["frozen_bytes"]
+        e2e_model = gguf["frozen_bytes"] + outside + shape.layers * 2 * shape.hidden * src
     e2e_train = scales * 16 + shape.layers * e2e_batch * e2e_seq_len * shape.hidden * 2 \
         + shape.activations(e2e_batch, e2e_seq_len, 4 if cpu else 2, scores=cpu)
     if cpu:
@@ -173,6 +259,8 @@ def plan(shape: Shape, bits: int, group_size: int, n_samples: int, seq_len: int,
     else:
         e2e = {"host": PROCESS_BASE + e2e_model + teacher, "device": e2e_model + e2e_train, "disk": 0}
     extra = {"sample": sample_phase(shape, self_generated, seq_len, device, sample_cap)} if self_generated else {}
+    if gguf:
+        extra["gguf"] = gguf
     return {
         **extra,
         "params": shape.layers * shape.layer_params + shape.outside_params,
@@ -183,5 +271,5 @@ def plan(shape: Shape, bits: int, group_size: int, n_samples: int, seq_len: int,
         "e2e_qp": e2e,
         # one layer read back from the work folder (1-byte codes) and its packing temporaries (int64)
         "save": {"host": PROCESS_BASE + outside + 9 * lp // 1, "device": 0,
-                 "disk": packed + outside},
+                 "disk": packed if gguf else packed + outside},
     }

@@ -188,6 +188,39 @@ def test_cases_cover_the_rules():
     assert SEEN["fallback"] == {True, False}
 
 
+# what each plan case reaches: K types beside 32-block fallbacks, only K types (tied head), F16
+PLAN_REACHES = {"llama_gqa4_mixed": lambda p: p["fallbacks"] and {"Q4_0", "Q5_0"} & set(p["types"])
+                and {"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"} & set(p["types"]),
+                "mistral_tied_256": lambda p: not p["fallbacks"] and set(p["types"]) <= {"Q2_K", "Q3_K", "Q4_K",
+                                                                                       "Q5_K", "Q6_K"},
+                "llama_48": lambda p: "F16" in p["types"]}
+
+
+@pytest.mark.parametrize("case", list(PLAN_REACHES))
+def test_plan_predicts_the_file_llama_quantize_writes(work, case):
+    """`effqat plan --gguf-type` from config.json alone: the converter's tensor names, every type and
+    the tensors' bytes of the file llama.cpp writes (K types, 32-block fallbacks, F16, tied head)."""
+    import gguf
+
+    from effqat_plugin.memory_plan import Shape, gguf_sizes, gguf_tensors
+
+    hf = _hf_model(work, case)
+    shape = Shape.from_config(json.loads((hf / "config.json").read_text()))
+    src = _to_gguf(hf, work / f"{case}-plan-f16.gguf", False)
+    _, _, f16 = _read(src)
+    assert {n: tuple(reversed(s)) for n, (_, s) in f16.items()} == gguf_tensors(shape)
+    for preset in ("Q2_K", "Q4_K_M"):
+        dst = work / f"{case}-plan-{preset}.gguf"
+        _quantize(src, dst, preset)
+        _, _, got = _read(dst)
+        planned = gguf_sizes(shape, preset)
+        # every 2-D tensor is quantized (here: no 2-D tensor llama.cpp leaves alone), 1-D ones stay F32
+        assert planned["tensors"] == {n: t for n, (t, s) in got.items() if len(s) == 2}, preset
+        assert planned["file_bytes"] == sum(int(t.n_bytes) for t in gguf.GGUFReader(str(dst)).tensors), preset
+        assert PLAN_REACHES[case](planned), (preset, planned["types"], planned["fallbacks"])
+        dst.unlink()
+
+
 # ---- the API itself (no llama.cpp) ----
 
 def _dense(n_layer=8, hidden=256, inter=512, tied=False):

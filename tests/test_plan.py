@@ -1,6 +1,7 @@
 """`effqat plan`: memory per phase from config.json alone."""
 import json
 
+import pytest
 import torch
 
 from effqat_plugin.cli import main
@@ -66,3 +67,31 @@ def test_distillation_teacher_is_counted_in_block_ap_and_e2e_qp_host_memory(caps
             assert got[phase]["device"] == plain[phase]["device"]
     assert main(["plan", "llama-3-8b", "--e2e-distill"]) == 0
     assert "distillation teacher: 3.0 GiB" in capsys.readouterr().out
+
+
+def test_gguf_run_plans_the_file_and_e2e_qp_on_its_grids(capsys):
+    """--gguf-type: the save is the GGUF file's tensors; E2E-QP holds int8 codes and trains per-block
+    steps instead of the packed uniform model (the types and bytes are checked against llama.cpp in
+    tests/test_gguf_presets.py)."""
+    uniform = _plan(capsys, "llama-3-8b", "--bits", "4", "--group-size", "128")
+    q4km = _plan(capsys, "llama-3-8b", "--gguf-type", "Q4_K_M")
+    assert _plan(capsys, "llama-3-8b", "--gguf-type", "Q4_K_M", "--bits", "2")["gguf"] == q4km["gguf"]
+    g = q4km["gguf"]
+    assert q4km["save"]["disk"] == g["file_bytes"] and g["types"] == {"Q4_K": 192, "Q6_K": 32}
+    assert 4.5 < g["bpw"] < 5 and g["fallbacks"] == 0
+    layers = 32 * Shape.from_config(PRESETS["llama-3-8b"]).linear_params_per_layer
+    # d and dmin per 256 weights on Q4_K, d alone on the symmetric Q6_K
+    assert layers // 256 < g["e2e_steps"] < layers // 256 * 2
+    assert q4km["e2e_qp"]["host"] > uniform["e2e_qp"]["host"]   # one int8 code per weight, not 4 bits
+    # Block-AP trains the same weights; its work folder holds the frozen grids
+    assert {k: v for k, v in q4km["block_ap"].items() if k != "disk"} == {
+        k: v for k, v in uniform["block_ap"].items() if k != "disk"}
+    assert q4km["block_ap"]["disk"] == g["frozen_bytes"] > layers
+    q2k = _plan(capsys, "llama-3-8b", "--gguf-type", "Q2_K")["gguf"]
+    assert q2k["file_bytes"] < g["file_bytes"] and q2k["bpw"] < g["bpw"]
+    with pytest.raises(SystemExit) as e:   # argparse: one usage line, exit 2
+        main(["plan", "llama-3-8b", "--gguf-type", "Q4_0"])
+    assert e.value.code == 2 and "invalid choice: 'Q4_0'" in capsys.readouterr().err
+    assert main(["plan", "llama-3-8b", "--gguf-type", "Q4_K_M"]) == 0
+    out = capsys.readouterr().out
+    assert "GGUF Q4_K_M" in out and "192 x Q4_K" in out and "bits per weight" in out

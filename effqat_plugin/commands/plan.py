@@ -10,6 +10,7 @@ DISTILL_TOPK = 64  # EQATConfig.e2e_distill_topk's default (config imports GPTQM
 
 
 def add_parser(sub) -> None:
+    from effqat_plugin.gguf_presets import PRESETS as GGUF_PRESETS
     from effqat_plugin.memory_plan import PRESETS
 
     p = sub.add_parser("plan", help="memory and disk a quantize run will need, from the model config alone",
@@ -36,6 +37,9 @@ def add_parser(sub) -> None:
                    help="plan for quantize --e2e-distill: the fp model's top-TOPK log-probabilities of every "
                         f"calibration token stay in host memory through E2E-QP (TOPK: {DISTILL_TOPK}, as "
                         "EQATConfig.e2e_distill_topk)")
+    p.add_argument("--gguf-type", choices=list(GGUF_PRESETS), default=None,
+                   help="plan quantize --format gguf --gguf-type at this llama.cpp preset: every tensor's type, "
+                        "the file's size and E2E-QP's memory on those grids (--bits / --group-size unused)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=run)
 
@@ -84,13 +88,14 @@ def run(args) -> int:
     p = plan(shape, args.bits, args.group_size, args.n_samples, args.seq_len, args.block_batch_size,
              args.e2e_samples, args.e2e_seq_len, args.e2e_batch_size, args.device, args.offload_streams,
              self_generated=max(0, n_self), sample_cap=cap,
-             distill_topk=args.e2e_distill)
+             distill_topk=args.e2e_distill, gguf_type=args.gguf_type)
     if args.json:
         print(json.dumps(p))
         return 0
     gib = lambda b: f"{b / GiB:8.1f}"  # noqa: E731
+    grid = f"GGUF {args.gguf_type}" if args.gguf_type else f"w{args.bits}g{args.group_size}"
     print(f"{args.model}: {p['params'] / 1e9:.2f}B parameters, 16-bit checkpoint {p['checkpoint_16bit'] / GiB:.1f} GiB; "
-          f"w{args.bits}g{args.group_size}, Block-AP {args.n_samples} x {args.seq_len}, "
+          f"{grid}, Block-AP {args.n_samples} x {args.seq_len}, "
           f"E2E-QP {args.e2e_samples} x {args.e2e_seq_len} (micro-batch {args.e2e_batch_size}), device {args.device}")
     print(f"{'phase':<10}{'host GiB':>10}{'device GiB':>12}{'disk GiB':>10}")
     for phase in (("sample",) if "sample" in p else ()) + ("block_ap", "e2e_qp", "save"):
@@ -101,6 +106,14 @@ def run(args) -> int:
         where = "offloaded by accelerate" if sp["placement"] == "offload" else "whole on the device"
         print(f"sampling {n_self} x {args.seq_len} self-generated tokens ({where}): "
               f"~{_duration(sp['seconds'])} (estimate from bandwidth and FLOP rates, memory_plan.SAMPLE_RATES)")
+    if "gguf" in p:
+        g = p["gguf"]
+        types = ", ".join(f"{n} x {t}" for t, n in sorted(g["types"].items()))
+        size = f"{g['file_bytes'] / GiB:.2f} GiB" if g["file_bytes"] >= GiB / 10 else f"{g['file_bytes'] / 2**20:.1f} MiB"
+        print(f"GGUF {args.gguf_type}: tensors {size} (header and tokenizer on top); "
+              f"decoder linears at {g['bpw']:.2f} bits per weight: {types}"
+              + (f"; {g['fallbacks']} take a width fallback (in_features not a multiple of 256)"
+                 if g["fallbacks"] else ""))
     if args.e2e_distill:
         print(f"E2E-QP distillation teacher: {p['block_ap']['teacher'] / GiB:.1f} GiB of host memory from Block-AP's "
               f"end through E2E-QP (top {args.e2e_distill} per token)")
