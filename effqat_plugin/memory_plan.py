@@ -20,9 +20,10 @@ The terms follow what the code keeps resident (see ``streaming.py``, ``block_ap.
 * Saving: host holds one layer's packed tensors; disk gets the packed checkpoint.
 * GGUF runs (``--gguf-type``, :func:`gguf_sizes`): every tensor's type by llama.cpp's preset rules
   (``gguf_presets.tensor_types`` on the converter's names for a dense decoder), the file's tensor bytes
-  from gguf's block sizes, and E2E-QP's form of the grids (``quantizer.KGridFrozenWeight``: int8 q per
-  weight, int8 sc / m per sub-block, fp32 d / dmin per block with gradient and two AdamW moments) in
-  place of the packed uniform model.
+  from gguf's block sizes, and E2E-QP's form of the grids (``quantizer.KGridFrozenWeight``: q packed
+  at ``quantizer.code_bits`` per weight, int8 sc / m per sub-block, fp32 d / dmin per block with
+  gradient and two AdamW moments) in place of the packed uniform model; Block-AP's work folder holds
+  q as int8 (``resume``).
 * Sampling the self-generated samples (``model_sampler``): the whole model in the sampling dtype
   (fp32 on CPU, the checkpoint's 16-bit dtype on CUDA) plus the KV cache of a batch of 64, on the
   compute device; with a cap (``--sample-memory``) what does not fit is offloaded by accelerate (to
@@ -152,13 +153,14 @@ def gguf_tensors(shape: Shape) -> dict:
 def gguf_sizes(shape: Shape, preset: str) -> dict:
     """A GGUF run at ``preset`` ("Q2_K" ... "Q6_K"): each tensor's type, the file's tensor bytes (the
     header and tokenizer come on top), bits per weight over the layers' linears, and the bytes of
-    their frozen form (``frozen_bytes``: what Block-AP leaves in its work folder and E2E-QP holds, see
-    the module docstring; the embeddings stay in the source dtype there, as in every run)."""
+    their frozen forms: ``frozen_bytes`` in Block-AP's work folder (int8 q), ``e2e_bytes`` in E2E-QP
+    (packed q; the embeddings stay in the source dtype there, as in every run)."""
     import numpy as np
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
     from .gguf_presets import hparams_from_hf_config, tensor_types
-    from .quantizer import kgrid
+    from .kernels.packing import packed_rows
+    from .quantizer import code_bits, kgrid
 
     tensors = gguf_tensors(shape)
     hp = hparams_from_hf_config({"num_hidden_layers": shape.layers, "num_attention_heads": shape.heads,
@@ -169,7 +171,7 @@ def gguf_sizes(shape: Shape, preset: str) -> dict:
         block, size = GGML_QUANT_SIZES[GGMLQuantizationType[qtype]]
         return int(np.prod(dims)) // block * size
 
-    file_bytes = linear_bytes = linear_params = frozen = e2e_steps = 0
+    file_bytes = linear_bytes = linear_params = frozen = e2e_codes = e2e_steps = 0
     counts: dict = {}
     for name, dims in tensors.items():
         qtype = choices[name].type if name in choices else "F32"   # 1-D norms stay F32
@@ -180,19 +182,21 @@ def gguf_sizes(shape: Shape, preset: str) -> dict:
             linear_bytes, linear_params = linear_bytes + b, linear_params + n
             counts[qtype] = counts.get(qtype, 0) + 1
             if qtype == "F16":   # width not a multiple of 32: kept as it is
-                frozen += b
+                frozen, e2e_codes = frozen + b, e2e_codes + b
                 continue
             try:
                 g = kgrid(qtype)
             except ValueError:   # a non-uniform type (IQ4_NL): frozen, decoded to fp32 beside its blocks
-                frozen += b + 4 * n
+                frozen, e2e_codes = frozen + b, e2e_codes + b + 4 * n
                 continue
-            frozen += n + n // g.group * (2 if g.asymmetric else 1)   # int8 q, sc (and m)
+            fields = n // g.group * (2 if g.asymmetric else 1)           # int8 sc (and m)
+            frozen += n + fields                                          # int8 q in the work folder
+            e2e_codes += dims[0] * packed_rows(dims[1], code_bits(qtype)) * 4 + fields   # packed q
             e2e_steps += n // g.block * (2 if g.asymmetric else 1)       # d (and dmin)
     return {"preset": preset, "file_bytes": file_bytes, "linear_bytes": linear_bytes,
             "bpw": 8 * linear_bytes / linear_params, "types": counts,
             "fallbacks": sum(c.fallback for n, c in choices.items() if n.startswith("blk.")),
-            "frozen_bytes": frozen, "e2e_steps": e2e_steps,
+            "frozen_bytes": frozen, "e2e_bytes": e2e_codes, "e2e_steps": e2e_steps,
             "tensors": {n: c.type for n, c in choices.items()}}
 
 
@@ -251,7 +255,7 @@ def plan(shape: Shape, bits: int, group_size: int, n_samples: int, seq_len: int,
     gguf = gguf_sizes(shape, gguf_type) if gguf_type else None
     if gguf:
         packed, scales, work = gguf["file_bytes"], gguf["e2e_steps"], gguf["frozen_bytes"]
-        e2e_model = gguf["frozen_bytes"] + outside + shape.layers * 2 * shape.hidden * src
+        e2e_model = gguf["e2e_bytes"] + outside + shape.layers * 2 * shape.hidden * src
     e2e_train = scales * 16 + shape.layers * e2e_batch * e2e_seq_len * shape.hidden * 2 \
         + shape.activations(e2e_batch, e2e_seq_len, 4 if cpu else 2, scores=cpu)
     if cpu:

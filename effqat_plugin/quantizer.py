@@ -437,22 +437,42 @@ class KGridFakeQuantLinear(nn.Module):
         return p
 
 
+def code_bits(qtype: str) -> int:
+    """Bits per code of E2E-QP's packed q: the fewest of the kernels' packed widths (2, 3, 4, 8) that
+    hold the grid's range (Q2_K 2; Q3_K 3; Q4_K, Q4_0, Q4_1 4; the wider grids 8)."""
+    g = kgrid(qtype)
+    return next(b for b in (2, 3, 4, 8) if g.q_hi - g.q_lo < (1 << b))
+
+
 class KGridFrozenWeight(nn.Module):
-    """E2E-QP's form of one weight on a K grid: q, sc, m as int8 buffers, d / dmin trainable (fp32
-    masters, fp16 in the forward pass); ``forward()`` returns the float32 weight ``[out, in]``."""
+    """E2E-QP's form of one weight on a K grid: q packed at :func:`code_bits` per weight (the kernels'
+    int32 layout, ``q - q_lo``), sc and m int8 buffers, d / dmin trainable (fp32 masters, fp16 in the
+    forward pass); ``forward()`` returns the float32 weight ``[out, in]``. Packed, the codes of a
+    70B model at Q2_K take 16 GiB in E2E-QP instead of 64 as int8."""
 
     def __init__(self, params: KGridParams):
         super().__init__()
+        from .kernels.packing import pack_int_weight
+
         self.qtype = params.qtype
         g = _check_fields(params.qtype, params.shape, params.d, params.sc, params.dmin, params.m)
-        self.register_buffer("q", params.q.to(torch.int8).clone())
+        self.q_lo, self.code_bits, self.in_features = g.q_lo, code_bits(params.qtype), params.in_features
+        codes = (params.q.to(torch.int16) - g.q_lo).to(torch.uint8)
+        self.register_buffer("q_packed", pack_int_weight(codes, self.code_bits))
         self.register_buffer("sc", params.sc.to(torch.int8).clone())
         self.register_buffer("m", params.m.to(torch.int8).clone() if g.asymmetric else None)
         self.d = nn.Parameter(params.d.float().clone())
         self.dmin = nn.Parameter(params.dmin.float().clone()) if g.asymmetric else None
 
+    def codes(self) -> torch.Tensor:
+        """q, int8 ``[out, in]``, unpacked."""
+        from .kernels.packing import unpack_int_weight
+
+        q = unpack_int_weight(self.q_packed, self.code_bits, self.in_features)
+        return (q.to(torch.int16) + self.q_lo).to(torch.int8)
+
     def forward(self) -> torch.Tensor:
-        return kgrid_dequantize(self.q, self.sc, self.d, self.qtype, self.m, self.dmin)
+        return kgrid_dequantize(self.codes(), self.sc, self.d, self.qtype, self.m, self.dmin)
 
     def step_parameters(self):
         """What E2E-QP trains: the fp16 super-block scales d (and dmin)."""
@@ -462,7 +482,7 @@ class KGridFrozenWeight(nn.Module):
     def to_params(self) -> KGridParams:
         dmin = None if self.dmin is None else fp16_ste(self.dmin).half()
         m = None if self.m is None else self.m.clone()
-        return KGridParams(self.qtype, fp16_ste(self.d).half(), self.sc.clone(), self.q.clone(), dmin, m)
+        return KGridParams(self.qtype, fp16_ste(self.d).half(), self.sc.clone(), self.codes(), dmin, m)
 
 
 def roundtrip_ste(w: torch.Tensor, roundtrip) -> torch.Tensor:

@@ -366,6 +366,20 @@ def test_straight_through_gradients_reach_every_trainable_field(qtype):
 
 
 @pytest.mark.parametrize("qtype", TYPES + UNIFORM32)
+def test_frozen_form_holds_packed_codes(qtype):
+    """E2E-QP keeps q at the fewest bits that hold the grid (2 for Q2_K, 3 for Q3_K, 4 for the 16-level
+    grids, 8 beyond), and gives back exactly the codes it was made from, clamps included."""
+    g = kgrid(qtype)
+    p = rand_params(qtype, 6, 512, seed=11)
+    p.q[0, :2] = torch.tensor([g.q_lo, g.q_hi], dtype=p.q.dtype)
+    fw = KGridFrozenWeight(p)
+    want = {"Q2_K": 2, "Q3_K": 3, "Q4_K": 4, "Q4_0": 4, "Q4_1": 4}.get(qtype, 8)
+    assert fw.code_bits == want and fw.q_packed.dtype == torch.int32
+    assert fw.q_packed.numel() == 6 * -(-512 // (32 // want))   # 32 // bits codes per int32 word
+    assert torch.equal(fw.codes(), p.q.to(torch.int8)) and torch.equal(fw.to_params().q, p.q.to(torch.int8))
+
+
+@pytest.mark.parametrize("qtype", TYPES + UNIFORM32)
 def test_frozen_form_trains_only_d_and_dmin(qtype):
     g = kgrid(qtype)
     nsb = 512 // g.block
