@@ -447,8 +447,9 @@ def code_bits(qtype: str) -> int:
 class KGridFrozenWeight(nn.Module):
     """E2E-QP's form of one weight on a K grid: q packed at :func:`code_bits` per weight (the kernels'
     int32 layout, ``q - q_lo``), sc and m int8 buffers, d / dmin trainable (fp32 masters, fp16 in the
-    forward pass); ``forward()`` returns the float32 weight ``[out, in]``. Packed, the codes of a
-    70B model at Q2_K take 16 GiB in E2E-QP instead of 64 as int8."""
+    forward pass); ``forward()`` returns the float32 weight ``[out, in]``. Packed, Q2_K's codes take a
+    quarter of int8's bytes (a 70B model's E2E-QP at Q2_K: 40 GiB of GPU memory by ``effqat plan``, 84
+    with int8 codes)."""
 
     def __init__(self, params: KGridParams):
         super().__init__()
