@@ -156,8 +156,8 @@ def gguf_sizes(shape: Shape, preset: str) -> dict:
     their frozen forms: ``frozen_bytes`` in Block-AP's work folder (int8 q), ``e2e_bytes`` in E2E-QP
     (packed q; the embeddings stay in the source dtype there, as in every run)."""
     import numpy as np
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
+    from .converters.gguf_export import row_bytes
     from .gguf_presets import hparams_from_hf_config, tensor_types
     from .kernels.packing import packed_rows
     from .quantizer import code_bits, kgrid
@@ -167,26 +167,19 @@ def gguf_sizes(shape: Shape, preset: str) -> dict:
                                  "num_key_value_heads": shape.kv_heads})
     choices = tensor_types(preset, shape.arch, tensors, hp)
 
-    def nbytes(dims, qtype: str) -> int:
-        block, size = GGML_QUANT_SIZES[GGMLQuantizationType[qtype]]
-        return int(np.prod(dims)) // block * size
-
     file_bytes = linear_bytes = linear_params = frozen = e2e_codes = e2e_steps = 0
     counts: dict = {}
     for name, dims in tensors.items():
         qtype = choices[name].type if name in choices else "F32"   # 1-D norms stay F32
-        b = nbytes(dims, qtype)
+        b = int(np.prod(dims[:-1])) * row_bytes(qtype, dims[-1])
         file_bytes += b
         if name.startswith("blk.") and name in choices:
             n = int(np.prod(dims))
             linear_bytes, linear_params = linear_bytes + b, linear_params + n
             counts[qtype] = counts.get(qtype, 0) + 1
-            if qtype == "F16":   # width not a multiple of 32: kept as it is
-                frozen, e2e_codes = frozen + b, e2e_codes + b
-                continue
             try:
                 g = kgrid(qtype)
-            except ValueError:   # a non-uniform type (IQ4_NL): frozen, decoded to fp32 beside its blocks
+            except ValueError:   # F16 or IQ4_NL: E2E-QP keeps its rows and their fp32 decode (BlockRowsLinear)
                 frozen, e2e_codes = frozen + b, e2e_codes + b + 4 * n
                 continue
             fields = n // g.group * (2 if g.asymmetric else 1)           # int8 sc (and m)
